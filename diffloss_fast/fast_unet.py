@@ -1,0 +1,163 @@
+"""The prior truncated to the layers DiffLoss needs, in the compute dtype and memory layout.
+
+Built from an upstream guided-diffusion ``UNetModel`` without changing it: convolution and
+attention weights are cast once to the compute dtype (the upstream fp16 recipe: GroupNorm
+statistics and the timestep MLP stay fp32), attention runs through
+``F.scaled_dot_product_attention`` (or xformers), the output convolution is sliced to the three
+noise channels, and without the natural term the decoder is not built at all.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from .prior import UNetModel
+from guided_diffusion.nn import timestep_embedding
+from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+def _cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    """Copy ``module`` with convolution weights cast; norms and the timestep-embedding
+    projections stay fp32 and are shared (guided-diffusion's own fp16 recipe)."""
+    memo = {}
+    for sub in module.modules():
+        if isinstance(sub, (nn.GroupNorm, nn.Linear)):
+            for p in sub.parameters(recurse=False):
+                memo[id(p)] = p
+            continue
+        for p in sub.parameters(recurse=False):
+            data = p.detach().to(dtype)
+            if channels_last and data.dim() == 4:
+                data = data.contiguous(memory_format=torch.channels_last)
+            memo[id(p)] = nn.Parameter(data, requires_grad=False)
+    return copy.deepcopy(module, memo)
+
+
+def _eps_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The output convolution sliced to its first three channels (the predicted noise)."""
+    sliced = nn.Conv2d(conv.in_channels, 3, conv.kernel_size, padding=conv.padding,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+    sliced.weight = nn.Parameter(conv.weight.detach()[:3].clone(memory_format=torch.preserve_format),
+                                 requires_grad=False)
+    sliced.bias = nn.Parameter(conv.bias.detach()[:3].clone(), requires_grad=False)
+    return sliced
+
+
+class FastUNet(nn.Module):
+    """``forward(x_t, t) -> (eps or None, h)``: predicted noise and middle-block features."""
+
+    def __init__(self, unet: UNetModel, *, dtype: torch.dtype, decoder: bool,
+                 channels_last: bool = False, attention: str = "sdpa",
+                 checkpoint: bool = False):
+        super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if attention == "xformers":
+            try:
+                import xformers.ops  # noqa: F401
+            except ImportError:
+                raise ValueError("attention='xformers' needs the xformers package "
+                                 "(pip install diffloss-fast[xformers])") from None
+        if unet.num_classes is not None:
+            raise ValueError("class-conditional priors are not supported")
+        self.dtype, self.decoder, self.attention = dtype, decoder, attention
+        self.channels_last, self.checkpoint = channels_last, checkpoint
+        self.model_channels = unet.model_channels
+        self.time_embed = unet.time_embed  # fp32 and tiny: shared, not copied
+        self.input_blocks = _cast_copy(unet.input_blocks, dtype, channels_last)
+        self.middle_block = _cast_copy(unet.middle_block, dtype, channels_last)
+        if decoder:
+            self.output_blocks = _cast_copy(unet.output_blocks, dtype, channels_last)
+            out = _cast_copy(unet.out, dtype, channels_last)
+            self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
+
+    # --- layers -------------------------------------------------------------------------
+    def _norm(self, norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
+        # GroupNorm32: statistics in fp32, result back in the compute dtype.
+        return F.group_norm(h.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(h.dtype)
+
+    def _resblock(self, blk: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        norm, conv = blk.in_layers[0], blk.in_layers[2]
+        h = F.silu(self._norm(norm, x))
+        if blk.updown:
+            h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
+        h = conv(h)
+        emb_out = blk.emb_layers[1](F.silu(emb)).to(h.dtype)[..., None, None]
+        out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
+        if blk.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self._norm(out_norm, h) * (1 + scale) + shift
+        else:
+            h = self._norm(out_norm, h + emb_out)
+        h = out_conv(F.silu(h))
+        return blk.skip_connection(x) + h
+
+    @staticmethod
+    def _resample(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, Downsample):
+            return layer.op(h) if layer.use_conv else F.avg_pool2d(h, 2)
+        if isinstance(layer, Upsample):
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            return layer.conv(h) if layer.use_conv else h
+        return h  # nn.Identity
+
+    def _attn(self, blk: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        heads = blk.num_heads
+        tokens = self._norm(blk.norm, x).flatten(2).transpose(1, 2)           # (b, T, c)
+        qkv = F.linear(tokens, blk.qkv.weight.squeeze(-1), blk.qkv.bias)
+        # guided-diffusion's legacy order: channels are (head, q|k|v, head_dim).
+        q, k, v = qkv.unflatten(-1, (heads, 3, c // heads)).unbind(3)       # (b, T, heads, d)
+        if self.attention == "xformers":
+            import xformers.ops as xops
+            a = xops.memory_efficient_attention(q, k, v)
+        else:
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        a = F.linear(a.flatten(2), blk.proj_out.weight.squeeze(-1), blk.proj_out.bias)
+        return x + a.transpose(1, 2).unflatten(2, (height, width))
+
+    def _layer(self, layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, ResBlock):
+            return self._resblock(layer, h, emb)
+        if isinstance(layer, AttentionBlock):
+            return self._attn(layer, h)
+        if isinstance(layer, (Downsample, Upsample)):
+            return self._resample(layer, h)
+        if isinstance(layer, nn.Conv2d):
+            return layer(h)
+        raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
+
+    def _block(self, block: nn.Sequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        def run(h, emb):
+            for layer in block:
+                h = self._layer(layer, h, emb)
+            return h
+        if self.checkpoint and torch.is_grad_enabled():
+            return activation_checkpoint(run, h, emb, use_reentrant=False)
+        return run(h, emb)
+
+    # --- the truncated forward ---------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        h = x.to(self.dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for block in self.input_blocks:
+            h = self._block(block, h, emb)
+            skips.append(h)
+        h = self._block(self.middle_block, h, emb)
+        if not self.decoder:
+            return None, h
+        mid = h
+        for block in self.output_blocks:
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
+        eps = self.out_conv(F.silu(self._norm(self.out_norm, h)))
+        return eps, mid

@@ -1,0 +1,239 @@
+"""DiffLoss (the fast path) and ReferenceDiffLoss (the plain baseline), as nn.Modules.
+
+Both compute, for restored images x̂ and targets y noised with the same noise at the same
+timestep t, the weighted sum of
+- natural:  mean((ε_θ(x_t^res) - ε_θ(x_t^gt))²)   (target "eps")
+            or mean((x_{t-1}^res - x_{t-1}^gt)²)   (target "x_prev", the posterior means)
+- semantic: mean((h(x_t^res) - h(x_t^gt))²)       (h: the middle block's output)
+with gradients flowing to x̂ only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import ops, validation
+from .fast_unet import ATTENTION_BACKENDS, FastUNet
+from .prior import UNetModel, downsampling_factor
+from .schedule import LinearSchedule
+
+TARGETS = ("eps", "x_prev")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a CUDA device that has it, fp16 on other CUDA devices, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class _DiffLossBase(nn.Module):
+    """Options, input checks and the draw of t and noise, shared by both implementations."""
+
+    def __init__(self, prior: UNetModel, *, natural_weight: float = 1e-3,
+                 semantic_weight: float = 1e-6, target: str = "eps",
+                 input_range: tuple[float, float] = (0.0, 1.0), precision: str = "auto",
+                 backend: str = "auto", compile: bool | str = False,
+                 timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 check_finite: bool = True, channels_last: bool | str = "auto",
+                 attention: str = "sdpa", checkpoint: bool = False,
+                 schedule: LinearSchedule | None = None):
+        super().__init__()
+        if not isinstance(prior, UNetModel):
+            raise TypeError(f"prior must be a guided-diffusion UNetModel (from load_prior or "
+                            f"build_prior), got {type(prior).__name__}")
+        validation.check_options(natural_weight=natural_weight, semantic_weight=semantic_weight,
+                                 target=target, input_range=input_range, precision=precision,
+                                 backend=backend, targets=TARGETS, precisions=PRECISIONS,
+                                 backends=ops.BACKENDS)
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if timestep_weight is not None and not callable(timestep_weight):
+            raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
+        prior.eval().requires_grad_(False)
+        self.prior = prior
+        self.natural_weight, self.semantic_weight = float(natural_weight), float(semantic_weight)
+        self.target, self.precision, self.backend = target, precision, backend
+        self.compile, self.check_finite = compile, check_finite
+        self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
+        self.timestep_weight = timestep_weight
+        self.schedule = schedule or LinearSchedule()
+        low, high = float(input_range[0]), float(input_range[1])
+        self.input_range = (low, high)
+        # x0 = scale * x + offset maps [low, high] onto the prior's [-1, 1].
+        self.scale, self.offset = 2.0 / (high - low), -1.0 - 2.0 * low / (high - low)
+        self.last_terms: dict[str, torch.Tensor | None] = {}
+
+    def extra_repr(self) -> str:
+        return (f"natural_weight={self.natural_weight}, semantic_weight={self.semantic_weight}, "
+                f"target={self.target!r}, input_range={self.input_range}, "
+                f"precision={self.precision!r}, backend={self.backend!r}")
+
+    def _prepare(self, restored, gt, t, noise, generator):
+        """Check the inputs, draw what was not given, and return the per-sample coefficients."""
+        validation.check_images(restored, gt, factor=downsampling_factor(self.prior),
+                                check_finite=self.check_finite)
+        param = next(self.prior.parameters())
+        if param.device != restored.device:
+            raise ValueError(f"restored is on {restored.device} but the prior is on "
+                             f"{param.device}: move the loss with loss_fn.to(device)")
+        batch, device = restored.shape[0], restored.device
+        if t is None:
+            t = torch.randint(0, self.schedule.num_timesteps, (batch,), device=device,
+                              generator=generator)
+        validation.check_timesteps(t, batch, self.schedule.num_timesteps, device)
+        if noise is None:
+            noise = torch.randn(restored.shape, device=device, generator=generator,
+                                dtype=torch.promote_types(restored.dtype, torch.float32))
+        validation.check_noise(noise, restored, self.check_finite)
+        coefs = self.schedule.coefficients(t.long())
+        weight = torch.ones(batch, dtype=torch.float64, device=device)
+        if self.timestep_weight is not None:
+            weight = torch.as_tensor(self.timestep_weight(t), device=device).to(torch.float64)
+            if weight.shape != (batch,):
+                raise ValueError(f"timestep_weight(t) must return shape ({batch},), "
+                                 f"got {tuple(weight.shape)}")
+        coefs["weight"] = weight
+        return t.long(), noise, coefs
+
+
+class ReferenceDiffLoss(_DiffLossBase):
+    """The plain baseline: upstream ``UNetModel.forward`` on both branches, eager, no fusion.
+
+    It is what a careful user writes from the paper, and what every speed number is measured
+    against. It always runs the full UNet and reports both terms; the options that steer only
+    the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``)
+    are accepted so that both classes share keyword arguments, and ignored. ``precision``
+    defaults to fp32 here; bf16/fp16 run the same code under ``torch.autocast``.
+    """
+
+    def __init__(self, prior: UNetModel, *, precision: str = "fp32", **kwargs):
+        super().__init__(prior, precision=precision, **kwargs)
+
+    def _run_prior(self, x_t, t):
+        """ε_θ (the first three output channels) and the middle block's output."""
+        captured = {}
+        hook = self.prior.middle_block.register_forward_hook(
+            lambda module, args, out: captured.__setitem__("h", out))
+        try:
+            out = self.prior(x_t, t)
+        finally:
+            hook.remove()
+        return out[:, :3], captured["h"]
+
+    def forward(self, restored, gt, *, t=None, noise=None, generator=None):
+        t, noise, c = self._prepare(restored, gt, t, noise, generator)
+        acc = torch.promote_types(restored.dtype, torch.float32)
+        view = lambda v: v.to(acc).view(-1, 1, 1, 1)  # noqa: E731
+        sqrt_abar, sqrt_1m = view(c["sqrt_abar"]), view(c["sqrt_one_minus_abar"])
+        x0_res = restored.to(acc) * self.scale + self.offset
+        x0_gt = gt.detach().to(acc) * self.scale + self.offset
+        noise = noise.detach().to(acc)
+        xt_res = sqrt_abar * x0_res + sqrt_1m * noise
+        xt_gt = sqrt_abar * x0_gt + sqrt_1m * noise
+
+        precision = resolve_precision(self.precision, restored.device)
+        autocast = torch.autocast(restored.device.type, dtype=_DTYPES.get(precision),
+                                  enabled=precision != "fp32")
+        with autocast:
+            with torch.no_grad():
+                eps_gt, h_gt = self._run_prior(xt_gt, t)
+            eps_res, h_res = self._run_prior(xt_res, t)
+        eps_res, eps_gt, h_res, h_gt = (v.to(acc) for v in (eps_res, eps_gt, h_res, h_gt))
+
+        weight = view(c["weight"])
+        if self.target == "eps":
+            natural = (weight * (eps_res - eps_gt).square()).mean()
+        else:
+            eps_coef, sqrt_alpha = view(c["eps_coef"]), view(c["alpha"]).sqrt()
+            prev_res = (xt_res - eps_coef * eps_res) / sqrt_alpha
+            prev_gt = (xt_gt - eps_coef * eps_gt) / sqrt_alpha
+            natural = (weight * (prev_res - prev_gt).square()).mean()
+        semantic = (weight * (h_res - h_gt).square()).mean()
+        self.last_terms = {"natural": natural.detach(), "semantic": semantic.detach()}
+        return self.natural_weight * natural + self.semantic_weight * semantic
+
+
+class DiffLoss(_DiffLossBase):
+    """DiffLoss, computed as fast and as lean as the device allows.
+
+    - the ground-truth branch runs without autograd; the restored branch differentiates to
+      the input only (the prior is frozen);
+    - the prior is truncated: σ channels are never computed, and with ``natural_weight=0``
+      the decoder is never run;
+    - bf16/fp16 weights and activations (GroupNorm statistics in fp32), channels_last,
+      attention through SDPA (or xformers), optional ``torch.compile``;
+    - fused kernels (``backend``) noise both branches in one pass and reduce both terms with
+      fp32 accumulation;
+    - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
+      to fit larger batches.
+    A term whose weight is 0 is skipped, and reported as None in ``last_terms``.
+    """
+
+    def __init__(self, prior: UNetModel, **kwargs):
+        super().__init__(prior, **kwargs)
+        self._nets: dict[tuple, nn.Module] = {}
+
+    def _compute_dtype(self, precision: str) -> torch.dtype:
+        if precision == "fp32":  # the prior's own dtype: fp64 if it was converted (gradcheck)
+            return next(self.prior.parameters()).dtype
+        return _DTYPES[precision]
+
+    def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:
+        """The truncated prior for this device and dtype, built once and cached."""
+        channels_last = (device.type == "cuda" if self.channels_last == "auto"
+                         else bool(self.channels_last))
+        key = (device, dtype, decoder, channels_last)
+        if key not in self._nets:
+            self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
+            net = FastUNet(self.prior, dtype=dtype, decoder=decoder, channels_last=channels_last,
+                           attention=self.attention, checkpoint=self.checkpoint)
+            if self.compile:
+                mode = self.compile if isinstance(self.compile, str) else None
+                net = torch.compile(net, mode=mode, dynamic=False)
+            self._nets[key] = net
+        return self._nets[key]
+
+    def forward(self, restored, gt, *, t=None, noise=None, generator=None):
+        t, noise, c = self._prepare(restored, gt, t, noise, generator)
+        want_natural, want_semantic = self.natural_weight > 0, self.semantic_weight > 0
+        if not (want_natural or want_semantic):
+            self.last_terms = {"natural": None, "semantic": None}
+            return restored.new_zeros((), dtype=torch.promote_types(restored.dtype, torch.float32))
+        device = restored.device
+        backend = ops.resolve_backend(self.backend, device)
+        dtype = self._compute_dtype(resolve_precision(self.precision, device))
+        coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
+        net = self._net(device, dtype, decoder=want_natural)
+
+        xt_res, xt_gt = ops.q_sample_pair(
+            restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
+            scale=self.scale, offset=self.offset, out_dtype=dtype,
+            channels_last=device.type == "cuda" and dtype != torch.float64, backend=backend)
+        with torch.no_grad():
+            eps_gt, h_gt = net(xt_gt, t)
+        eps_res, h_res = net(xt_res, t)
+
+        natural = semantic = None
+        loss = 0.0
+        if want_natural:
+            if self.target == "eps":
+                natural = ops.weighted_l2(eps_res, eps_gt, coef["weight"], backend=backend)
+            else:
+                natural = ops.weighted_l2(
+                    eps_res, eps_gt, coef["weight"] / coef["alpha"], x=restored, y=gt,
+                    x_coef=coef["sqrt_abar"] * self.scale, p_coef=coef["eps_coef"],
+                    backend=backend)
+            loss = loss + self.natural_weight * natural
+        if want_semantic:
+            semantic = ops.weighted_l2(h_res, h_gt, coef["weight"], backend=backend)
+            loss = loss + self.semantic_weight * semantic
+        self.last_terms = {"natural": None if natural is None else natural.detach(),
+                           "semantic": None if semantic is None else semantic.detach()}
+        return loss

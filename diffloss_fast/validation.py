@@ -1,0 +1,89 @@
+"""Argument checks with messages that name the argument, what was expected and what came."""
+from __future__ import annotations
+
+import torch
+
+
+def check_images(restored, gt, *, factor: int, check_finite: bool) -> None:
+    for name, x in (("restored", restored), ("gt", gt)):
+        if not torch.is_tensor(x):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (B, 3, H, W), got ndim {x.dim()} "
+                             f"with shape {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"{name} must have 3 channels (B, 3, H, W), got {x.shape[1]} "
+                             f"channels in shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} has an empty batch: shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % factor or w % factor:
+            raise ValueError(f"{name}: height and width must be multiples of {factor} "
+                             f"(the prior's downsampling factor), got {h}x{w}")
+    if restored.shape[0] != gt.shape[0]:
+        raise ValueError(f"restored and gt must have the same batch size, got "
+                         f"{restored.shape[0]} and {gt.shape[0]}")
+    if restored.shape != gt.shape:
+        raise ValueError(f"restored and gt must have the same shape, got "
+                         f"{tuple(restored.shape)} and {tuple(gt.shape)}")
+    if restored.device != gt.device:
+        raise ValueError(f"restored and gt must be on the same device, got "
+                         f"{restored.device} and {gt.device}")
+    if restored.dtype != gt.dtype:
+        raise ValueError(f"restored and gt must have the same dtype, got "
+                         f"{restored.dtype} and {gt.dtype}")
+    if check_finite:
+        for name, x in (("restored", restored), ("gt", gt)):
+            if not bool(torch.isfinite(x.detach()).all()):
+                raise ValueError(f"{name} contains NaN or Inf values "
+                                 "(pass check_finite=False to skip this check)")
+
+
+def check_timesteps(t, batch: int, num_timesteps: int, device) -> None:
+    if not torch.is_tensor(t):
+        raise TypeError(f"t must be an int64 tensor of shape ({batch},), got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"t must be an integer (int64) tensor, got dtype {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},) (one timestep per sample), "
+                         f"got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"t must be on {device} like the images, got {t.device}")
+    if bool(((t < 0) | (t >= num_timesteps)).any()):
+        raise ValueError(f"t must lie in [0, {num_timesteps}), got values from "
+                         f"{int(t.min())} to {int(t.max())}")
+
+
+def check_noise(noise, like: torch.Tensor, check_finite: bool) -> None:
+    if not torch.is_tensor(noise):
+        raise TypeError(f"noise must be a tensor shaped like restored, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+    if noise.shape != like.shape:
+        raise ValueError(f"noise must have restored's shape {tuple(like.shape)}, "
+                         f"got {tuple(noise.shape)}")
+    if noise.device != like.device:
+        raise ValueError(f"noise must be on {like.device} like the images, got {noise.device}")
+    if check_finite and not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise contains NaN or Inf values")
+
+
+def check_options(*, natural_weight, semantic_weight, target, input_range, precision,
+                  backend, targets, precisions, backends) -> None:
+    for name, w in (("natural_weight", natural_weight), ("semantic_weight", semantic_weight)):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w:
+            raise ValueError(f"{name} must be a number >= 0, got {w!r}")
+        if w < 0:
+            raise ValueError(f"{name} must be >= 0, got {w}")
+    if target not in targets:
+        raise ValueError(f"target must be one of {targets}, got {target!r}")
+    if (not isinstance(input_range, (tuple, list)) or len(input_range) != 2
+            or not float(input_range[1]) > float(input_range[0])):
+        raise ValueError(f"input_range must be a pair (low, high) with high > low, "
+                         f"e.g. (0.0, 1.0) or (-1.0, 1.0), got {input_range!r}")
+    if precision not in precisions:
+        raise ValueError(f"precision must be one of {precisions}, got {precision!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
