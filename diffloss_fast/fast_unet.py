@@ -80,7 +80,9 @@ class FastUNet(nn.Module):
     # --- layers -------------------------------------------------------------------------
     def _norm(self, norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
         # GroupNorm32: statistics in fp32, result back in the compute dtype.
-        return F.group_norm(h.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(h.dtype)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        return F.group_norm(h.to(acc), norm.num_groups, norm.weight.to(acc), norm.bias.to(acc),
+                            norm.eps).to(h.dtype)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -145,7 +147,8 @@ class FastUNet(nn.Module):
 
     # --- the truncated forward ---------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor):
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        emb_dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(emb_dtype))
         h = x.to(self.dtype)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,232 @@
+"""``diffloss-fast bench``: ReferenceDiffLoss against DiffLoss, forward + backward of the loss."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import hardware
+from .flops import count_flops
+from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
+from .prior import build_prior, load_prior
+
+TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
+VARIANTS = ("reference", "fast", "fast-compiled")
+
+
+@dataclass
+class Row:
+    variant: str
+    precision: str
+    compiled: bool
+    backend: str
+    terms: str
+    batch: int
+    resolution: int
+    ms_per_step: float | None
+    images_per_s: float | None
+    tflops: float | None
+    mfu: float | None
+    peak_mem_gib: float | None
+    speedup: float | None = None
+    compile_s: float | None = None
+    status: str = "ok"
+
+
+def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
+              checkpoint: bool = False):
+    natural_weight, semantic_weight = TERMS[terms]
+    if variant == "reference":
+        return ReferenceDiffLoss(prior, natural_weight=natural_weight,
+                                 semantic_weight=semantic_weight, precision="fp32")
+    return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
+                    precision=precision, backend=backend, checkpoint=checkpoint,
+                    compile=variant == "fast-compiled")
+
+
+def make_inputs(batch: int, resolution: int, device: torch.device, seed: int = 0):
+    """Random restored/gt images in [0, 1], timesteps and noise (never zeros)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, 3, resolution, resolution)
+    restored = torch.rand(shape, device=device, generator=gen).requires_grad_(True)
+    gt = torch.rand(shape, device=device, generator=gen)
+    t = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+    noise = torch.randn(shape, device=device, generator=gen)
+    return restored, gt, t, noise
+
+
+def loss_step(loss_fn, restored, gt, t, noise):
+    """One training step's worth of the loss: forward, then backward to the restored image."""
+    restored.grad = None
+    loss_fn(restored, gt, t=t, noise=noise).backward()
+
+
+def measure(prior, variant: str, terms: str, batch: int, resolution: int,
+            device: torch.device, *, precision: str, backend: str, warmup: int, repeats: int,
+            peak_tflops: float, checkpoint: bool = False) -> Row:
+    """Time one (variant, terms, batch) configuration; an out-of-memory error becomes a row."""
+    prec = "fp32" if variant == "reference" else resolve_precision(precision, device)
+    loss_fn = make_loss(prior, variant, terms, precision=prec, backend=backend,
+                        checkpoint=checkpoint)
+    be = "torch" if variant == "reference" else (
+        __import__("diffloss_fast.ops", fromlist=["resolve_backend"]).resolve_backend(backend, device))
+    row = Row(variant, prec, variant == "fast-compiled", be, terms, batch, resolution,
+              None, None, None, None, None)
+    inputs = make_inputs(batch, resolution, device)
+    try:
+        hardware.reset_peak_memory(device)
+        if row.compiled:  # the first call compiles; report it apart from the timings
+            start = time.perf_counter()
+            loss_step(loss_fn, *inputs)
+            hardware.synchronize(device)
+            row.compile_s = time.perf_counter() - start
+        times = hardware.time_ms(lambda: loss_step(loss_fn, *inputs), device,
+                                 warmup=warmup, repeats=repeats)
+        row.peak_mem_gib = hardware.peak_memory_gib(device)
+        eager = make_loss(prior, variant if variant == "reference" else "fast", terms,
+                          precision=prec, backend=be, checkpoint=checkpoint)
+        flops = count_flops(lambda: loss_step(eager, *inputs))
+    except torch.cuda.OutOfMemoryError:
+        row.status = "OOM"
+        return row
+    finally:
+        del loss_fn
+        inputs = None
+        hardware.reset_peak_memory(device)
+    row.ms_per_step = statistics.median(times)
+    row.images_per_s = batch / (row.ms_per_step * 1e-3)
+    row.tflops = flops / (row.ms_per_step * 1e-3) / 1e12
+    row.mfu = row.tflops / peak_tflops if peak_tflops else None
+    return row
+
+
+def add_speedups(rows: list[Row]) -> None:
+    """Speedup of each row over the reference at the same terms, batch and resolution."""
+    ref = {(r.terms, r.batch, r.resolution): r.ms_per_step for r in rows
+           if r.variant == "reference" and r.ms_per_step}
+    for r in rows:
+        base = ref.get((r.terms, r.batch, r.resolution))
+        if base and r.ms_per_step:
+            r.speedup = base / r.ms_per_step
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("variant", "precision", "terms", "batch", "ms/step", "images/s", "speedup",
+            "TFLOP/s", "MFU", "peak GiB")
+    lines = []
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    tflops_spec = ".1f" if any((r.tflops or 0) > 10 for r in rows) else ".3f"
+    for r in rows:
+        if r.status != "ok":
+            lines.append((r.variant, r.precision, r.terms, str(r.batch), r.status, "-", "-",
+                          "-", "-", "-"))
+            continue
+        lines.append((r.variant, r.precision, r.terms, str(r.batch), fmt(r.ms_per_step, ".2f"),
+                      fmt(r.images_per_s, ".1f"), fmt(r.speedup, ".2f") + "x" if r.speedup else "-",
+                      fmt(r.tflops, tflops_spec), fmt(r.mfu, ".1%"), fmt(r.peak_mem_gib, ".2f")))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in
+                      enumerate(zip(line, widths))) for line in lines]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = hardware.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    config = args.prior or ("adm-256-uncond" if cuda else "tiny")
+    resolution = args.resolution or (256 if cuda else 32)
+    batches = args.batch_sizes or ([1, 4, 8] if cuda else [1, 2])
+    variants = args.variants or (["reference", "fast", "fast-compiled"] if cuda
+                                 else ["reference", "fast"])
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays true fp32
+        torch.backends.cudnn.allow_tf32 = False
+
+    if args.checkpoint:
+        prior = load_prior(args.checkpoint, config=config)
+        print(f"prior: {args.checkpoint} ({config})")
+    else:
+        prior = build_prior(config)
+        print(f"prior: {config} with random weights (timing does not depend on the weights; "
+              "pass --checkpoint for real ones)")
+    prior = prior.to(device)
+    # MFU is against the rate of the dtype the fast path computes in: bf16 on CUDA, fp32 on CPU.
+    peak_dtype = torch.bfloat16 if cuda else torch.float32
+    peak = hardware.matmul_peak_tflops(device, peak_dtype)
+    print(f"device: {hardware.device_name(device)}; measured {str(peak_dtype)[6:]} matmul peak "
+          f"{peak:.3f} TFLOP/s; resolution {resolution}; torch {torch.__version__}")
+
+    jobs = [(v, terms, b) for terms in args.terms for b in batches for v in variants
+            if not (v == "reference" and terms != "both" and not args.reference_all_terms)]
+    rows = []
+    for variant, terms, batch in tqdm(jobs, desc="bench", unit="config"):
+        rows.append(measure(prior, variant, terms, batch, resolution, device,
+                            precision=args.precision, backend=args.backend, warmup=warmup,
+                            repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing))
+    add_speedups(rows)
+    print(format_table(rows))
+    compiled = [r for r in rows if r.compile_s is not None]
+    if compiled:
+        print("compile time (first call, not in the timings): " + ", ".join(
+            f"{r.terms}/b{r.batch} {r.compile_s:.1f}s" for r in compiled))
+    result = {
+        "device": hardware.device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peak_bf16_tflops" if cuda else "peak_fp32_tflops": peak,
+        "prior": config,
+        "rows": [asdict(r) for r in rows],
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return result
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time ReferenceDiffLoss against DiffLoss (forward + backward)",
+        description="Times one loss step (forward and backward to the restored image) of the "
+                    "plain reference and of the fast path over a few batch sizes, warm-up "
+                    "excluded, median of synchronised runs. Defaults: ADM-256 at 256x256 on "
+                    "CUDA; the tiny prior at 64x64 on the CPU.")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
+    p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
+    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--terms", nargs="+", choices=tuple(TERMS), default=["both"],
+                   help="which DiffLoss terms to time (default: both)")
+    p.add_argument("--reference-all-terms", action="store_true",
+                   help="also time the reference for semantic/natural (it always runs the "
+                        "full UNet, so it costs the same as 'both')")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of the restored branch")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    p.set_defaults(func=run)
