@@ -23,9 +23,11 @@
 //   - fast: every tensor involved is dense, non-overlapping, with the same strides and the batch
 //     dimension outermost (contiguous NCHW, channels_last, ...): each sample is one contiguous
 //     block of memory, and the inner loops are plain pointer loops the compiler vectorizes;
-//   - strided: anything else (mixed layouts, expanded or sliced views): a cursor walks the
-//     logical (B, C, H, W) index, inner dimensions in the memory order of a reference tensor
-//     (the output), and addresses every tensor through its own strides.
+//   - strided: anything else (mixed layouts, expanded or sliced views): the logical
+//     (B, C, H, W) index is walked row by row, inner dimensions in the memory order of one of
+//     the tensors (the one giving the longest rows once contiguous dimensions are merged, e.g.
+//     H*W for NCHW inputs written to a channels_last output), every tensor addressed through
+//     its own strides.
 //
 // The binding (bottom of the file) validates what the kernels assume, allocates the outputs and
 // sends CUDA tensors to csrc/diffloss_ops_cuda.cu (compiled in when DIFFLOSS_WITH_CUDA is set).
@@ -94,61 +96,92 @@ bool dense_same_layout(std::initializer_list<const at::Tensor*> ts) {
   return true;
 }
 
-// The logical (B, C, H, W) index with the inner three dimensions ordered like `ref` in memory
-// (largest stride first), and each tensor's strides in that order (0 for an absent tensor).
+// The logical (B, C, H, W) index of the strided path: the batch dimension outermost, the inner
+// three in the memory order of one of the tensors, and adjacent inner dimensions that are
+// contiguous in one another for every tensor merged, so that the innermost dimension (a "row")
+// is as long as possible. size[k] == 1 (stride 0) for merged-away dimensions; an absent tensor
+// has all strides 0.
 struct Walk {
   int64_t size[4];
   int64_t stride[kMaxT][4];
 };
 
-Walk make_walk(std::initializer_list<const at::Tensor*> ts, const at::Tensor& ref) {
+Walk walk_in_order_of(const std::vector<const at::Tensor*>& ts, const at::Tensor& ref) {
   std::array<int, 3> d{1, 2, 3};
   std::stable_sort(d.begin(), d.end(),
                    [&](int a, int b) { return ref.stride(a) > ref.stride(b); });
   const int perm[4] = {0, d[0], d[1], d[2]};
   Walk w{};
   for (int k = 0; k < 4; ++k) w.size[k] = ref.size(perm[k]);
-  int t = 0;
-  for (const at::Tensor* x : ts) {
-    TORCH_INTERNAL_ASSERT(t < kMaxT);
+  for (size_t t = 0; t < ts.size(); ++t)
     for (int k = 0; k < 4; ++k)
-      w.stride[t][k] = (x != nullptr && x->defined()) ? x->stride(perm[k]) : 0;
-    ++t;
+      w.stride[t][k] = (ts[t] != nullptr && ts[t]->defined()) ? ts[t]->stride(perm[k]) : 0;
+  // merge inner dimensions, innermost first
+  int64_t gs[3];
+  int64_t gst[3][kMaxT];
+  int ng = 0;
+  for (int k = 3; k >= 1; --k) {
+    const int64_t sk = w.size[k];
+    if (sk == 1) continue;
+    bool merge = ng > 0;
+    for (int t = 0; merge && t < kMaxT; ++t)
+      merge = w.stride[t][k] == gst[ng - 1][t] * gs[ng - 1];
+    if (merge) {
+      gs[ng - 1] *= sk;
+    } else {
+      gs[ng] = sk;
+      for (int t = 0; t < kMaxT; ++t) gst[ng][t] = w.stride[t][k];
+      ++ng;
+    }
+  }
+  for (int k = 1; k <= 3; ++k) {
+    w.size[k] = 1;
+    for (int t = 0; t < kMaxT; ++t) w.stride[t][k] = 0;
+  }
+  for (int g = 0; g < ng; ++g) {
+    w.size[3 - g] = gs[g];
+    for (int t = 0; t < kMaxT; ++t) w.stride[t][3 - g] = gst[g][t];
   }
   return w;
 }
 
-// Walks the elements of one sample in Walk order, keeping every tensor's element offset.
-struct Cursor {
-  const Walk& w;
-  int64_t b, i1, i2, i3;
-  int64_t off[kMaxT];
-
-  Cursor(const Walk& walk, int64_t sample, int64_t r) : w(walk), b(sample) {
-    i3 = r % w.size[3];
-    r /= w.size[3];
-    i2 = r % w.size[2];
-    i1 = r / w.size[2];
-    locate();
+// Tries the memory order of each tensor (the first one wins ties: pass the output first) and
+// keeps the one with the longest rows.
+Walk make_walk(std::initializer_list<const at::Tensor*> list) {
+  const std::vector<const at::Tensor*> ts(list);
+  TORCH_INTERNAL_ASSERT(ts.size() <= static_cast<size_t>(kMaxT));
+  Walk best{};
+  bool have = false;
+  for (const at::Tensor* ref : ts) {
+    if (ref == nullptr || !ref->defined()) continue;
+    const Walk w = walk_in_order_of(ts, *ref);
+    if (!have || w.size[3] > best.size[3]) best = w;
+    have = true;
   }
-  void locate() {
+  TORCH_INTERNAL_ASSERT(have);
+  return best;
+}
+
+// Calls row(off, n) for the runs of elements [lo, lo+len) of sample b (in Walk order) along the
+// innermost dimension: off[t] is tensor t's offset of the run's first element, the next ones
+// follow at stride w.stride[t][3].
+template <typename F>
+inline void for_each_row(const Walk& w, int64_t b, int64_t lo, int64_t len, const F& row) {
+  const int64_t end = lo + len;
+  for (int64_t r = lo; r < end;) {
+    const int64_t i3 = r % w.size[3];
+    const int64_t rest = r / w.size[3];
+    const int64_t i2 = rest % w.size[2];
+    const int64_t i1 = rest / w.size[2];
+    const int64_t n = std::min(w.size[3] - i3, end - r);
+    int64_t off[kMaxT];
     for (int t = 0; t < kMaxT; ++t)
       off[t] = b * w.stride[t][0] + i1 * w.stride[t][1] + i2 * w.stride[t][2] +
                i3 * w.stride[t][3];
+    row(off, n);
+    r += n;
   }
-  void next() {
-    if (++i3 < w.size[3]) {
-      for (int t = 0; t < kMaxT; ++t) off[t] += w.stride[t][3];
-      return;
-    }
-    i3 = 0;
-    if (++i2 == w.size[2]) {
-      i2 = 0;
-      ++i1;
-    }
-    locate();
-  }
-};
+}
 
 // Runs fn(task, b, lo, len) for every task: elements [lo, lo+len) of sample b (len <= kChunk).
 template <typename F>
@@ -234,15 +267,24 @@ void q_sample_fwd_kernel(const at::Tensor& r, const at::Tensor& g, const at::Ten
     });
     return;
   }
-  const Walk w = make_walk({&r, &g, &n, &out_r, &out_g}, out_r);
+  // Walk order: out_r, out_g, r, g, n
+  const Walk w = make_walk({&out_r, &out_g, &r, &g, &n});
   for_each_task(B, M, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
     const acc_t a = A[b], k = K[b];
-    Cursor c(w, b, lo);
-    for (int64_t i = 0; i < len; ++i, c.next()) {
-      const acc_t kn = k * static_cast<acc_t>(np[c.off[2]]);
-      orp[c.off[3]] = static_cast<out_t>(a * (s * static_cast<acc_t>(rp[c.off[0]]) + o) + kn);
-      ogp[c.off[4]] = static_cast<out_t>(a * (s * static_cast<acc_t>(gp[c.off[1]]) + o) + kn);
-    }
+    for_each_row(w, b, lo, len, [&](const int64_t* off, int64_t cnt) {
+      const int64_t s0 = w.stride[0][3], s1 = w.stride[1][3], s2 = w.stride[2][3],
+                    s3 = w.stride[3][3], s4 = w.stride[4][3];
+      out_t* OR = orp + off[0];
+      out_t* OG = ogp + off[1];
+      const in_t* R = rp + off[2];
+      const in_t* G = gp + off[3];
+      const in_t* N = np + off[4];
+      for (int64_t i = 0; i < cnt; ++i) {
+        const acc_t kn = k * static_cast<acc_t>(N[i * s4]);
+        OR[i * s0] = static_cast<out_t>(a * (s * static_cast<acc_t>(R[i * s2]) + o) + kn);
+        OG[i * s1] = static_cast<out_t>(a * (s * static_cast<acc_t>(G[i * s3]) + o) + kn);
+      }
+    });
   });
 }
 
@@ -267,12 +309,16 @@ void q_sample_bwd_kernel(const at::Tensor& grad, const at::Tensor& cs, double sc
     });
     return;
   }
-  const Walk w = make_walk({&grad, &grad_r}, grad_r);
+  const Walk w = make_walk({&grad_r, &grad});
   for_each_task(B, M, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
     const acc_t a = A[b];
-    Cursor c(w, b, lo);
-    for (int64_t i = 0; i < len; ++i, c.next())
-      op[c.off[1]] = static_cast<in_t>(static_cast<acc_t>(gp[c.off[0]]) * a * s);
+    for_each_row(w, b, lo, len, [&](const int64_t* off, int64_t cnt) {
+      const int64_t so = w.stride[0][3], sg = w.stride[1][3];
+      in_t* O = op + off[0];
+      const out_t* G = gp + off[1];
+      for (int64_t i = 0; i < cnt; ++i)
+        O[i * so] = static_cast<in_t>(static_cast<acc_t>(G[i * sg]) * a * s);
+    });
   });
 }
 
@@ -339,19 +385,28 @@ at::Tensor weighted_l2_fwd_kernel(const at::Tensor& p, const at::Tensor& q, cons
       });
     });
   } else {
-    const Walk w = make_walk({&p, &q, &x, &y}, p);
+    const Walk w = make_walk({&p, &q, &x, &y});
     for_each_task(B, M, [&](int64_t task, int64_t b, int64_t lo, int64_t len) {
       const acc_t xcb = HAS_X ? XC[b] : acc_t(0);
       const acc_t pcb = HAS_X ? PC[b] : acc_t(0);
-      Cursor c(w, b, lo);
-      // lane_sum calls the functor for i = 0, 1, 2, ... in order: the cursor follows it.
-      partial[task] = lane_sum<acc_t>(len, [&](int64_t) {
-        acc_t d = static_cast<acc_t>(P[c.off[0]]) - static_cast<acc_t>(Q[c.off[1]]);
-        if constexpr (HAS_X)
-          d = xcb * (static_cast<acc_t>(X[c.off[2]]) - static_cast<acc_t>(Y[c.off[3]])) - pcb * d;
-        c.next();
-        return d * d;
+      acc_t lane[kLanes];
+      for (int j = 0; j < kLanes; ++j) lane[j] = acc_t(0);
+      int64_t e = 0;  // element e of the task goes to lane e % kLanes, as in lane_sum
+      for_each_row(w, b, lo, len, [&](const int64_t* off, int64_t cnt) {
+        const int64_t sp = w.stride[0][3], sq = w.stride[1][3], sx = w.stride[2][3],
+                      sy = w.stride[3][3];
+        for (int64_t i = 0; i < cnt; ++i, ++e) {
+          acc_t d = static_cast<acc_t>(P[off[0] + i * sp]) - static_cast<acc_t>(Q[off[1] + i * sq]);
+          if constexpr (HAS_X)
+            d = xcb * (static_cast<acc_t>(X[off[2] + i * sx]) -
+                       static_cast<acc_t>(Y[off[3] + i * sy])) -
+                pcb * d;
+          lane[e % kLanes] += d * d;
+        }
       });
+      for (int h = kLanes / 2; h > 0; h /= 2)
+        for (int j = 0; j < h; ++j) lane[j] += lane[j + h];
+      partial[task] = lane[0];
     });
   }
   // Stage 2, serial and in a fixed order: per-sample sums, weighted, over the batch.
@@ -417,23 +472,28 @@ void weighted_l2_bwd_kernel(double gval, const at::Tensor& p, const at::Tensor& 
     });
     return;
   }
-  const at::Tensor& ref = NEED_P ? gp : gx;
-  const Walk w = make_walk({&p, &q, &x, &y, &gp, &gx}, ref);
+  // Walk order: gp, gx, p, q, x, y (the gradients first: their order wins ties)
+  const Walk w = make_walk({&gp, &gx, &p, &q, &x, &y});
   for_each_task(B, M, [&](int64_t, int64_t b, int64_t lo, int64_t len) {
     acc_t k, kx, kp;
     coefs(b, k, kx, kp);
-    Cursor c(w, b, lo);
-    for (int64_t i = 0; i < len; ++i, c.next()) {
-      acc_t d = static_cast<acc_t>(P[c.off[0]]) - static_cast<acc_t>(Q[c.off[1]]);
-      if constexpr (HAS_X) {
-        d = kx * (static_cast<acc_t>(X[c.off[2]]) - static_cast<acc_t>(Y[c.off[3]])) + kp * d;
-        const acc_t t = k * d;
-        if constexpr (NEED_X) GX[c.off[5]] = static_cast<T>(t * kx);
-        if constexpr (NEED_P) GP[c.off[4]] = static_cast<T>(t * kp);
-      } else {
-        if constexpr (NEED_P) GP[c.off[4]] = static_cast<T>(k * d);
+    for_each_row(w, b, lo, len, [&](const int64_t* off, int64_t cnt) {
+      const int64_t sgp = w.stride[0][3], sgx = w.stride[1][3], sp = w.stride[2][3],
+                    sq = w.stride[3][3], sx = w.stride[4][3], sy = w.stride[5][3];
+      for (int64_t i = 0; i < cnt; ++i) {
+        acc_t d = static_cast<acc_t>(P[off[2] + i * sp]) - static_cast<acc_t>(Q[off[3] + i * sq]);
+        if constexpr (HAS_X) {
+          d = kx * (static_cast<acc_t>(X[off[4] + i * sx]) -
+                    static_cast<acc_t>(Y[off[5] + i * sy])) +
+              kp * d;
+          const acc_t t = k * d;
+          if constexpr (NEED_X) GX[off[1] + i * sgx] = static_cast<T>(t * kx);
+          if constexpr (NEED_P) GP[off[0] + i * sgp] = static_cast<T>(t * kp);
+        } else {
+          if constexpr (NEED_P) GP[off[0] + i * sgp] = static_cast<T>(k * d);
+        }
       }
-    }
+    });
   });
 }
 

@@ -16,9 +16,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
@@ -96,9 +97,12 @@ __device__ __forceinline__ void offsets(const Walk& w, int64_t l, int64_t b, int
   }
 }
 
+// Grid for a grid-stride loop over n elements on the current device (at most 16 blocks per SM).
 int grid_for(int64_t n) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(div_up(n, kThreads), sms * 16)));
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(div_up(n, kThreads), static_cast<int64_t>(sms) * 16)));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ void q_sample_fwd_cuda(const at::Tensor& r, const at::Tensor& g, const at::Tenso
   const bool fast = dense_same_layout({&out_r, &out_g, &r, &g, &n});
   const Walk w = make_walk({&r, &g, &n, &out_r, &out_g}, out_r);
   const int grid = grid_for(total);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, r.scalar_type(), "diffloss q_sample_pair forward cuda", [&] {
         using in_t = scalar_t;
@@ -289,7 +293,7 @@ void q_sample_bwd_cuda(const at::Tensor& grad, const at::Tensor& cs, double scal
   const bool fast = dense_same_layout({&grad_r, &grad});
   const Walk w = make_walk({&grad, &grad_r}, grad_r);
   const int grid = grid_for(total);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_r.scalar_type(), "diffloss q_sample_pair backward cuda", [&] {
         using in_t = scalar_t;
@@ -323,7 +327,7 @@ at::Tensor weighted_l2_fwd_cuda(const at::Tensor& p, const at::Tensor& q, const 
   const bool has_x = x.defined();
   const bool fast = dense_same_layout({&p, &q, &x, &y});
   const Walk w = make_walk({&p, &q, &x, &y}, p);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.scalar_type(), "diffloss weighted_l2 forward cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -359,7 +363,7 @@ void weighted_l2_bwd_cuda(const at::Tensor& g, const at::Tensor& p, const at::Te
   const bool fast = dense_same_layout({&p, &q, &x, &y, &gp, &gx});
   const Walk w = make_walk({&p, &q, &x, &y, &gp, &gx}, gp.defined() ? gp : gx);
   const int grid = grid_for(total);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, p.scalar_type(), "diffloss weighted_l2 backward cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;

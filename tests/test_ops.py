@@ -40,14 +40,13 @@ def make(shape, dtype=torch.float32, layout="nchw", requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
-def tols(dtype):
-    """fp32: tight; half types: one rounding of the same fp32 value."""
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
-
-
 def close(actual, expected, dtype):
+    """fp32: tight; half types: one rounding of the same fp32 value. atol is relative to the
+    largest reference value, so small gradients (weight / numel) are compared as tightly."""
     assert actual.dtype == expected.dtype
-    torch.testing.assert_close(actual.float(), expected.float(), **tols(dtype))
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-2, 1e-3)
+    scale = max(expected.detach().abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale)
 
 
 def _qs_inputs(shape, dtype, layout):
@@ -108,9 +107,9 @@ def test_q_sample_pair_no_grad_paths():
     r, gt, noise, a, b = _qs_inputs(shape, torch.float32, "nchw")
     kw = dict(scale=2.0, offset=-1.0, out_dtype=torch.float32)
     ref = q_sample_pair_torch(r.detach(), gt, noise, a, b, **kw)
-    for out in (q_sample_pair_triton(r.detach(), gt, noise, a, b, **kw),):
-        assert not out[0].requires_grad
-        close(out[0], ref[0], torch.float32)
+    out = q_sample_pair_triton(r.detach(), gt, noise, a, b, **kw)
+    assert not out[0].requires_grad
+    close(out[0], ref[0], torch.float32)
     with torch.no_grad():
         out = q_sample_pair_triton(r, gt, noise, a, b, **kw)
     assert not out[0].requires_grad

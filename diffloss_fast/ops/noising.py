@@ -12,6 +12,7 @@ Only the restored branch is differentiable: d x_t^res / d restored = scale * coe
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _out_format(channels_last: bool) -> torch.memory_format:
@@ -228,6 +229,7 @@ class _QSamplePair(torch.autograd.Function):
         return xt_res, xt_gt
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_res, grad_gt):
         (a,) = ctx.saved_tensors
         shape, stride, dtype, device = ctx.r_meta

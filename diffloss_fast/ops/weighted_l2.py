@@ -11,6 +11,7 @@ two branches). Gradients flow to p and x only: q and y come from the ground-trut
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _check(p, q, weight, x, y, x_coef, p_coef):
@@ -228,6 +229,7 @@ class _WeightedL2(torch.autograd.Function):
         return _wl2_forward(p, q, weight, x, y, x_coef, p_coef)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         p, q, weight, x, y, x_coef, p_coef = ctx.saved_tensors
         need_p, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[3]

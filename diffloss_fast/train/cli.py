@@ -7,23 +7,29 @@ import sys
 TRAIN_EXAMPLES = """\
 examples:
   # a quick end-to-end check on generated data, CPU friendly (random-weight prior):
-  diffloss-fast train --synthetic lowlight --prior tiny --max-steps 200 --patch-size 64 --out runs/demo
+  diffloss-fast train --synthetic lowlight --prior tiny --max-steps 200 --patch-size 64 \\
+      --out runs/demo
   # low-light enhancement on LOL with the ImageNet ADM prior:
-  diffloss-fast train --dataset lol --data-root data/LOL --prior 256x256_diffusion_uncond.pt --amp --out runs/lol
+  diffloss-fast train --dataset lol --data-root data/LOL --prior 256x256_diffusion_uncond.pt \\
+      --amp --out runs/lol
   # the pixel-loss baseline to compare against:
   diffloss-fast train --dataset lol --data-root data/LOL --no-diffloss --out runs/lol-l2
   # two GPUs (or two CPU processes):
-  torchrun --nproc_per_node 2 -m diffloss_fast train --dataset rain --data-root Datasets/train/Rain13K \\
-      --val-root Datasets/test/Rain100H --prior 256x256_diffusion_uncond.pt --amp --out runs/rain
+  torchrun --nproc_per_node 2 -m diffloss_fast train --dataset rain \\
+      --data-root Datasets/train/Rain13K --val-root Datasets/test/Rain100H \\
+      --prior 256x256_diffusion_uncond.pt --amp --out runs/rain
 
 outputs in --out: metrics.json (per-step losses and timings, validation PSNR/SSIM),
-loss.png, val/step_NNNNNNN.png (input | output | target), checkpoints/step_NNNNNNN.safetensors
+loss.png, val/step_NNNNNNN.png (input | output | target),
+checkpoints/step_NNNNNNN.safetensors (network, optimizer, LR schedule, step)
 """
 
 EVAL_EXAMPLES = """\
 examples:
-  diffloss-fast eval --checkpoint runs/lol/checkpoints/step_0010000.safetensors --dataset lol --data-root data/LOL --out runs/lol/eval
-  diffloss-fast eval --checkpoint CKPT --input-dir my_photos/ --out restored/   # no targets: restore only
+  diffloss-fast eval --checkpoint runs/lol/checkpoints/step_0010000.safetensors \\
+      --dataset lol --data-root data/LOL --out runs/lol/eval
+  # no targets: restore only
+  diffloss-fast eval --checkpoint CKPT --input-dir my_photos/ --out restored/
 """
 
 
@@ -111,9 +117,9 @@ def _add_train(subparsers) -> None:
     loss.add_argument("--prior-config", metavar="PRESET|JSON",
                       help="the checkpoint's architecture: a preset name or a JSON object of "
                            "guided-diffusion create_model arguments (default adm-256-uncond)")
-    loss.add_argument("--natural-weight", type=float, default=1e-3,
+    loss.add_argument("--natural-weight", type=float, default=1e-3, metavar="W",
                       help="weight of the noise-prediction term (default %(default)s)")
-    loss.add_argument("--semantic-weight", type=float, default=1e-6,
+    loss.add_argument("--semantic-weight", type=float, default=1e-6, metavar="W",
                       help="weight of the h-space term; 0 skips the prior's decoder "
                            "(default %(default)s)")
     loss.add_argument("--target", choices=["eps", "x_prev"], default="eps",
@@ -121,7 +127,7 @@ def _add_train(subparsers) -> None:
                            "posterior mean x_{t-1} (the paper's equations) (default %(default)s)")
     loss.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                       help="DiffLoss compute precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    loss.add_argument("--backend", default="auto",
+    loss.add_argument("--backend", default="auto", metavar="NAME",
                       help="DiffLoss fused-op backend: auto, torch, triton, native")
     loss.add_argument("--compile", action="store_true", help="torch.compile the prior")
     loss.add_argument("--grad-checkpoint", action="store_true",
@@ -129,25 +135,26 @@ def _add_train(subparsers) -> None:
                            "memory, more time)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive, default=8,
+    opt.add_argument("--batch-size", type=_positive, default=8, metavar="N",
                      help="images per process per micro-batch (default %(default)s)")
     opt.add_argument("--accum-steps", type=_positive, default=1, metavar="N",
                      help="micro-batches accumulated per optimizer step (default %(default)s)")
-    opt.add_argument("--max-steps", type=_positive, default=10000,
+    opt.add_argument("--max-steps", type=_positive, default=10000, metavar="N",
                      help="optimizer steps (default %(default)s)")
-    opt.add_argument("--lr", type=float, default=2e-4, help="AdamW peak LR (default %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4,
+    opt.add_argument("--lr", type=float, default=2e-4, metavar="LR",
+                     help="AdamW peak LR (default %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, metavar="WD",
                      help="AdamW weight decay (default %(default)s)")
     opt.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
                      help="cosine: decay to --min-lr at --max-steps; step: multiply by "
                           "--lr-gamma every --lr-step steps (default %(default)s)")
     opt.add_argument("--warmup-steps", type=int, default=0, metavar="N",
                      help="linear LR warm-up steps (default %(default)s)")
-    opt.add_argument("--min-lr", type=float, default=1e-6,
+    opt.add_argument("--min-lr", type=float, default=1e-6, metavar="LR",
                      help="final LR of the cosine schedule (default %(default)s)")
     opt.add_argument("--lr-step", type=_positive, metavar="N",
                      help="step schedule period (default: a quarter of --max-steps)")
-    opt.add_argument("--lr-gamma", type=float, default=0.5,
+    opt.add_argument("--lr-gamma", type=float, default=0.5, metavar="G",
                      help="step schedule factor (default %(default)s)")
     opt.add_argument("--amp", action="store_true",
                      help="mixed precision for the restoration network on CUDA (bf16 where "
@@ -164,7 +171,7 @@ def _add_train(subparsers) -> None:
     run.add_argument("--resume", metavar="CKPT|latest",
                      help="continue from a checkpoint (model, optimizer, LR schedule, step); "
                           "'latest': the newest in --out/checkpoints")
-    run.add_argument("--seed", type=int, default=0,
+    run.add_argument("--seed", type=int, default=0, metavar="N",
                      help="seeds the network's initialisation, the data order, crops and "
                           "DiffLoss's timesteps and noise (default %(default)s)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -186,7 +193,8 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--pad-multiple", type=_positive, metavar="N",
                    help="pad inputs to multiples of N (default: the net's size_multiple, else 32)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="default: CUDA when available")
     p.set_defaults(func=run_eval)
 
 

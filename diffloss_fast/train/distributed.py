@@ -36,21 +36,27 @@ class Context:
             dist.barrier()
 
 
-def setup(device: str = "auto") -> Context:
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> Context:
+    """This process's rank and device, the process group joined when there are several."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
+    chosen = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Context(rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Context(rank, world, chosen)
 
 
 def teardown(ctx: Context) -> None:

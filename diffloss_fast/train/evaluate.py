@@ -11,6 +11,7 @@ from tqdm import tqdm
 from . import report, sources
 from .checkpoint import read_checkpoint
 from .data import list_images, read_image, to_tensor
+from .distributed import pick_device
 from .metrics import psnr_ssim
 from .nets import build_net, restore, size_multiple
 
@@ -38,8 +39,7 @@ def _items(args):
 @torch.no_grad()
 def evaluate(args) -> dict:
     """Run ``diffloss-fast eval`` with parsed arguments; returns what eval.json holds."""
-    device = torch.device("cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(args.device)
     net, step = load_trained(args.checkpoint, device)
     multiple = args.pad_multiple or size_multiple(net)
     items, count, channel = _items(args)

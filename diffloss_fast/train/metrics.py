@@ -24,7 +24,8 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     return image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0).astype(np.float64)
 
 
-def psnr_ssim(restored: torch.Tensor, target: torch.Tensor, channel: str = "rgb") -> tuple[float, float]:
+def psnr_ssim(restored: torch.Tensor, target: torch.Tensor,
+              channel: str = "rgb") -> tuple[float, float]:
     """PSNR (dB) and SSIM of one (3, H, W) image pair in [0, 1], on ``rgb`` or ``y``."""
     if channel not in CHANNELS:
         raise ValueError(f"metric channel must be one of {CHANNELS}, got {channel!r}")

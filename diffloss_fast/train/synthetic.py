@@ -60,7 +60,7 @@ def haze(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def rain(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Rain streaks: slanted, blurred bright lines, screen-blended over the image."""
     size = clean.shape[0]
-    n = int(rng.uniform(0.05, 0.15) * size * size / 4)
+    n = int(rng.uniform(0.03, 0.12) * size * size / 4)
     angle = rng.uniform(-0.5, 0.5) + rng.normal(0, 0.05, n)
     length = rng.uniform(0.05, 0.25) * size * rng.uniform(0.5, 1.0, n)
     steps = np.linspace(0, 1, max(2, int(0.25 * size)))

@@ -22,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import diffloss_fast as dl
+
 from . import distributed, report, sources
 from .checkpoint import read_checkpoint, save_checkpoint
 from .metrics import psnr_ssim
@@ -34,10 +36,10 @@ GRID_IMAGES = 4
 
 def build_diffloss(args, say):
     """The DiffLoss module of this run, or None for ``--no-diffloss``."""
-    import diffloss_fast as dl
-
     if args.no_diffloss:
         return None
+    if args.natural_weight == 0 and args.semantic_weight == 0:
+        raise ValueError("--natural-weight and --semantic-weight are both 0: use --no-diffloss")
     if not args.prior:
         raise ValueError("DiffLoss needs a prior: --prior PATH (e.g. guided-diffusion's "
                          "256x256_diffusion_uncond.pt), --prior tiny (random weights, for a "
@@ -82,7 +84,20 @@ def train(args) -> dict:
         distributed.teardown(ctx)
 
 
+def check_patch_size(args, net, loss_fn) -> None:
+    """Training crops must suit the prior's downsampling and the network's own."""
+    for multiple, what in ((dl.downsampling_factor(loss_fn.prior) if loss_fn else 1,
+                            "the prior's downsampling factor"),
+                           (getattr(net, "size_multiple", 1), f"what --net {args.net} needs")):
+        if args.patch_size % multiple:
+            raise ValueError(f"--patch-size {args.patch_size} must be a multiple of {multiple}, "
+                             f"{what}")
+
+
 class Trainer:
+    """One training run. Everything is built, and all data checked, before the first step, so
+    that bad arguments or files fail in seconds rather than hours in."""
+
     def __init__(self, args, ctx: distributed.Context):
         self.args, self.ctx, self.out = args, ctx, Path(args.out)
         device = ctx.device
@@ -92,16 +107,8 @@ class Trainer:
         self.net = build_net(args.net, self.net_spec["kwargs"]).to(device)
         self.loss_fn = build_diffloss(args, self.say)
         if self.loss_fn is not None:
-            import diffloss_fast as dl
             self.loss_fn.to(device)
-            factor = dl.downsampling_factor(self.loss_fn.prior)
-            if args.patch_size % factor:
-                raise ValueError(f"--patch-size {args.patch_size} must be a multiple of {factor}, "
-                                 "the prior's downsampling factor")
-        multiple = getattr(self.net, "size_multiple", 1)
-        if args.patch_size % multiple:
-            raise ValueError(f"--patch-size {args.patch_size} must be a multiple of {multiple} "
-                             f"for --net {args.net}")
+        check_patch_size(args, self.net, self.loss_fn)
         self.pad_multiple = args.pad_multiple or size_multiple(self.net)
         self.data = sources.select(args, patch_size=args.patch_size)
         self.say(f"data: {self.data.note}")

@@ -1,0 +1,53 @@
+"""pytest-benchmark suite of the loss step (forward + backward): reference against fast variants.
+
+    pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-json=out.json
+"""
+import pytest
+import torch
+
+from diffloss_fast import ops
+from diffloss_fast.bench import loss_step, make_inputs, make_loss
+from diffloss_fast.hardware import synchronize
+from conftest import CUDA, DEVICE
+
+ROUNDS, WARMUP = (10, 3) if CUDA else (3, 1)
+
+FAST = [
+    # (variant, precision, backend)
+    ("fast", "bf16", "auto"),
+    ("fast", "fp16", "auto"),
+    ("fast", "bf16", "torch"),
+    ("fast-compiled", "bf16", "auto"),
+    ("fast-compiled", "fp16", "auto"),
+]
+
+
+def _run(benchmark, loss_fn, inputs):
+    def step():
+        loss_step(loss_fn, *inputs)
+        synchronize(DEVICE)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+
+
+@pytest.mark.parametrize("terms", ["both"])
+def test_reference(benchmark, bench_prior, bench_shape, terms):
+    benchmark.group = f"loss:{terms}"
+    benchmark.extra_info.update(variant="reference", precision="fp32", terms=terms,
+                                batch=bench_shape[0], resolution=bench_shape[1])
+    loss_fn = make_loss(bench_prior, "reference", terms, precision="fp32", backend="torch")
+    _run(benchmark, loss_fn, make_inputs(*bench_shape, DEVICE))
+
+
+@pytest.mark.parametrize("terms", ["both", "semantic"])
+@pytest.mark.parametrize("variant, precision, backend", FAST)
+def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, terms):
+    if variant == "fast-compiled" and not CUDA:
+        pytest.skip("torch.compile is timed on CUDA only (compiling on 2 CPU cores takes minutes)")
+    if precision == "bf16" and CUDA and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    resolved = ops.resolve_backend(backend, DEVICE)
+    benchmark.group = f"loss:{terms}"
+    benchmark.extra_info.update(variant=variant, precision=precision, backend=resolved,
+                                terms=terms, batch=bench_shape[0], resolution=bench_shape[1])
+    loss_fn = make_loss(bench_prior, variant, terms, precision=precision, backend=backend)
+    _run(benchmark, loss_fn, make_inputs(*bench_shape, DEVICE))

@@ -1,0 +1,132 @@
+"""pytest-benchmark suite of the two fused ops, forward + backward, per backend.
+
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-only          # on a CUDA machine
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-disable -q    # CPU smoke run
+
+CUDA: DiffLoss's real sizes (B=8, 3x256x256 images, 1024x8x8 h-space) in the compute dtype
+(bf16, channels_last). CPU: small fp32 tensors, so the suite stays a quick smoke test there.
+``triton`` runs on CUDA only (the interpreter is no benchmark); ``native`` only where its
+extension builds (set DIFFLOSS_BENCH_NATIVE=0 to skip even trying the build).
+"""
+import functools
+import os
+
+import pytest
+import torch
+
+from diffloss_fast import ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+B = 8 if CUDA else 2
+IMAGE = (B, 3, 256, 256) if CUDA else (B, 3, 32, 32)
+HSPACE = (B, 1024, 8, 8) if CUDA else (B, 64, 8, 8)
+# the prior's compute dtype and layout: what the noising writes and the reductions read
+COMPUTE = (torch.bfloat16 if CUDA and torch.cuda.is_bf16_supported() else
+           torch.float16 if CUDA else torch.float32)
+CHANNELS_LAST = CUDA
+BACKENDS = ["torch", "triton", "native"]
+
+
+@functools.lru_cache(maxsize=None)
+def _native_problem():
+    """Why the native backend cannot run on DEVICE here (None when it can); tried once."""
+    if os.environ.get("DIFFLOSS_BENCH_NATIVE") == "0":
+        return "DIFFLOSS_BENCH_NATIVE=0"
+    try:
+        import diffloss_fast.ops.native  # noqa: F401
+        t = torch.randn(1, 1, 2, 2, device=DEVICE)
+        c = torch.ones(1, device=DEVICE)
+        ops.q_sample_pair(t, t, t, c, c, scale=2.0, offset=-1.0, out_dtype=torch.float32,
+                          backend="native")
+        ops.weighted_l2(t, t, c, backend="native")
+    except Exception as exc:  # noqa: BLE001 - import error, build failure, no CUDA kernels
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _use(backend):
+    if backend == "triton" and not CUDA:
+        pytest.skip("triton is benchmarked on CUDA only (on the CPU it runs interpreted)")
+    if backend == "triton" and not ops.triton_available(DEVICE):
+        pytest.skip("triton is not installed")
+    if backend == "native":
+        problem = _native_problem()
+        if problem is not None:
+            pytest.skip(f"native backend unavailable: {problem}"[:300])
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _run(benchmark, step, **info):
+    """Warm up (Triton compiles, the extension loads) outside the timing, then time."""
+    step()
+    _sync()
+    benchmark.extra_info.update({k: str(v) for k, v in info.items()}, device=str(DEVICE))
+    if CUDA:
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group="op:q_sample_pair")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_sample_pair(benchmark, backend):
+    _use(backend)
+    torch.manual_seed(0)
+    restored = torch.rand(IMAGE, device=DEVICE, requires_grad=True)
+    gt, noise = torch.rand(IMAGE, device=DEVICE), torch.randn(IMAGE, device=DEVICE)
+    a, b = torch.rand(B, device=DEVICE), torch.rand(B, device=DEVICE)
+    fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
+    up = torch.randn(IMAGE, device=DEVICE, dtype=COMPUTE).contiguous(memory_format=fmt)
+
+    def step():
+        xt_res, xt_gt = ops.q_sample_pair(restored, gt, noise, a, b, scale=2.0, offset=-1.0,
+                                          out_dtype=COMPUTE, channels_last=CHANNELS_LAST,
+                                          backend=backend)
+        (grad,) = torch.autograd.grad(xt_res, restored, up)
+        _sync()
+        return grad
+
+    _run(benchmark, step, backend=backend, shape=IMAGE, out_dtype=COMPUTE,
+         channels_last=CHANNELS_LAST, inputs="fp32 NCHW")
+
+
+# natural "eps": eps of both branches; natural "x_prev": also the noised images x_t;
+# semantic: the h-space of both branches
+WL2_CASES = {"natural-eps": (IMAGE, False), "natural-x_prev": (IMAGE, True),
+             "semantic": (HSPACE, False)}
+
+
+@pytest.mark.benchmark(group="op:weighted_l2")
+@pytest.mark.parametrize("case", list(WL2_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_l2(benchmark, backend, case):
+    _use(backend)
+    torch.manual_seed(0)
+    shape, with_x = WL2_CASES[case]
+    fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
+
+    def make(requires_grad):
+        t = torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(memory_format=fmt)
+        return t.requires_grad_(requires_grad)
+
+    p, q = make(True), make(False)
+    weight = torch.rand(B, device=DEVICE)
+    x = y = x_coef = p_coef = None
+    leaves = (p,)
+    if with_x:
+        x, y = make(True), make(False)
+        x_coef, p_coef = torch.rand(B, device=DEVICE) + 1.0, torch.rand(B, device=DEVICE)
+        leaves = (p, x)
+
+    def step():
+        loss = ops.weighted_l2(p, q, weight, x, y, x_coef, p_coef, backend=backend)
+        grads = torch.autograd.grad(loss, leaves)
+        _sync()
+        return grads
+
+    _run(benchmark, step, backend=backend, case=case, shape=shape, dtype=COMPUTE,
+         channels_last=CHANNELS_LAST)
