@@ -6,12 +6,15 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, memory
+    from .train.cli import add_parsers as add_training_parsers
     parser = argparse.ArgumentParser(
         prog="diffloss-fast",
         description="DiffLoss, a diffusion-prior loss for image restoration, computed fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     bench.add_parser(sub)
+    memory.add_parser(sub)
+    add_training_parsers(sub)
     return parser
 
 

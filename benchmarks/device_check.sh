@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
+#
+#   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
+#   benchmarks/device_check.sh extra    compiled bench, 24 GiB memory sweep, native CUDA build + tests
+#   benchmarks/device_check.sh all      both
+#
+# Needs the guided-diffusion-sdk wheel in .whl/ (pip wheel --no-deps guided-diffusion-sdk -w .whl)
+# where the machine cannot reach a package index. Writes logs and JSON under $OUT (default ./out)
+# and packs them into $OUT/device_check.tar.gz; prints a short table last.
+set -uo pipefail
+part=${1:-all}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT/raw"
+raw=$OUT/raw
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+step() {  # step NAME TIMEOUT_S CMD...: run one step, log it, never stop the script
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$raw/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$raw/steps.txt"
+  tail -n 4 "$raw/$name.log"
+}
+
+{ nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$raw/env.txt" 2>&1
+head -n 20 "$raw/env.txt"
+
+if [[ $part == core || $part == all ]]; then
+  step tests_cuda 120 python3 -m pytest tests/test_cuda.py tests/test_ops.py -q -x -p no:cacheprovider
+  step bench_eager 180 python3 -m diffloss_fast bench --batch-sizes 1 4 8 \
+    --variants reference fast --terms both semantic --json "$raw/bench_eager.json"
+  if ! grep -q "bench_eager rc=0" "$raw/steps.txt"; then  # keep a measurement if Triton fails
+    step bench_eager_torch_ops 150 python3 -m diffloss_fast bench --batch-sizes 8 \
+      --variants reference fast --terms both semantic --backend torch --json "$raw/bench_torchops.json"
+  fi
+  step suite_ops 50 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json "$raw/suite_ops.json"
+  step suite_loss 100 python3 -m pytest benchmarks/test_bench_loss.py --benchmark-only -q \
+    -p no:cacheprovider -k "not compiled" --benchmark-json "$raw/suite_loss.json"
+fi
+
+if [[ $part == extra || $part == all ]]; then
+  # The native CUDA build runs on the CPU while the GPU is busy timing.
+  ( timeout 400 python3 -c "from diffloss_fast.ops.native import native_available as a; print('native built:', a())" \
+      >"$raw/native_build.log" 2>&1 ) &
+  build=$!
+  step bench_compiled 330 python3 -m diffloss_fast bench --batch-sizes 8 \
+    --variants reference fast fast-compiled --terms both semantic --json "$raw/bench_compiled.json"
+  step memory 200 python3 -m diffloss_fast memory --cap-gib 24 --json "$raw/memory.json" \
+    --plot "$raw/memory.png"
+  wait $build
+  step tests_native 120 python3 -m pytest tests/test_native.py tests/test_cuda.py -q -p no:cacheprovider -k "native or cuda"
+fi
+
+tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw
+cp "$raw"/*.json "$raw"/*.png "$OUT"/ 2>/dev/null
+echo "=== steps"; cat "$raw/steps.txt"
+for f in "$raw"/bench_*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
+[[ -f $raw/memory.log ]] && { echo "=== memory"; tail -n 12 "$raw/memory.log"; }
+exit 0
