@@ -52,20 +52,25 @@ fi
 
 if [[ $part == extra || $part == all ]]; then
   # The native CUDA build runs on the CPU while the GPU is busy timing.
-  ( timeout 400 python3 -c "from diffloss_fast.ops.native import native_available as a; print('native built:', a())" \
+  ( timeout 300 python3 -c "from diffloss_fast.ops.native import native_available as a; print('native built:', a())" \
       >"$raw/native_build.log" 2>&1 ) &
   build=$!
-  step bench_compiled 330 python3 -m diffloss_fast bench --batch-sizes 8 \
-    --variants reference fast fast-compiled --terms both semantic --json "$raw/bench_compiled.json"
-  step memory 200 python3 -m diffloss_fast memory --cap-gib 24 --json "$raw/memory.json" \
-    --plot "$raw/memory.png"
+  quick=(--repeats 5 --warmup 2)
+  step bench_compiled 190 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
+    --variants reference fast fast-compiled --terms both --json "$OUT/bench_compiled.json"
+  step bench_compiled_semantic 100 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
+    --variants fast fast-compiled --terms semantic --json "$OUT/bench_compiled_semantic.json"
+  step memory 100 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
+    --plot "$OUT/memory.png"
   wait $build
-  step tests_native 120 python3 -m pytest tests/test_native.py tests/test_cuda.py -q -p no:cacheprovider -k "native or cuda"
+  step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
+    -q -p no:cacheprovider -k "cuda or backends"
+  step bench_nchw 35 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
+    --variants fast --terms both --channels-last off --json "$OUT/bench_nchw.json"
 fi
 
 tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw
-cp "$raw"/*.json "$raw"/*.png "$OUT"/ 2>/dev/null
 echo "=== steps"; cat "$raw/steps.txt"
-for f in "$raw"/bench_*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
+for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
 [[ -f $raw/memory.log ]] && { echo "=== memory"; tail -n 12 "$raw/memory.log"; }
 exit 0

@@ -6,6 +6,7 @@ import datetime
 import json
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .prior import build_prior, load_prior
 
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
 VARIANTS = ("reference", "fast", "fast-compiled")
+_CHANNELS_LAST = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass
@@ -38,17 +40,18 @@ class Row:
     speedup: float | None = None
     compile_s: float | None = None
     status: str = "ok"
+    channels_last: str = "auto"
 
 
 def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
-              checkpoint: bool = False):
+              checkpoint: bool = False, channels_last: bool | str = "auto"):
     natural_weight, semantic_weight = TERMS[terms]
     if variant == "reference":
         return ReferenceDiffLoss(prior, natural_weight=natural_weight,
                                  semantic_weight=semantic_weight, precision="fp32")
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
-                    compile=variant == "fast-compiled")
+                    channels_last=channels_last, compile=variant == "fast-compiled")
 
 
 def make_inputs(batch: int, resolution: int, device: torch.device, seed: int = 0):
@@ -70,15 +73,16 @@ def loss_step(loss_fn, restored, gt, t, noise):
 
 def measure(prior, variant: str, terms: str, batch: int, resolution: int,
             device: torch.device, *, precision: str, backend: str, warmup: int, repeats: int,
-            peak_tflops: float, checkpoint: bool = False) -> Row:
+            peak_tflops: float, checkpoint: bool = False,
+            channels_last: bool | str = "auto") -> Row:
     """Time one (variant, terms, batch) configuration; an out-of-memory error becomes a row."""
     prec = "fp32" if variant == "reference" else resolve_precision(precision, device)
     loss_fn = make_loss(prior, variant, terms, precision=prec, backend=backend,
-                        checkpoint=checkpoint)
+                        checkpoint=checkpoint, channels_last=channels_last)
     be = "torch" if variant == "reference" else (
         __import__("diffloss_fast.ops", fromlist=["resolve_backend"]).resolve_backend(backend, device))
     row = Row(variant, prec, variant == "fast-compiled", be, terms, batch, resolution,
-              None, None, None, None, None)
+              None, None, None, None, None, channels_last=str(channels_last))
     inputs = make_inputs(batch, resolution, device)
     try:
         hardware.reset_peak_memory(device)
@@ -91,10 +95,15 @@ def measure(prior, variant: str, terms: str, batch: int, resolution: int,
                                  warmup=warmup, repeats=repeats)
         row.peak_mem_gib = hardware.peak_memory_gib(device)
         eager = make_loss(prior, variant if variant == "reference" else "fast", terms,
-                          precision=prec, backend=be, checkpoint=checkpoint)
+                          precision=prec, backend=be, checkpoint=checkpoint,
+                          channels_last=channels_last)
         flops = count_flops(lambda: loss_step(eager, *inputs))
     except torch.cuda.OutOfMemoryError:
         row.status = "OOM"
+        return row
+    except Exception as err:  # noqa: BLE001 - one broken configuration must not lose the rest
+        traceback.print_exc()
+        row.status = f"error: {type(err).__name__}"
         return row
     finally:
         del loss_fn
@@ -173,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     for variant, terms, batch in tqdm(jobs, desc="bench", unit="config"):
         rows.append(measure(prior, variant, terms, batch, resolution, device,
                             precision=args.precision, backend=args.backend, warmup=warmup,
-                            repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing))
+                            repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing,
+                            channels_last=_CHANNELS_LAST[args.channels_last]))
     add_speedups(rows)
     print(format_table(rows))
     compiled = [r for r in rows if r.compile_s is not None]
@@ -226,6 +236,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the restored branch")
+    p.add_argument("--channels-last", default="auto", choices=tuple(_CHANNELS_LAST),
+                   help="activation layout of the fast path (auto: DiffLoss's default)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")

@@ -23,11 +23,11 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
 def _cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
-    """Copy ``module`` with convolution weights cast; norms and the timestep-embedding
+    """Copy ``module`` with convolution and norm parameters cast; the timestep-embedding
     projections stay fp32 and are shared (guided-diffusion's own fp16 recipe)."""
     memo = {}
     for sub in module.modules():
-        if isinstance(sub, (nn.GroupNorm, nn.Linear)):
+        if isinstance(sub, nn.Linear):
             for p in sub.parameters(recurse=False):
                 memo[id(p)] = p
             continue
@@ -78,11 +78,12 @@ class FastUNet(nn.Module):
             self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
 
     # --- layers -------------------------------------------------------------------------
-    def _norm(self, norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
-        # GroupNorm32: statistics in fp32, result back in the compute dtype.
-        acc = torch.promote_types(h.dtype, torch.float32)
-        return F.group_norm(h.to(acc), norm.num_groups, norm.weight.to(acc), norm.bias.to(acc),
-                            norm.eps).to(h.dtype)
+    @staticmethod
+    def _norm(norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
+        # GroupNorm32 semantics: PyTorch's kernels accumulate the statistics of bf16/fp16
+        # inputs in fp32 and round the result once, so no fp32 copy of h is made (or saved
+        # for the backward pass).
+        return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -94,7 +95,7 @@ class FastUNet(nn.Module):
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
         if blk.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self._norm(out_norm, h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self._norm(out_norm, h), 1 + scale)  # one pass
         else:
             h = self._norm(out_norm, h + emb_out)
         h = out_conv(F.silu(h))

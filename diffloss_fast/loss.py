@@ -185,10 +185,14 @@ class DiffLoss(_DiffLossBase):
             return next(self.prior.parameters()).dtype
         return _DTYPES[precision]
 
+    def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if self.channels_last == "auto":
+            return device.type == "cuda" and dtype != torch.float64
+        return bool(self.channels_last)
+
     def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:
         """The truncated prior for this device and dtype, built once and cached."""
-        channels_last = (device.type == "cuda" if self.channels_last == "auto"
-                         else bool(self.channels_last))
+        channels_last = self._channels_last(device, dtype)
         key = (device, dtype, decoder, channels_last)
         if key not in self._nets:
             self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
@@ -215,7 +219,7 @@ class DiffLoss(_DiffLossBase):
         xt_res, xt_gt = ops.q_sample_pair(
             restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
             scale=self.scale, offset=self.offset, out_dtype=dtype,
-            channels_last=device.type == "cuda" and dtype != torch.float64, backend=backend)
+            channels_last=self._channels_last(device, dtype), backend=backend)
         with torch.no_grad():
             eps_gt, h_gt = net(xt_gt, t)
         eps_res, h_res = net(xt_res, t)

@@ -127,7 +127,7 @@ def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, cap_gib: float, d
     the cap, the cap as a dashed horizontal line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import StrMethodFormatter
 
     rows = [r if isinstance(r, dict) else asdict(r) for r in rows]
     fig = Figure(figsize=(7, 4.5), dpi=120)
@@ -148,7 +148,7 @@ def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, cap_gib: float, d
     batches = [r["batch"] for r in rows]
     if batches and max(batches) / max(min(batches), 1) >= 8:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
     ax.set_xlabel("batch size (images per loss step)")
     ax.set_ylabel("peak allocated memory (GiB)")
     ax.set_title(f"DiffLoss forward + backward memory, {device}, {resolution}x{resolution}")
