@@ -167,8 +167,8 @@ class DiffLoss(_DiffLossBase):
       the input only (the prior is frozen);
     - the prior is truncated: σ channels are never computed, and with ``natural_weight=0``
       the decoder is never run;
-    - bf16/fp16 weights and activations (GroupNorm statistics in fp32), channels_last,
-      attention through SDPA (or xformers), optional ``torch.compile``;
+    - bf16/fp16 weights and activations (GroupNorm statistics in fp32), attention through
+      SDPA (or xformers), optional ``torch.compile`` (with channels_last activations);
     - fused kernels (``backend``) noise both branches in one pass and reduce both terms with
       fp32 accumulation;
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
@@ -186,8 +186,11 @@ class DiffLoss(_DiffLossBase):
         return _DTYPES[precision]
 
     def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """``auto``: channels_last only for compiled CUDA graphs. Eager PyTorch's GroupNorm
+        works in NCHW, and on an H200 the eager step ran 1.48x faster in NCHW
+        (benchmarks/results/2026-11-26-h200-run3.md)."""
         if self.channels_last == "auto":
-            return device.type == "cuda" and dtype != torch.float64
+            return device.type == "cuda" and dtype != torch.float64 and bool(self.compile)
         return bool(self.channels_last)
 
     def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:
