@@ -12,8 +12,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import diffloss_fast as dl
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +22,12 @@ def device():
 
 @pytest.fixture(scope="session")
 def bench_prior():
-    prior = dl.build_prior("adm-256-uncond" if CUDA else "tiny")
+    prior = dl.build_prior("adm-256-uncond" if DEVICE.type == "cuda" else "tiny")
     return prior.to(DEVICE)
 
 
 @pytest.fixture(scope="session")
 def bench_shape():
-    batch = int(os.environ.get("DIFFLOSS_BENCH_BATCH", 8 if CUDA else 2))
-    resolution = int(os.environ.get("DIFFLOSS_BENCH_RESOLUTION", 256 if CUDA else 32))
+    batch = int(os.environ.get("DIFFLOSS_BENCH_BATCH", 8 if DEVICE.type == "cuda" else 2))
+    resolution = int(os.environ.get("DIFFLOSS_BENCH_RESOLUTION", 256 if DEVICE.type == "cuda" else 32))
     return batch, resolution

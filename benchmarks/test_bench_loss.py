@@ -8,8 +8,9 @@ import torch
 from diffloss_fast import ops
 from diffloss_fast.bench import loss_step, make_inputs, make_loss
 from diffloss_fast.hardware import synchronize
-from conftest import CUDA, DEVICE
 
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROUNDS, WARMUP = (10, 3) if CUDA else (3, 1)
 
 FAST = [

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import diffloss_fast as dl
-from conftest import TINY, randomized_unet
+from random_unets import TINY, randomized_unet
 
 # One level, one res block: the same block types as ADM, little code for inductor to build on
 # two CPU cores.

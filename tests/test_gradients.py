@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffloss_fast as dl
-from conftest import randomized_unet
+from random_unets import randomized_unet
 
 
 @pytest.mark.parametrize("target", ["eps", "x_prev"])

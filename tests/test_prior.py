@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffloss_fast as dl
-from conftest import TINY
+from random_unets import TINY
 
 
 def assert_frozen_cpu_fp32(model):
