@@ -43,6 +43,19 @@ class Row:
     channels_last: str = "auto"
 
 
+def measurement_prior(checkpoint: str | None, config: str, device: torch.device, what: str):
+    """The prior to measure with: real weights from ``checkpoint``, else random ones (``what``,
+    timing or memory, does not depend on the weights), on ``device``."""
+    if checkpoint:
+        prior = load_prior(checkpoint, config=config)
+        print(f"prior: {checkpoint} ({config})")
+    else:
+        prior = build_prior(config)
+        print(f"prior: {config} with random weights ({what} does not depend on the weights; "
+              "pass --checkpoint for real ones)")
+    return prior.to(device)
+
+
 def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
               checkpoint: bool = False, channels_last: bool | str = "auto"):
     natural_weight, semantic_weight = TERMS[terms]
@@ -162,14 +175,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays true fp32
         torch.backends.cudnn.allow_tf32 = False
 
-    if args.checkpoint:
-        prior = load_prior(args.checkpoint, config=config)
-        print(f"prior: {args.checkpoint} ({config})")
-    else:
-        prior = build_prior(config)
-        print(f"prior: {config} with random weights (timing does not depend on the weights; "
-              "pass --checkpoint for real ones)")
-    prior = prior.to(device)
+    prior = measurement_prior(args.checkpoint, config, device, "timing")
     # MFU is against the rate of the dtype the fast path computes in: bf16 on CUDA, fp32 on CPU.
     peak_dtype = torch.bfloat16 if cuda else torch.float32
     peak = hardware.matmul_peak_tflops(device, peak_dtype)
@@ -220,7 +226,7 @@ def add_parser(subparsers) -> None:
         description="Times one loss step (forward and backward to the restored image) of the "
                     "plain reference and of the fast path over a few batch sizes, warm-up "
                     "excluded, median of synchronised runs. Defaults: ADM-256 at 256x256 on "
-                    "CUDA; the tiny prior at 64x64 on the CPU.")
+                    "CUDA; the tiny prior at 32x32 on the CPU.")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
     p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from . import bench, hardware
 from .loss import resolve_precision
-from .prior import build_prior, load_prior
 
 VARIANTS = ("reference", "fast", "fast-ckpt")
 DEFAULT_CAP_GIB = 24.0  # an RTX 4090
@@ -300,13 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     terms = args.terms or "both"
     backend = getattr(args, "backend", "auto") or "auto"
 
-    if args.checkpoint:
-        prior = load_prior(args.checkpoint, config=config)
-        print(f"prior: {args.checkpoint} ({config})")
-    else:
-        prior = build_prior(config)
-        print(f"prior: {config} with random weights (memory does not depend on the weights)")
-    prior = prior.to(device)
+    prior = bench.measurement_prior(args.checkpoint, config, device, "memory")
     baseline = _leftover_bytes(device, 0)
     name = hardware.device_name(device)
     print(f"device: {name} ({total / GIB:.2f} GiB), capped at {cap_gib:g} GiB with "

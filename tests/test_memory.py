@@ -126,7 +126,7 @@ def test_parser_defaults():
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
 def test_without_cuda_the_sweep_refuses_with_exit_code_2(device, capsys, monkeypatch, tmp_path):
     built = []
-    monkeypatch.setattr(memory, "build_prior", lambda *a, **k: built.append(a) or 1 / 0)
+    monkeypatch.setattr(memory.bench, "build_prior", lambda *a, **k: built.append(a) or 1 / 0)
     json_path = tmp_path / "out.json"
     with pytest.raises(SystemExit) as excinfo:
         memory.run(namespace(device=device, json=str(json_path), plot=str(tmp_path / "p.png")))
@@ -194,8 +194,8 @@ class FakeCuda:
                 real_step(loss_fn, restored, *rest)  # checks an OOM in the middle of a step)
         monkeypatch.setattr(memory, "measure_step", measure_step)
         monkeypatch.setattr(memory.bench, "loss_step", loss_step)
-        real_build = memory.build_prior
-        monkeypatch.setattr(memory, "build_prior", lambda config: argparse.Namespace(
+        real_build = memory.bench.build_prior
+        monkeypatch.setattr(memory.bench, "build_prior", lambda config: argparse.Namespace(
             to=lambda device: real_build(SMALLEST)))
         monkeypatch.setattr(memory.hardware, "resolve_device",
                             lambda d: torch.device("cuda", 0))
