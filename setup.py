@@ -15,7 +15,7 @@ setup(
     description="DiffLoss: a diffusion-prior loss for image restoration, with fused kernels",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["diffloss_fast", "diffloss_fast.*"]) + ["diffloss_fast.csrc"],
     # csrc/ stays at the top level of the repository and ships inside the package.
     package_dir={"diffloss_fast.csrc": "csrc"},

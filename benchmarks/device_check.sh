@@ -2,8 +2,11 @@
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
-#   benchmarks/device_check.sh extra    compiled bench, 24 GiB memory sweep, native CUDA build + tests
+#   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
+#                                       one run), 24 GiB memory sweep, native CUDA build + tests
 #   benchmarks/device_check.sh all      both
+#   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms (its compilation
+#                                       outran 190 s on an H200)
 #
 # Needs the guided-diffusion-sdk wheel in .whl/ (pip wheel --no-deps guided-diffusion-sdk -w .whl)
 # where the machine cannot reach a package index. Writes logs and JSON under $OUT (default ./out)
@@ -37,7 +40,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run one step, log it, never stop the scr
 head -n 20 "$raw/env.txt"
 
 if [[ $part == core || $part == all ]]; then
-  step tests_cuda 120 python3 -m pytest tests/test_cuda.py tests/test_ops.py -q -x -p no:cacheprovider
+  step tests_cuda 180 python3 -m pytest tests/test_cuda.py tests/test_ops.py -q -x -p no:cacheprovider
   step bench_eager 180 python3 -m diffloss_fast bench --batch-sizes 1 4 8 \
     --variants reference fast --terms both semantic --json "$raw/bench_eager.json"
   if ! grep -q "bench_eager rc=0" "$raw/steps.txt"; then  # keep a measurement if Triton fails
@@ -56,17 +59,18 @@ if [[ $part == extra || $part == all ]]; then
       >"$raw/native_build.log" 2>&1 ) &
   build=$!
   quick=(--repeats 5 --warmup 2)
-  step bench_compiled 190 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
-    --variants reference fast fast-compiled --terms both --json "$OUT/bench_compiled.json"
-  step bench_compiled_semantic 100 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
-    --variants fast fast-compiled --terms semantic --json "$OUT/bench_compiled_semantic.json"
+  step bench_compiled 300 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" --compile regional \
+    --variants reference fast fast-compiled --terms both semantic --json "$OUT/bench_compiled.json"
   step memory 100 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
     --plot "$OUT/memory.png"
   wait $build
   step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
     -q -p no:cacheprovider -k "cuda or backends"
-  step bench_nchw 35 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" \
-    --variants fast --terms both --channels-last off --json "$OUT/bench_nchw.json"
+fi
+
+if [[ $part == graph ]]; then  # whole-graph compilation of both terms: minutes to compile
+  step bench_graph 450 python3 -m diffloss_fast bench --batch-sizes 8 --repeats 5 --warmup 2 \
+    --variants reference fast-compiled --terms both --compile graph --json "$OUT/bench_graph.json"
 fi
 
 tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw

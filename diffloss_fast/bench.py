@@ -41,6 +41,7 @@ class Row:
     compile_s: float | None = None
     status: str = "ok"
     channels_last: str = "auto"
+    compile_mode: str | None = None
 
 
 def measurement_prior(checkpoint: str | None, config: str, device: torch.device, what: str):
@@ -57,14 +58,16 @@ def measurement_prior(checkpoint: str | None, config: str, device: torch.device,
 
 
 def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
-              checkpoint: bool = False, channels_last: bool | str = "auto"):
+              checkpoint: bool = False, channels_last: bool | str = "auto",
+              compile_mode: bool | str = True):
     natural_weight, semantic_weight = TERMS[terms]
     if variant == "reference":
         return ReferenceDiffLoss(prior, natural_weight=natural_weight,
                                  semantic_weight=semantic_weight, precision="fp32")
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
-                    channels_last=channels_last, compile=variant == "fast-compiled")
+                    channels_last=channels_last,
+                    compile=compile_mode if variant == "fast-compiled" else False)
 
 
 def make_inputs(batch: int, resolution: int, device: torch.device, seed: int = 0):
@@ -87,15 +90,17 @@ def loss_step(loss_fn, restored, gt, t, noise):
 def measure(prior, variant: str, terms: str, batch: int, resolution: int,
             device: torch.device, *, precision: str, backend: str, warmup: int, repeats: int,
             peak_tflops: float, checkpoint: bool = False,
-            channels_last: bool | str = "auto") -> Row:
+            channels_last: bool | str = "auto", compile_mode: bool | str = True) -> Row:
     """Time one (variant, terms, batch) configuration; an out-of-memory error becomes a row."""
     prec = "fp32" if variant == "reference" else resolve_precision(precision, device)
     loss_fn = make_loss(prior, variant, terms, precision=prec, backend=backend,
-                        checkpoint=checkpoint, channels_last=channels_last)
+                        checkpoint=checkpoint, channels_last=channels_last,
+                        compile_mode=compile_mode)
     be = "torch" if variant == "reference" else (
         __import__("diffloss_fast.ops", fromlist=["resolve_backend"]).resolve_backend(backend, device))
     row = Row(variant, prec, variant == "fast-compiled", be, terms, batch, resolution,
-              None, None, None, None, None, channels_last=str(channels_last))
+              None, None, None, None, None, channels_last=str(channels_last),
+              compile_mode=str(compile_mode) if variant == "fast-compiled" else None)
     inputs = make_inputs(batch, resolution, device)
     try:
         hardware.reset_peak_memory(device)
@@ -189,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(measure(prior, variant, terms, batch, resolution, device,
                             precision=args.precision, backend=args.backend, warmup=warmup,
                             repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing,
-                            channels_last=_CHANNELS_LAST[args.channels_last]))
+                            channels_last=_CHANNELS_LAST[args.channels_last],
+                            compile_mode=True if args.compile == "graph" else "regional"))
     add_speedups(rows)
     print(format_table(rows))
     compiled = [r for r in rows if r.compile_s is not None]
@@ -244,6 +250,8 @@ def add_parser(subparsers) -> None:
                    help="activation checkpointing of the restored branch")
     p.add_argument("--channels-last", default="auto", choices=tuple(_CHANNELS_LAST),
                    help="activation layout of the fast path (auto: DiffLoss's default)")
+    p.add_argument("--compile", default="graph", choices=("graph", "regional"),
+                   help="how fast-compiled compiles: the whole truncated UNet, or block by block")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")

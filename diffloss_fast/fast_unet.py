@@ -8,6 +8,7 @@ noise channels, and without the natural term the decoder is not built at all.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -20,6 +21,14 @@ from guided_diffusion.nn import timestep_embedding
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+def _enough_recompiles():
+    """Every block structure and input shape is one entry of ``_run``'s compile cache: ADM-256
+    has a few dozen, more than dynamo's default limit of 8 per function."""
+    import torch._dynamo
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: 128})
 
 
 def _cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -54,7 +63,7 @@ class FastUNet(nn.Module):
 
     def __init__(self, unet: UNetModel, *, dtype: torch.dtype, decoder: bool,
                  channels_last: bool = False, attention: str = "sdpa",
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, compile_blocks: bool = False):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -68,6 +77,9 @@ class FastUNet(nn.Module):
             raise ValueError("class-conditional priors are not supported")
         self.dtype, self.decoder, self.attention = dtype, decoder, attention
         self.channels_last, self.checkpoint = channels_last, checkpoint
+        # Regional compilation: one compiled function for all blocks, so blocks of the same
+        # structure and input shape share one compiled graph instead of being compiled again.
+        self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
         self.model_channels = unet.model_channels
         self.time_embed = unet.time_embed  # fp32 and tiny: shared, not copied
         self.input_blocks = _cast_copy(unet.input_blocks, dtype, channels_last)
@@ -137,14 +149,17 @@ class FastUNet(nn.Module):
             return layer(h)
         raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
 
+    def _run(self, block: nn.Sequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in block:
+            h = self._layer(layer, h, emb)
+        return h
+
     def _block(self, block: nn.Sequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        def run(h, emb):
-            for layer in block:
-                h = self._layer(layer, h, emb)
-            return h
-        if self.checkpoint and torch.is_grad_enabled():
-            return activation_checkpoint(run, h, emb, use_reentrant=False)
-        return run(h, emb)
+        run = self._run_compiled or self._run
+        with _enough_recompiles() if self._run_compiled else contextlib.nullcontext():
+            if self.checkpoint and torch.is_grad_enabled():
+                return activation_checkpoint(run, block, h, emb, use_reentrant=False)
+            return run(block, h, emb)
 
     # --- the truncated forward ---------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor):

@@ -20,6 +20,10 @@ from .prior import UNetModel, downsampling_factor
 from .schedule import LinearSchedule
 
 TARGETS = ("eps", "x_prev")
+# True or a torch.compile mode compiles the whole truncated UNet; "regional" compiles its
+# blocks, sharing one compiled graph among blocks of the same structure (much less to compile).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                 "regional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,6 +58,9 @@ class _DiffLossBase(nn.Module):
                                  backends=ops.BACKENDS)
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, "
+                             f"got {compile!r}")
         if timestep_weight is not None and not callable(timestep_weight):
             raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
         prior.eval().requires_grad_(False)
@@ -199,9 +206,11 @@ class DiffLoss(_DiffLossBase):
         key = (device, dtype, decoder, channels_last)
         if key not in self._nets:
             self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
+            regional = self.compile == "regional"
             net = FastUNet(self.prior, dtype=dtype, decoder=decoder, channels_last=channels_last,
-                           attention=self.attention, checkpoint=self.checkpoint)
-            if self.compile:
+                           attention=self.attention, checkpoint=self.checkpoint,
+                           compile_blocks=regional)
+            if self.compile and not regional:
                 mode = self.compile if isinstance(self.compile, str) else None
                 net = torch.compile(net, mode=mode, dynamic=False)
             self._nets[key] = net

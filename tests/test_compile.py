@@ -11,15 +11,16 @@ MICRO = dict(TINY, channel_mult="1,1", attention_resolutions="16")
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager():
+@pytest.mark.parametrize("compile", [True, "regional"])
+def test_compiled_matches_eager(compile):
     unet = randomized_unet(MICRO)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(2, 3, 16, 16, generator=gen), torch.rand(2, 3, 16, 16, generator=gen)
     t, noise = torch.tensor([0, 999]), torch.randn(2, 3, 16, 16, generator=gen)
     results = []
-    for compile in (False, True):
+    for mode in (False, compile):
         xr = x.clone().requires_grad_(True)
-        loss = dl.DiffLoss(unet, precision="fp32", compile=compile)(xr, y, t=t, noise=noise)
+        loss = dl.DiffLoss(unet, precision="fp32", compile=mode)(xr, y, t=t, noise=noise)
         loss.backward()
         results.append((loss.detach(), xr.grad))
     (eager, eager_grad), (compiled, compiled_grad) = results

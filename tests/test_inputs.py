@@ -77,6 +77,7 @@ def test_check_finite_can_be_turned_off(tiny_unet):
     (dict(backend="cuda-magic"), ["backend", "'cuda-magic'"]),
     (dict(input_range=(1.0, 0.0)), ["input_range", "high > low"]),
     (dict(attention="flash3"), ["attention", "'flash3'"]),
+    (dict(compile="fastest"), ["compile", "'fastest'", "regional"]),
 ])
 def test_bad_options(tiny_unet, kwargs, words):
     for cls in (dl.DiffLoss, dl.ReferenceDiffLoss):
