@@ -48,6 +48,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "layout.h"
+
 namespace diffloss_native {
 
 #ifdef DIFFLOSS_WITH_CUDA
@@ -73,28 +75,8 @@ constexpr int kLanes = 16;        // independent accumulators of one partial sum
 constexpr int kMaxT = 6;          // tensors walked together
 constexpr int64_t kGrain = 4;     // tasks per thread at least (about 16K elements)
 
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // ------------------------------------------------------------------------------------------------
 // Layout helpers
-
-// True when all defined tensors are dense, non-overlapping, share one set of strides and keep
-// the batch dimension outermost: sample b is then the block [b*M, (b+1)*M) of every tensor.
-bool dense_same_layout(std::initializer_list<const at::Tensor*> ts) {
-  const at::Tensor* ref = nullptr;
-  for (const at::Tensor* t : ts) {
-    if (t == nullptr || !t->defined()) continue;
-    if (ref == nullptr) {
-      ref = t;
-      if (!t->is_non_overlapping_and_dense()) return false;
-      const int64_t B = t->size(0);
-      if (B > 1 && t->stride(0) * B != t->numel()) return false;
-    } else if (t->strides() != ref->strides()) {
-      return false;
-    }
-  }
-  return true;
-}
 
 // The logical (B, C, H, W) index of the strided path: the batch dimension outermost, the inner
 // three in the memory order of one of the tensors, and adjacent inner dimensions that are

@@ -26,14 +26,14 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "layout.h"
+
 namespace diffloss_native {
 namespace {
 
 constexpr int kThreads = 256;     // threads per block (a power of two: tree reductions)
 constexpr int64_t kChunk = 4096;  // elements of one sample per stage-1 block (16 per thread)
 constexpr int kMaxT = 6;          // tensors walked together
-
-inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Logical (B, C, H, W) index with the inner dimensions ordered like a reference tensor in
 // memory, and each tensor's strides in that order (0 for an absent tensor). Passed by value.
@@ -57,22 +57,6 @@ Walk make_walk(std::initializer_list<const at::Tensor*> ts, const at::Tensor& re
     ++t;
   }
   return w;
-}
-
-bool dense_same_layout(std::initializer_list<const at::Tensor*> ts) {
-  const at::Tensor* ref = nullptr;
-  for (const at::Tensor* t : ts) {
-    if (t == nullptr || !t->defined()) continue;
-    if (ref == nullptr) {
-      ref = t;
-      if (!t->is_non_overlapping_and_dense()) return false;
-      const int64_t B = t->size(0);
-      if (B > 1 && t->stride(0) * B != t->numel()) return false;
-    } else if (t->strides() != ref->strides()) {
-      return false;
-    }
-  }
-  return true;
 }
 
 // Offsets of element r (in Walk order) of sample b in every tensor.
