@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import hardware
+from . import hardware, ops
 from .flops import count_flops
 from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
 from .prior import build_prior, load_prior
@@ -96,8 +96,7 @@ def measure(prior, variant: str, terms: str, batch: int, resolution: int,
     loss_fn = make_loss(prior, variant, terms, precision=prec, backend=backend,
                         checkpoint=checkpoint, channels_last=channels_last,
                         compile_mode=compile_mode)
-    be = "torch" if variant == "reference" else (
-        __import__("diffloss_fast.ops", fromlist=["resolve_backend"]).resolve_backend(backend, device))
+    be = "torch" if variant == "reference" else ops.resolve_backend(backend, device)
     row = Row(variant, prec, variant == "fast-compiled", be, terms, batch, resolution,
               None, None, None, None, None, channels_last=str(channels_last),
               compile_mode=str(compile_mode) if variant == "fast-compiled" else None)
