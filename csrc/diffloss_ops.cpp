@@ -72,32 +72,16 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements of one sample per task (and per partial sum)
 constexpr int kLanes = 16;        // independent accumulators of one partial sum
-constexpr int kMaxT = 6;          // tensors walked together
 constexpr int64_t kGrain = 4;     // tasks per thread at least (about 16K elements)
 
 // ------------------------------------------------------------------------------------------------
 // Layout helpers
 
-// The logical (B, C, H, W) index of the strided path: the batch dimension outermost, the inner
-// three in the memory order of one of the tensors, and adjacent inner dimensions that are
+// The Walk of the strided path: ``walk_in_order_of`` with adjacent inner dimensions that are
 // contiguous in one another for every tensor merged, so that the innermost dimension (a "row")
-// is as long as possible. size[k] == 1 (stride 0) for merged-away dimensions; an absent tensor
-// has all strides 0.
-struct Walk {
-  int64_t size[4];
-  int64_t stride[kMaxT][4];
-};
-
-Walk walk_in_order_of(const std::vector<const at::Tensor*>& ts, const at::Tensor& ref) {
-  std::array<int, 3> d{1, 2, 3};
-  std::stable_sort(d.begin(), d.end(),
-                   [&](int a, int b) { return ref.stride(a) > ref.stride(b); });
-  const int perm[4] = {0, d[0], d[1], d[2]};
-  Walk w{};
-  for (int k = 0; k < 4; ++k) w.size[k] = ref.size(perm[k]);
-  for (size_t t = 0; t < ts.size(); ++t)
-    for (int k = 0; k < 4; ++k)
-      w.stride[t][k] = (ts[t] != nullptr && ts[t]->defined()) ? ts[t]->stride(perm[k]) : 0;
+// is as long as possible. size[k] == 1 (stride 0) for merged-away dimensions.
+Walk merged_walk_in_order_of(const std::vector<const at::Tensor*>& ts, const at::Tensor& ref) {
+  Walk w = walk_in_order_of(ts, ref);
   // merge inner dimensions, innermost first
   int64_t gs[3];
   int64_t gst[3][kMaxT];
@@ -136,7 +120,7 @@ Walk make_walk(std::initializer_list<const at::Tensor*> list) {
   bool have = false;
   for (const at::Tensor* ref : ts) {
     if (ref == nullptr || !ref->defined()) continue;
-    const Walk w = walk_in_order_of(ts, *ref);
+    const Walk w = merged_walk_in_order_of(ts, *ref);
     if (!have || w.size[3] > best.size[3]) best = w;
     have = true;
   }

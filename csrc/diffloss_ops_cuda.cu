@@ -33,30 +33,9 @@ namespace {
 
 constexpr int kThreads = 256;     // threads per block (a power of two: tree reductions)
 constexpr int64_t kChunk = 4096;  // elements of one sample per stage-1 block (16 per thread)
-constexpr int kMaxT = 6;          // tensors walked together
-
-// Logical (B, C, H, W) index with the inner dimensions ordered like a reference tensor in
-// memory, and each tensor's strides in that order (0 for an absent tensor). Passed by value.
-struct Walk {
-  int64_t size[4];
-  int64_t stride[kMaxT][4];
-};
 
 Walk make_walk(std::initializer_list<const at::Tensor*> ts, const at::Tensor& ref) {
-  std::array<int, 3> d{1, 2, 3};
-  std::stable_sort(d.begin(), d.end(),
-                   [&](int a, int b) { return ref.stride(a) > ref.stride(b); });
-  const int perm[4] = {0, d[0], d[1], d[2]};
-  Walk w{};
-  for (int k = 0; k < 4; ++k) w.size[k] = ref.size(perm[k]);
-  int t = 0;
-  for (const at::Tensor* x : ts) {
-    TORCH_INTERNAL_ASSERT(t < kMaxT);
-    for (int k = 0; k < 4; ++k)
-      w.stride[t][k] = (x != nullptr && x->defined()) ? x->stride(perm[k]) : 0;
-    ++t;
-  }
-  return w;
+  return walk_in_order_of(std::vector<const at::Tensor*>(ts), ref);
 }
 
 // Offsets of element r (in Walk order) of sample b in every tensor.
