@@ -1,0 +1,315 @@
+"""Fused GroupNorm (+ FiLM) + SiLU, the pre-activation of every ResBlock convolution.
+
+The prior applies, before each 3x3 convolution of a ResBlock,
+
+    y = silu((group_norm(x) * weight + bias) * (1 + scale[n, c]) + shift[n, c])
+
+(``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU). Eager
+PyTorch runs this as three or four memory-bound passes and keeps their outputs for the backward
+pass; here the forward reads x twice (statistics, then output) and writes y once, the backward
+reads x and dy twice and writes dx once, and only x and two floats per group are saved.
+
+The prior is frozen, so only x is differentiable: weight, bias, scale and shift must not
+require grad. Statistics and arithmetic are fp32 whatever the storage dtype; NCHW and
+channels_last tensors are read in place. Each (sample, group) is split over several programs
+so that small batches still fill the GPU; the partial sums are combined by the next kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None):
+    """Plain-PyTorch twin: the definition the fused kernels are tested against, and what the
+    prior runs without them. ``scale``/``shift``: (N, C) or broadcastable to x, or None."""
+    h = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        view = lambda v: v.reshape(x.shape[0], x.shape[1], 1, 1)  # noqa: E731
+        h = torch.addcmul(view(shift), h, 1 + view(scale))
+    return F.silu(h)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch twin still works
+    triton = None
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TILE = 2048          # elements per loop step of one program
+_TARGET_PROGRAMS = 1024  # enough programs to cover every SM several times
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_base(ng, G, Cg, sN, sC):
+        n = ng // G
+        g = ng % G
+        return n, g, n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
+
+    @triton.jit
+    def _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        s = start + tl.arange(0, BLOCK_S)
+        c = tl.arange(0, BLOCK_C)
+        mask = (s < HW)[:, None] & (c < Cg)[None, :]
+        return s[:, None].to(tl.int64) * sS + c[None, :].to(tl.int64) * sC, mask
+
+    @triton.jit
+    def _combine(part_ptr, ng, SPLIT, BLOCK_P: tl.constexpr):
+        """Sum the per-program partial sums (a, b) of one group."""
+        p = tl.arange(0, BLOCK_P)
+        m = p < SPLIT
+        a = tl.sum(tl.load(part_ptr + (ng * SPLIT + p) * 2, mask=m, other=0.0), axis=0)
+        b = tl.sum(tl.load(part_ptr + (ng * SPLIT + p) * 2 + 1, mask=m, other=0.0), axis=0)
+        return a, b
+
+    @triton.jit
+    def _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
+                BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+        """Per-channel (mul, add) with u = x * mul + add, and the FiLM gain (1 + scale)."""
+        c = g * Cg + tl.arange(0, BLOCK_C)
+        cm = tl.arange(0, BLOCK_C) < Cg
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        gain = tl.full([BLOCK_C], 1.0, tl.float32)
+        add = b - mean * w * rstd
+        if HAS_FILM:
+            gain += tl.load(sc_ptr + n.to(tl.int64) * scN + c, mask=cm, other=0.0).to(tl.float32)
+            sh = tl.load(sh_ptr + n.to(tl.int64) * scN + c, mask=cm, other=0.0).to(tl.float32)
+            add = add * gain + sh
+        return w * rstd * gain, add, w * gain
+
+    @triton.jit
+    def _stats_kernel(x_ptr, part_ptr, HW, G, Cg, sN, sC, sS, S_PER, SPLIT,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Partial sums of (x - k) and (x - k)^2 over one slice of a group, k the group's first
+        element: shifted sums keep the variance accurate when |mean| >> std."""
+        ng = tl.program_id(0)
+        sp = tl.program_id(1)
+        n, g, base = _group_base(ng, G, Cg, sN, sC)
+        k = tl.load(x_ptr + base).to(tl.float32)
+        s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
+            v = tl.where(mask, tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
+            s1 += v
+            s2 += v * v
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(s1, axis=1), axis=0))
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
+                    HW, G, Cg, sN, sC, sS, ysN, ysC, ysS, scN, S_PER, SPLIT, eps,
+                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                    HAS_FILM: tl.constexpr):
+        ng = tl.program_id(0)
+        sp = tl.program_id(1)
+        n, g, base = _group_base(ng, G, Cg, sN, sC)
+        _, _, ybase = _group_base(ng, G, Cg, ysN, ysC)
+        k = tl.load(x_ptr + base).to(tl.float32)
+        s1, s2 = _combine(part_ptr, ng, SPLIT, BLOCK_P)
+        count = HW * Cg * 1.0
+        d = s1 / count
+        mean = k + d
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - d * d, 0.0) + eps)
+        if sp == 0:
+            tl.store(mean_ptr + ng, mean)
+            tl.store(rstd_ptr + ng, rstd)
+        mul, add, _ = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
+                              BLOCK_C, HAS_FILM)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
+            yoff, _ = _tile_offsets(start, HW, Cg, ysS, ysC, BLOCK_S, BLOCK_C)
+            u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
+                + add[None, :]
+            y = u * tl.sigmoid(u)
+            tl.store(y_ptr + ybase + yoff, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, mean, rstd):
+        """Recompute the forward for one tile: the normalized input and its gradient."""
+        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + dbase + doff, mask=mask, other=0.0).to(tl.float32)
+        u = x * mul[None, :] + add[None, :]
+        sig = tl.sigmoid(u)
+        du = dy * sig * (1.0 + u * (1.0 - sig))
+        return (x - mean) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
+
+    @triton.jit
+    def _bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
+                          sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN, S_PER, SPLIT,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+        """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
+        ng = tl.program_id(0)
+        sp = tl.program_id(1)
+        n, g, base = _group_base(ng, G, Cg, sN, sC)
+        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
+        mean = tl.load(mean_ptr + ng)
+        rstd = tl.load(rstd_ptr + ng)
+        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
+                                  BLOCK_C, HAS_FILM)
+        a = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        b = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
+            doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
+                                 mean, rstd)
+            a += dxhat
+            b += dxhat * xhat
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(a, axis=1), axis=0))
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(b, axis=1), axis=0))
+
+    @triton.jit
+    def _bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
+                    sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, xsN, xsC, xsS, scN, S_PER,
+                    SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
+        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
+        ng = tl.program_id(0)
+        sp = tl.program_id(1)
+        n, g, base = _group_base(ng, G, Cg, sN, sC)
+        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
+        _, _, xbase = _group_base(ng, G, Cg, xsN, xsC)
+        mean = tl.load(mean_ptr + ng)
+        rstd = tl.load(rstd_ptr + ng)
+        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
+                                  BLOCK_C, HAS_FILM)
+        sa, sb = _combine(part_ptr, ng, SPLIT, BLOCK_P)
+        count = HW * Cg * 1.0
+        ma = sa / count
+        mb = sb / count
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
+            doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
+            xoff, _ = _tile_offsets(start, HW, Cg, xsS, xsC, BLOCK_S, BLOCK_C)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
+                                 mean, rstd)
+            dx = rstd * (dxhat - ma - xhat * mb)
+            tl.store(dx_ptr + xbase + xoff, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _spatial_stride(t: torch.Tensor) -> int | None:
+    """The stride s with element (h, w) at offset (h * W + w) * s, if H and W flatten."""
+    _, _, H, W = t.shape
+    if H == 1 or W == 1:
+        return t.stride(3) if H == 1 else t.stride(2)
+    return t.stride(3) if t.stride(2) == W * t.stride(3) else None
+
+
+def _flat(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its spatial dims flatten, else a copy in ``like``'s memory format."""
+    if _spatial_stride(t) is not None:
+        return t
+    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), _spatial_stride(t)
+
+
+def _launch(N, G, HW, Cg):
+    """Block shape and the split of each group over programs."""
+    block_c = triton.next_power_of_2(Cg)
+    block_s = max(1, min(triton.next_power_of_2(HW), _TILE // block_c))
+    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N * G), triton.cdiv(HW, block_s)))
+    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
+    split = triton.cdiv(HW, s_per)
+    return dict(block_s=block_s, block_c=block_c, block_p=triton.next_power_of_2(split),
+                split=split, s_per=s_per)
+
+
+def _forward(x, G, weight, bias, eps, scale, shift):
+    """y, the per-group mean and 1/std, and the launch shape (reused by the backward pass)."""
+    N, C, H, W = x.shape
+    HW, Cg = H * W, C // G
+    k = _launch(N, G, HW, Cg)
+    film = scale is not None
+    sc, sh = (scale, shift) if film else (weight, weight)  # never read without FiLM
+    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
+    mean = torch.empty(N * G, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)
+    grid = (N * G, k["split"])
+    _stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
+                        BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
+    _fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
+                      *_strides(x), *_strides(y), sc.stride(0), k["s_per"], k["split"],
+                      float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
+                      BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
+    return y, mean, rstd, k
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift):
+        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift)
+        film = scale is not None
+        ctx.save_for_backward(x, mean, rstd, weight, bias, *((scale, shift) if film else ()))
+        ctx.num_groups, ctx.film, ctx.launch = num_groups, film, k
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, mean, rstd, weight, bias, *film = ctx.saved_tensors
+        sc, sh = film if ctx.film else (weight, weight)
+        N, C, H, W = x.shape
+        G, HW, k = ctx.num_groups, H * W, ctx.launch
+        Cg = C // G
+        dy = _flat(dy, x)
+        dx = torch.empty_like(x)
+        part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
+        grid = (N * G, k["split"])
+        _bwd_stats_kernel[grid](x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
+                                *_strides(x), *_strides(dy), sc.stride(0), k["s_per"],
+                                k["split"], BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
+                                HAS_FILM=ctx.film, num_warps=4)
+        _bwd_kernel[grid](x, dy, dx, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
+                          *_strides(x), *_strides(dy), *_strides(dx), sc.stride(0),
+                          k["s_per"], k["split"], BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
+                          BLOCK_P=k["block_p"], HAS_FILM=ctx.film, num_warps=4)
+        return dx, None, None, None, None, None, None
+
+
+def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None):
+    """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only."""
+    if triton is None:
+        raise ValueError("group_norm_silu_triton needs the triton package, which is not installed")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"group_norm_silu: x must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    N, C = x.shape[:2]
+    if x.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"group_norm_silu: the triton backend takes fp32/fp16/bf16, got "
+                         f"{x.dtype}; use the torch twin for it")
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm_silu: {C} channels do not split into {num_groups} groups")
+    if (scale is None) != (shift is None):
+        raise ValueError("group_norm_silu: give both scale and shift, or neither")
+    weight = x.new_ones(C) if weight is None else weight
+    bias = x.new_zeros(C) if bias is None else bias
+    params = {"weight": weight, "bias": bias}
+    if scale is not None:
+        params["scale"] = scale = scale.reshape(N, C)
+        params["shift"] = shift = shift.reshape(N, C)
+    for name, t in params.items():
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"group_norm_silu: the triton backend differentiates to x only "
+                             f"(a frozen prior), but {name} requires grad")
+        if t.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {t.device}, x on {x.device}")
+    weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
+    if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
+    x = _flat(x, x)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift)
+    return _forward(x.detach(), num_groups, weight, bias, eps, scale, shift)[0]

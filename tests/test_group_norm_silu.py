@@ -1,0 +1,134 @@
+"""The fused GroupNorm (+ FiLM) + SiLU kernels against their plain-PyTorch twin.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (N, C, H, W, groups): 2 channels a group; 3 (not a power of two); 1; a 1x1 map; 1600
+# positions with 2 channels a group, so one group is split over several programs.
+SHAPES = [(2, 8, 5, 7, 4), (2, 24, 6, 6, 8), (3, 6, 4, 4, 6), (2, 16, 1, 1, 4),
+          (1, 4, 40, 40, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def layout(t, name):
+    if name == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    if name == "strided":  # every other column of a wider tensor: H and W do not flatten
+        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+def inputs(shape, dtype, film, x_layout="nchw"):
+    N, C, H, W, G = shape
+    x = layout((torch.randn(N, C, H, W, device=DEVICE) * 1.5 + 0.5).to(dtype), x_layout)
+    weight = (torch.randn(C, device=DEVICE) + 1).to(dtype)
+    bias = torch.randn(C, device=DEVICE).to(dtype)
+    scale = shift = None
+    if film:  # as the prior makes them: halves of one (N, 2C, 1, 1) embedding projection
+        scale, shift = (torch.randn(N, 2 * C, 1, 1, device=DEVICE) * 0.5).to(dtype).chunk(2, 1)
+    return x, G, weight, bias, scale, shift
+
+
+def run(fn, x, G, weight, bias, scale, shift, dy):
+    x = x.detach().requires_grad_(True)
+    y = fn(x, G, weight, bias, 1e-5, scale, shift)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y, dx
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("film", [False, True], ids=["plain", "film"])
+@pytest.mark.parametrize("x_layout", ["nchw", "cl", "strided"])
+def test_fp32_matches_twin(shape, film, x_layout):
+    x, G, w, b, sc, sh = inputs(shape, torch.float32, film, x_layout)
+    dy = torch.randn(x.shape, device=DEVICE)
+    y, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy)
+    y_ref, dx_ref = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
+    if x_layout != "strided":  # the output keeps the input's memory format
+        assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dy_layout", ["cl", "strided"])
+def test_gradient_in_another_layout(dy_layout):
+    x, G, w, b, sc, sh = inputs(SHAPES[1], torch.float32, True)
+    dy = layout(torch.randn(x.shape, device=DEVICE), dy_layout)
+    _, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy)
+    _, dx_ref = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy.contiguous())
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
+    assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("film", [False, True], ids=["plain", "film"])
+def test_half_precision_against_fp64(dtype, film):
+    """Half types: the fused op rounds once, the twin after every op; both are compared with
+    the fp64 twin, and the fused one must be at least about as close."""
+    shape = SHAPES[1]
+    x, G, w, b, sc, sh = inputs(shape, DTYPES[dtype], film, "cl")
+    dy = torch.randn(x.shape, device=DEVICE).to(x.dtype)
+    y, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy)
+    wide = lambda t: None if t is None else t.double()  # noqa: E731
+    y64, dx64 = run(group_norm_silu_torch, x.double(), G, w.double(), b.double(), wide(sc),
+                    wide(sh), dy.double())
+    y_tw, dx_tw = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy)
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    assert y.dtype == dx.dtype == x.dtype
+    assert rel(y, y64) < 1e-2 and rel(dx, dx64) < 2e-2
+    assert rel(y, y64) <= 1.5 * rel(y_tw, y64) + 1e-4
+    assert F.cosine_similarity(dx.double().flatten(), dx64.flatten(), dim=0) > 0.999
+
+
+def test_variance_when_the_mean_dwarfs_the_spread():
+    """|mean| = 1e4 * std: a naive E[x^2] - E[x]^2 in fp32 loses the variance entirely."""
+    N, C, H, W, G = 2, 8, 6, 6, 2
+    x = torch.randn(N, C, H, W, device=DEVICE) * 1e-1 + 1e3
+    w, b = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
+    y = group_norm_silu_triton(x, G, w, b, 1e-5)
+    y64 = group_norm_silu_torch(x.double(), G, w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-3, atol=1e-3)
+
+
+def test_without_autograd_saves_nothing_and_matches():
+    x, G, w, b, sc, sh = inputs(SHAPES[0], torch.float32, True)
+    with torch.no_grad():
+        y = group_norm_silu_triton(x.requires_grad_(True), G, w, b, 1e-5, sc, sh)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, group_norm_silu_torch(x.detach(), G, w, b, 1e-5, sc, sh),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_default_affine():
+    x = torch.randn(2, 8, 3, 3, device=DEVICE)
+    torch.testing.assert_close(group_norm_silu_triton(x, 4, None, None, 1e-5),
+                               F.silu(F.group_norm(x, 4, eps=1e-5)), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    x, G, w, b, sc, sh = inputs(SHAPES[0], torch.float32, True)
+    with pytest.raises(ValueError, match="groups"):
+        group_norm_silu_triton(x, 3, w, b, 1e-5)
+    with pytest.raises(ValueError, match="both scale and shift"):
+        group_norm_silu_triton(x, G, w, b, 1e-5, sc, None)
+    with pytest.raises(ValueError, match="x only"):
+        group_norm_silu_triton(x, G, w.clone().requires_grad_(True), b, 1e-5)
+    with pytest.raises(ValueError, match="x only"):
+        group_norm_silu_triton(x, G, w, b, 1e-5, sc.clone().requires_grad_(True), sh)
+    with pytest.raises(ValueError, match="torch twin"):
+        group_norm_silu_triton(x.double(), G, w.double(), b.double(), 1e-5)
+    with pytest.raises(ValueError, match="4-D"):
+        group_norm_silu_triton(x[0], G, w, b, 1e-5)
