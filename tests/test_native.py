@@ -347,6 +347,13 @@ def test_bad_arguments_raise_value_error():
         q_sample_pair_native(r, g[:1], n, cs, cn, **kw)
     with pytest.raises(TypeError, match="out_dtype"):
         q_sample_pair_native(r, g, n, cs, cn, scale=2.0, offset=-1.0, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q_sample_pair: the native backend writes float32/"
+                                         r"float64/float16/bfloat16, got out_dtype=torch.int32$"):
+        q_sample_pair_native(r, g, n, cs, cn, scale=2.0, offset=-1.0, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q_sample_pair: gt is on meta, restored on cpu"):
+        q_sample_pair_native(r, g.to("meta"), n, cs, cn, **kw)
+    with pytest.raises(TypeError, match="q_sample_pair: noise must be a tensor, got ndarray"):
+        q_sample_pair_native(r, g, n.numpy(), cs, cn, **kw)
     with pytest.raises(ValueError, match="same shape"):
         weighted_l2_native(r, g[:1], cs)
     with pytest.raises(ValueError, match="weight"):

@@ -167,7 +167,7 @@ def test_q_sample_pair_bad_input():
         q_sample_pair_triton(r, gt, noise, a[:1], b, **kw)
     with pytest.raises(ValueError, match="coef_noise"):
         q_sample_pair_triton(r, gt, noise, a, b.view(-1, 1), **kw)
-    with pytest.raises(ValueError, match="4D"):
+    with pytest.raises(ValueError, match="4-D"):
         q_sample_pair_triton(r[0], gt[0], noise[0], a, b, **kw)
     with pytest.raises(ValueError, match="backend='torch'"):
         q_sample_pair_triton(r.double(), gt, noise, a, b, **kw)
@@ -175,6 +175,13 @@ def test_q_sample_pair_bad_input():
         q_sample_pair_triton(r, gt.to(torch.int32), noise, a, b, **kw)
     with pytest.raises(ValueError, match="out_dtype"):
         q_sample_pair_triton(r, gt, noise, a, b, scale=2.0, offset=-1.0, out_dtype=torch.int8)
+    with pytest.raises(TypeError, match=r"q_sample_pair: the triton backend writes "
+                                        r"float32/float16/bfloat16, got out_dtype=torch.int8$"):
+        q_sample_pair_triton(r, gt, noise, a, b, scale=2.0, offset=-1.0, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"q_sample_pair: noise is on meta, restored on cpu"):
+        q_sample_pair_triton(r.cpu(), gt.cpu(), noise.to("meta"), a.cpu(), b.cpu(), **kw)
+    with pytest.raises(TypeError, match="q_sample_pair: gt must be a tensor, got ndarray"):
+        q_sample_pair_triton(r, gt.cpu().numpy(), noise, a, b, **kw)
 
 
 # --------------------------------------------------------------------------- weighted_l2

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from .checks import check_q_sample_pair
 from .weighted_l2 import _check
 
 __all__ = ["native_available", "load_extension", "q_sample_pair_native", "weighted_l2_native"]
@@ -213,19 +214,7 @@ def q_sample_pair_native(restored, gt, noise, coef_signal, coef_noise, *, scale,
                          out_dtype, channels_last=False):
     """Native twin of :func:`~diffloss_fast.ops.noising.q_sample_pair_torch`: one pass writes
     both noised images in ``out_dtype`` (channels_last when asked); gradient to ``restored``."""
-    if restored.dim() != 4:
-        raise ValueError(f"q_sample_pair: restored must be 4-D (B, C, H, W), got shape "
-                         f"{tuple(restored.shape)}")
-    if gt.shape != restored.shape or noise.shape != restored.shape:
-        raise ValueError(f"q_sample_pair: gt and noise must have restored's shape "
-                         f"{tuple(restored.shape)}, got {tuple(gt.shape)} and "
-                         f"{tuple(noise.shape)}")
-    if gt.device != restored.device or noise.device != restored.device:
-        raise ValueError(f"q_sample_pair: restored, gt and noise must be on one device, got "
-                         f"{restored.device}, {gt.device} and {noise.device}")
-    if out_dtype not in _FLOATS:
-        raise TypeError(f"q_sample_pair: out_dtype must be a floating dtype "
-                        f"({', '.join(map(str, _FLOATS))}), got {out_dtype}")
+    check_q_sample_pair(restored, gt, noise, out_dtype, backend="native", out_dtypes=_FLOATS)
     return _QSamplePair.apply(restored, gt, noise, coef_signal, coef_noise, scale, offset,
                               out_dtype, channels_last)
 

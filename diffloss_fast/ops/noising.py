@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .checks import check_q_sample_pair
+
 
 def _out_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
@@ -163,36 +165,16 @@ if triton is not None:
         tl.store(gr_ptr + d_off, gr.to(gr_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_pair(restored, gt, noise, coef_signal, coef_noise, out_dtype):
-    """Input validation of the Triton path; the messages name the argument."""
-    for name, t in (("restored", restored), ("gt", gt), ("noise", noise)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"q_sample_pair: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"q_sample_pair: {name} must be a float tensor, got {t.dtype}")
-        if t.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"q_sample_pair: the triton backend takes fp32/fp16/bf16 {name}, "
-                             f"got {t.dtype}; use backend='torch' for it")
-    if restored.dim() != 4:
-        raise ValueError(f"q_sample_pair: restored must be 4D (B, C, H, W), got shape "
-                         f"{tuple(restored.shape)}")
-    if gt.shape != restored.shape or noise.shape != restored.shape:
-        raise ValueError(f"q_sample_pair: gt and noise must have restored's shape "
-                         f"{tuple(restored.shape)}, got {tuple(gt.shape)} and "
-                         f"{tuple(noise.shape)}")
+def _check_coefs(restored, coef_signal, coef_noise):
+    """The kernels load one coefficient per sample from a (B,) tensor on restored's device."""
     B = restored.shape[0]
     for name, t in (("coef_signal", coef_signal), ("coef_noise", coef_noise)):
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"q_sample_pair: {name} must have shape ({B},), got {shape}")
-    for name, t in (("gt", gt), ("noise", noise), ("coef_signal", coef_signal),
-                    ("coef_noise", coef_noise)):
         if t.device != restored.device:
             raise ValueError(f"q_sample_pair: {name} is on {t.device}, restored on "
                              f"{restored.device}")
-    if out_dtype not in _TRITON_DTYPES:
-        raise ValueError(f"q_sample_pair: the triton backend writes fp32/fp16/bf16, got "
-                         f"out_dtype={out_dtype}")
 
 
 def _q_sample_pair_fwd(restored, gt, noise, a, bn, scale, offset, out_dtype, channels_last):
@@ -252,7 +234,9 @@ def q_sample_pair_triton(restored, gt, noise, coef_signal, coef_noise, *, scale,
     Arithmetic in fp32 (fp64 inputs are refused: use the torch twin for gradcheck)."""
     if triton is None:
         raise ValueError("q_sample_pair_triton needs the triton package, which is not installed")
-    _check_pair(restored, gt, noise, coef_signal, coef_noise, out_dtype)
+    check_q_sample_pair(restored, gt, noise, out_dtype, backend="triton",
+                        in_dtypes=_TRITON_DTYPES, out_dtypes=_TRITON_DTYPES)
+    _check_coefs(restored, coef_signal, coef_noise)
     a = coef_signal.detach().to(torch.float32).contiguous()
     bn = coef_noise.detach().to(torch.float32).contiguous()
     gt, noise = gt.detach(), noise.detach()
