@@ -4,7 +4,9 @@ Built from an upstream guided-diffusion ``UNetModel`` without changing it: convo
 attention weights are cast once to the compute dtype (the upstream fp16 recipe: GroupNorm
 statistics and the timestep MLP stay fp32), attention runs through
 ``F.scaled_dot_product_attention`` (or xformers), the output convolution is sliced to the three
-noise channels, and without the natural term the decoder is not built at all.
+noise channels, and without the natural term the decoder is not built at all. Each
+GroupNorm (+ FiLM) + SiLU runs as plain PyTorch ops or, with ``fused_norm``, as fused Triton
+kernels (:mod:`diffloss_fast.ops.group_norm_silu`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .ops.group_norm_silu import group_norm_silu_torch
 from .prior import UNetModel
 from guided_diffusion.nn import timestep_embedding
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
@@ -63,7 +66,8 @@ class FastUNet(nn.Module):
 
     def __init__(self, unet: UNetModel, *, dtype: torch.dtype, decoder: bool,
                  channels_last: bool = False, attention: str = "sdpa",
-                 checkpoint: bool = False, compile_blocks: bool = False):
+                 checkpoint: bool = False, compile_blocks: bool = False,
+                 fused_norm: bool = False):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -77,6 +81,11 @@ class FastUNet(nn.Module):
             raise ValueError("class-conditional priors are not supported")
         self.dtype, self.decoder, self.attention = dtype, decoder, attention
         self.channels_last, self.checkpoint = channels_last, checkpoint
+        if fused_norm:
+            from .ops.group_norm_silu import group_norm_silu_triton
+            self._norm_silu_impl = group_norm_silu_triton
+        else:
+            self._norm_silu_impl = group_norm_silu_torch
         # Regional compilation: one compiled function for all blocks, so blocks of the same
         # structure and input shape share one compiled graph instead of being compiled again.
         self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
@@ -97,20 +106,24 @@ class FastUNet(nn.Module):
         # for the backward pass).
         return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
+    def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None):
+        """silu(GroupNorm(h), FiLM'd by scale/shift if given): fused kernels or the twin."""
+        return self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                    scale, shift)
+
     def _resblock(self, blk: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
-        h = F.silu(self._norm(norm, x))
+        h = self._norm_silu(norm, x)
         if blk.updown:
             h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
         h = conv(h)
         emb_out = blk.emb_layers[1](F.silu(emb)).to(h.dtype)[..., None, None]
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
         if blk.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = torch.addcmul(shift, self._norm(out_norm, h), 1 + scale)  # one pass
+            h = self._norm_silu(out_norm, h, *emb_out.chunk(2, dim=1))
         else:
-            h = self._norm(out_norm, h + emb_out)
-        h = out_conv(F.silu(h))
+            h = self._norm_silu(out_norm, h + emb_out)
+        h = out_conv(h)
         return blk.skip_connection(x) + h
 
     @staticmethod
@@ -178,5 +191,5 @@ class FastUNet(nn.Module):
         mid = h
         for block in self.output_blocks:
             h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
-        eps = self.out_conv(F.silu(self._norm(self.out_norm, h)))
+        eps = self.out_conv(self._norm_silu(self.out_norm, h))
         return eps, mid

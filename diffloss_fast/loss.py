@@ -46,7 +46,7 @@ class _DiffLossBase(nn.Module):
                  backend: str = "auto", compile: bool | str = False,
                  timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  check_finite: bool = True, channels_last: bool | str = "auto",
-                 attention: str = "sdpa", checkpoint: bool = False,
+                 attention: str = "sdpa", checkpoint: bool = False, fused_norm: bool = False,
                  schedule: LinearSchedule | None = None):
         super().__init__()
         if not isinstance(prior, UNetModel):
@@ -61,6 +61,11 @@ class _DiffLossBase(nn.Module):
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, "
                              f"got {compile!r}")
+        if not isinstance(fused_norm, bool):
+            raise ValueError(f"fused_norm must be True or False, got {fused_norm!r}")
+        if fused_norm and compile:
+            raise ValueError("fused_norm=True is for the eager path: with compile, torch.compile "
+                             "fuses the norms itself")
         if timestep_weight is not None and not callable(timestep_weight):
             raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
         prior.eval().requires_grad_(False)
@@ -69,6 +74,7 @@ class _DiffLossBase(nn.Module):
         self.target, self.precision, self.backend = target, precision, backend
         self.compile, self.check_finite = compile, check_finite
         self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
+        self.fused_norm = fused_norm
         self.timestep_weight = timestep_weight
         self.schedule = schedule or LinearSchedule()
         low, high = float(input_range[0]), float(input_range[1])
@@ -115,7 +121,8 @@ class ReferenceDiffLoss(_DiffLossBase):
 
     It is what a careful user writes from the paper, and what every speed number is measured
     against. It always runs the full UNet and reports both terms; the options that steer only
-    the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``)
+    the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``,
+    ``fused_norm``)
     are accepted so that both classes share keyword arguments, and ignored. ``precision``
     defaults to fp32 here; bf16/fp16 run the same code under ``torch.autocast``.
     """
@@ -178,6 +185,8 @@ class DiffLoss(_DiffLossBase):
       SDPA (or xformers), optional ``torch.compile`` (with channels_last activations);
     - fused kernels (``backend``) noise both branches in one pass and reduce both terms with
       fp32 accumulation;
+    - ``fused_norm=True`` (eager, CUDA) runs each GroupNorm (+ FiLM) + SiLU as one Triton
+      kernel in the forward pass and one in the backward pass;
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
       to fit larger batches.
     A term whose weight is 0 is skipped, and reported as None in ``last_terms``.
@@ -209,7 +218,7 @@ class DiffLoss(_DiffLossBase):
             regional = self.compile == "regional"
             net = FastUNet(self.prior, dtype=dtype, decoder=decoder, channels_last=channels_last,
                            attention=self.attention, checkpoint=self.checkpoint,
-                           compile_blocks=regional)
+                           compile_blocks=regional, fused_norm=self.fused_norm)
             if self.compile and not regional:
                 mode = self.compile if isinstance(self.compile, str) else None
                 net = torch.compile(net, mode=mode, dynamic=False)
@@ -224,6 +233,8 @@ class DiffLoss(_DiffLossBase):
             return restored.new_zeros((), dtype=torch.promote_types(restored.dtype, torch.float32))
         device = restored.device
         backend = ops.resolve_backend(self.backend, device)
+        if self.fused_norm and not ops.triton_available(device):
+            raise ValueError(f"fused_norm=True needs Triton on a CUDA device, got {device}")
         dtype = self._compute_dtype(resolve_precision(self.precision, device))
         coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
         net = self._net(device, dtype, decoder=want_natural)

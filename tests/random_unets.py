@@ -11,6 +11,9 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,
             attention_resolutions="16,8", num_head_channels=16, learn_sigma=True,
             class_cond=False, resblock_updown=True, use_scale_shift_norm=True,
             use_new_attention_order=False, dropout=0.0)
+# One level, one res block: every block type of ADM (FiLM'd res blocks, a resampling res
+# block, attention), for tests where each layer is slow (compilation, interpreted kernels).
+MICRO = dict(TINY, channel_mult="1,1", attention_resolutions="16")
 
 
 def randomized_unet(config=TINY, seed=0):

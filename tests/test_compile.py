@@ -3,11 +3,7 @@ import pytest
 import torch
 
 import diffloss_fast as dl
-from random_unets import TINY, randomized_unet
-
-# One level, one res block: the same block types as ADM, little code for inductor to build on
-# two CPU cores.
-MICRO = dict(TINY, channel_mult="1,1", attention_resolutions="16")
+from random_unets import MICRO, randomized_unet
 
 
 @pytest.mark.slow

@@ -1,0 +1,64 @@
+"""DiffLoss with the fused GroupNorm + SiLU kernels against the plain reference.
+
+The kernels themselves are compared with their twin, in every dtype and layout, in
+test_group_norm_silu.py; here the whole loss is, once (each interpreted launch costs seconds
+on the CPU), so that every norm of the prior (plain, FiLM'd, the output norm) is wired right.
+"""
+import pytest
+import torch
+
+import diffloss_fast as dl
+from diffloss_fast import ops
+from random_unets import MICRO, randomized_unet
+
+pytestmark = pytest.mark.skipif(not ops.triton_available("cpu") and not torch.cuda.is_available(),
+                                reason="the fused norms need Triton (or its interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def micro_unet():
+    """Every interpreted kernel launch costs on the CPU: the smallest prior with all norms."""
+    return randomized_unet(MICRO).to(DEVICE)
+
+
+def batch(seed=5, size=8):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, 3, size, size)
+    x, y, noise = (torch.rand(shape, generator=gen), torch.rand(shape, generator=gen),
+                   torch.randn(shape, generator=gen))
+    return [v.to(DEVICE) for v in (x, y, torch.tensor([3, 870]), noise)]
+
+
+def loss_and_grad(fn, x, y, t, noise):
+    x = x.clone().requires_grad_(True)
+    loss = fn(x, y, t=t, noise=noise)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad, fn.last_terms
+
+
+def test_fp32_matches_reference(micro_unet):
+    """channels_last activations, the layout the fused kernels are for; both terms, with
+    per-sample FiLM (two samples, two timesteps)."""
+    kw = dict(natural_weight=1.0, semantic_weight=0.5, precision="fp32")
+    data = batch()
+    want, want_grad, want_terms = loss_and_grad(dl.ReferenceDiffLoss(micro_unet, **kw), *data)
+    got, grad, terms = loss_and_grad(
+        dl.DiffLoss(micro_unet, fused_norm=True, channels_last=True, backend="torch", **kw),
+        *data)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for name in ("natural", "semantic"):
+        torch.testing.assert_close(terms[name], want_terms[name], rtol=1e-5, atol=0)
+    assert float((grad - want_grad).norm() / want_grad.norm()) < 1e-5
+
+
+def test_refused_with_compile_and_without_triton(micro_unet, monkeypatch):
+    with pytest.raises(ValueError, match="eager path"):
+        dl.DiffLoss(micro_unet, fused_norm=True, compile=True)
+    with pytest.raises(ValueError, match="True or False"):
+        dl.DiffLoss(micro_unet, fused_norm="yes")
+    monkeypatch.setattr(ops, "triton_available", lambda device: False)
+    fn = dl.DiffLoss(micro_unet.cpu(), fused_norm=True, precision="fp32")
+    x, y, t, noise = (v.cpu() for v in batch())
+    with pytest.raises(ValueError, match="needs Triton"):
+        fn(x, y, t=t, noise=noise)
