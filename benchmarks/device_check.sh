@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
+#   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
+#                                       them (both layouts) against reference and plain eager,
+#                                       their op suite, and regionally compiled steps (~8 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, native CUDA build + tests
-#   benchmarks/device_check.sh all      both
+#   benchmarks/device_check.sh all      core and extra
 #   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms (its compilation
 #                                       outran 190 s on an H200)
 #
@@ -39,6 +42,20 @@ step() {  # step NAME TIMEOUT_S CMD...: run one step, log it, never stop the scr
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$raw/env.txt" 2>&1
 head -n 20 "$raw/env.txt"
 
+quick=(--batch-sizes 8 --repeats 5 --warmup 2)
+if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
+  step tests_fused 60 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
+    -q -x -p no:cacheprovider
+  step bench_fused 150 python3 -m diffloss_fast bench "${quick[@]}" \
+    --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
+  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
+    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
+  step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
+  step bench_regional 180 python3 -m diffloss_fast bench "${quick[@]}" --compile regional \
+    --variants fast-compiled --terms both semantic --json "$raw/bench_regional.json"
+fi
+
 if [[ $part == core || $part == all ]]; then
   step tests_cuda 180 python3 -m pytest tests/test_cuda.py tests/test_ops.py -q -x -p no:cacheprovider
   step bench_eager 180 python3 -m diffloss_fast bench --batch-sizes 1 4 8 \
@@ -58,10 +75,9 @@ if [[ $part == extra || $part == all ]]; then
   ( timeout 300 python3 -c "from diffloss_fast.ops.native import native_available as a; print('native built:', a())" \
       >"$raw/native_build.log" 2>&1 ) &
   build=$!
-  quick=(--repeats 5 --warmup 2)
-  step bench_compiled 300 python3 -m diffloss_fast bench --batch-sizes 8 "${quick[@]}" --compile regional \
+  step bench_compiled 300 python3 -m diffloss_fast bench "${quick[@]}" --compile regional \
     --variants reference fast fast-compiled --terms both semantic --json "$OUT/bench_compiled.json"
-  step memory 100 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
+  step memory 150 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
     --plot "$OUT/memory.png"
   wait $build
   step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
@@ -69,7 +85,7 @@ if [[ $part == extra || $part == all ]]; then
 fi
 
 if [[ $part == graph ]]; then  # whole-graph compilation of both terms: minutes to compile
-  step bench_graph 450 python3 -m diffloss_fast bench --batch-sizes 8 --repeats 5 --warmup 2 \
+  step bench_graph 450 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast-compiled --terms both --compile graph --json "$OUT/bench_graph.json"
 fi
 

@@ -18,6 +18,7 @@ FAST = [
     ("fast", "bf16", "auto"),
     ("fast", "fp16", "auto"),
     ("fast", "bf16", "torch"),
+    ("fast-fused", "bf16", "auto"),
     ("fast-compiled", "bf16", "auto"),
     ("fast-compiled", "fp16", "auto"),
 ]
@@ -44,6 +45,9 @@ def test_reference(benchmark, bench_prior, bench_shape, terms):
 def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, terms):
     if variant == "fast-compiled" and not CUDA:
         pytest.skip("torch.compile is timed on CUDA only (compiling on 2 CPU cores takes minutes)")
+    if variant == "fast-fused" and not CUDA:
+        pytest.skip("the fused norm kernels are timed on CUDA only (on the CPU they run "
+                    "interpreted)")
     if precision == "bf16" and CUDA and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     resolved = ops.resolve_backend(backend, DEVICE)

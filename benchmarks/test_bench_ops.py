@@ -1,10 +1,10 @@
-"""pytest-benchmark suite of the two fused ops, forward + backward, per backend.
+"""pytest-benchmark suite of the fused ops, forward + backward, per backend.
 
     python -m pytest benchmarks/test_bench_ops.py --benchmark-only          # on a CUDA machine
     python -m pytest benchmarks/test_bench_ops.py --benchmark-disable -q    # CPU smoke run
 
-CUDA: DiffLoss's real sizes (B=8, 3x256x256 images, 1024x8x8 h-space) in the compute dtype
-(bf16, channels_last). CPU: small fp32 tensors, so the suite stays a quick smoke test there.
+CUDA: DiffLoss's real sizes (B=8, 3x256x256 images, 1024x8x8 h-space; for the norms, ADM-256's
+first level, 256x256x256, and its middle block) in the compute dtype (bf16, channels_last). CPU: small fp32 tensors, so the suite stays a quick smoke test there.
 ``triton`` runs on CUDA only (the interpreter is no benchmark); ``native`` only where its
 extension builds (set DIFFLOSS_BENCH_NATIVE=0 to skip even trying the build).
 """
@@ -130,3 +130,36 @@ def test_weighted_l2(benchmark, backend, case):
 
     _run(benchmark, step, backend=backend, case=case, shape=shape, dtype=COMPUTE,
          channels_last=CHANNELS_LAST)
+
+
+# GroupNorm + FiLM + SiLU at ADM-256's largest activation (level 0) and at its middle block
+GNS_CASES = {"level0": (B, 256, 256, 256) if CUDA else (B, 32, 16, 16),
+             "middle": (B, 1024, 8, 8) if CUDA else (B, 64, 4, 4)}
+
+
+@pytest.mark.benchmark(group="op:group_norm_silu")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(GNS_CASES))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_norm_silu(benchmark, backend, case, layout):
+    from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
+    _use(backend)
+    torch.manual_seed(0)
+    shape = GNS_CASES[case]
+    N, C = shape[:2]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    weight = torch.randn(C, device=DEVICE, dtype=COMPUTE)
+    bias = torch.randn(C, device=DEVICE, dtype=COMPUTE)
+    scale, shift = torch.randn(N, 2 * C, 1, 1, device=DEVICE, dtype=COMPUTE).chunk(2, dim=1)
+    fn = group_norm_silu_triton if backend == "triton" else group_norm_silu_torch
+
+    def step():
+        y = fn(x, 32, weight, bias, 1e-5, scale, shift)
+        (grad,) = torch.autograd.grad(y, x, dy)
+        _sync()
+        return grad
+
+    _run(benchmark, step, backend=backend, case=case, shape=shape, dtype=COMPUTE, layout=layout)

@@ -19,7 +19,8 @@ from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
 from .prior import build_prior, load_prior
 
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
-VARIANTS = ("reference", "fast", "fast-compiled")
+# fast-fused: eager with the fused GroupNorm + SiLU kernels (DiffLoss(fused_norm=True))
+VARIANTS = ("reference", "fast", "fast-fused", "fast-compiled")
 _CHANNELS_LAST = {"auto": "auto", "on": True, "off": False}
 
 
@@ -66,7 +67,7 @@ def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
                                  semantic_weight=semantic_weight, precision="fp32")
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
-                    channels_last=channels_last,
+                    channels_last=channels_last, fused_norm=variant == "fast-fused",
                     compile=compile_mode if variant == "fast-compiled" else False)
 
 

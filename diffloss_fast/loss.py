@@ -202,11 +202,13 @@ class DiffLoss(_DiffLossBase):
         return _DTYPES[precision]
 
     def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """``auto``: channels_last only for compiled CUDA graphs. Eager PyTorch's GroupNorm
-        works in NCHW, and on an H200 the eager step ran 1.48x faster in NCHW
+        """``auto``: channels_last on CUDA only where the norms read it in place, i.e. compiled
+        graphs and the fused norm kernels. Eager PyTorch's GroupNorm works in NCHW, and on an
+        H200 the plain eager step ran 1.48x faster in NCHW
         (benchmarks/results/2026-11-26-h200-run3.md)."""
         if self.channels_last == "auto":
-            return device.type == "cuda" and dtype != torch.float64 and bool(self.compile)
+            return (device.type == "cuda" and dtype != torch.float64
+                    and (bool(self.compile) or self.fused_norm))
         return bool(self.channels_last)
 
     def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:

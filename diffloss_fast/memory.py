@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import bench, hardware
 from .loss import resolve_precision
 
-VARIANTS = ("reference", "fast", "fast-ckpt")
+VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
 DEFAULT_CAP_GIB = 24.0  # an RTX 4090
 DEFAULT_MAX_BATCH = 1024
 GIB = 2 ** 30
@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         for variant in variants:
             precision = "fp32" if variant == "reference" else resolve_precision(args.precision,
                                                                                 device)
-            loss_fn = bench.make_loss(prior, "reference" if variant == "reference" else "fast",
+            loss_fn = bench.make_loss(prior, "fast" if variant == "fast-ckpt" else variant,
                                       terms, precision=precision, backend=backend,
                                       checkpoint=variant == "fast-ckpt")
 

@@ -58,7 +58,7 @@ def test_refused_with_compile_and_without_triton(micro_unet, monkeypatch):
     with pytest.raises(ValueError, match="True or False"):
         dl.DiffLoss(micro_unet, fused_norm="yes")
     monkeypatch.setattr(ops, "triton_available", lambda device: False)
-    fn = dl.DiffLoss(micro_unet.cpu(), fused_norm=True, precision="fp32")
+    fn = dl.DiffLoss(randomized_unet(MICRO), fused_norm=True, precision="fp32")
     x, y, t, noise = (v.cpu() for v in batch())
     with pytest.raises(ValueError, match="needs Triton"):
         fn(x, y, t=t, noise=noise)
