@@ -83,8 +83,8 @@ if triton is not None:
         return w * rstd * gain, add, w * gain
 
     @triton.jit
-    def _stats_kernel(x_ptr, part_ptr, HW, G, Cg, sN, sC, sS, S_PER, SPLIT,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gn_stats_kernel(x_ptr, part_ptr, HW, G, Cg, sN, sC, sS, S_PER, SPLIT,
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         """Partial sums of (x - k) and (x - k)^2 over one slice of a group, k the group's first
         element: shifted sums keep the variance accurate when |mean| >> std."""
         ng = tl.program_id(0)
@@ -95,17 +95,18 @@ if triton is not None:
         s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            v = tl.where(mask, tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k, 0.0)
+            v = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k
+            v = tl.where(mask, v, 0.0)
             s1 += v
             s2 += v * v
         tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(s1, axis=1), axis=0))
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
 
     @triton.jit
-    def _fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
-                    HW, G, Cg, sN, sC, sS, ysN, ysC, ysS, scN, S_PER, SPLIT, eps,
-                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                    HAS_FILM: tl.constexpr):
+    def _gn_silu_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
+                            sh_ptr, HW, G, Cg, sN, sC, sS, ysN, ysC, ysS, scN, S_PER, SPLIT, eps,
+                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                            HAS_FILM: tl.constexpr):
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         n, g, base = _group_base(ng, G, Cg, sN, sC)
@@ -140,9 +141,10 @@ if triton is not None:
         return (x - mean) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
 
     @triton.jit
-    def _bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                          sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN, S_PER, SPLIT,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+    def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                                  sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN,
+                                  S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  HAS_FILM: tl.constexpr):
         """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
@@ -165,10 +167,10 @@ if triton is not None:
         tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(b, axis=1), axis=0))
 
     @triton.jit
-    def _bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                    sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, xsN, xsC, xsS, scN, S_PER,
-                    SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
+    def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                            sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, xsN, xsC, xsS,
+                            scN, S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
@@ -236,12 +238,12 @@ def _forward(x, G, weight, bias, eps, scale, shift):
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
     grid = (N * G, k["split"])
-    _stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
-                        BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
-    _fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
-                      *_strides(x), *_strides(y), sc.stride(0), k["s_per"], k["split"],
-                      float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                      BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
+    _gn_stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
+                           BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
+    _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
+                              *_strides(x), *_strides(y), sc.stride(0), k["s_per"], k["split"],
+                              float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
+                              BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
     return y, mean, rstd, k
 
 
@@ -266,14 +268,15 @@ class _GroupNormSiLU(torch.autograd.Function):
         dx = torch.empty_like(x)
         part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
         grid = (N * G, k["split"])
-        _bwd_stats_kernel[grid](x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
-                                *_strides(x), *_strides(dy), sc.stride(0), k["s_per"],
-                                k["split"], BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                                HAS_FILM=ctx.film, num_warps=4)
-        _bwd_kernel[grid](x, dy, dx, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
-                          *_strides(x), *_strides(dy), *_strides(dx), sc.stride(0),
-                          k["s_per"], k["split"], BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                          BLOCK_P=k["block_p"], HAS_FILM=ctx.film, num_warps=4)
+        _gn_silu_bwd_stats_kernel[grid](
+            x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg, *_strides(x),
+            *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
+            BLOCK_C=k["block_c"], HAS_FILM=ctx.film, num_warps=4)
+        _gn_silu_bwd_kernel[grid](
+            x, dy, dx, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg, *_strides(x),
+            *_strides(dy), *_strides(dx), sc.stride(0), k["s_per"], k["split"],
+            BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"],
+            HAS_FILM=ctx.film, num_warps=4)
         return dx, None, None, None, None, None, None
 
 
