@@ -3,7 +3,7 @@
 #
 #   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
 #                                       them (both layouts) against reference and plain eager,
-#                                       their op suite, and regionally compiled steps (~8 min)
+#                                       their op suite, and kernel-time profiles (<7 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, native CUDA build + tests
@@ -52,8 +52,11 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
   step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
-  step bench_regional 180 python3 -m diffloss_fast bench "${quick[@]}" --compile regional \
-    --variants fast-compiled --terms both semantic --json "$raw/bench_regional.json"
+  for cfg in "fast both" "fast-fused both" "fast semantic"; do
+    set -- $cfg
+    step "profile_$1_$2" 35 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
+      --json "$raw/profile_$1_$2.json"
+  done
 fi
 
 if [[ $part == core || $part == all ]]; then
@@ -92,5 +95,6 @@ fi
 tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
+for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; }; done
 [[ -f $raw/memory.log ]] && { echo "=== memory"; tail -n 12 "$raw/memory.log"; }
 exit 0

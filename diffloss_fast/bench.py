@@ -21,7 +21,7 @@ from .prior import build_prior, load_prior
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
 # fast-fused: eager with the fused GroupNorm + SiLU kernels (DiffLoss(fused_norm=True))
 VARIANTS = ("reference", "fast", "fast-fused", "fast-compiled")
-_CHANNELS_LAST = {"auto": "auto", "on": True, "off": False}
+CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(measure(prior, variant, terms, batch, resolution, device,
                             precision=args.precision, backend=args.backend, warmup=warmup,
                             repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing,
-                            channels_last=_CHANNELS_LAST[args.channels_last],
+                            channels_last=CHANNELS_LAST_CHOICES[args.channels_last],
                             compile_mode=True if args.compile == "graph" else "regional"))
     add_speedups(rows)
     print(format_table(rows))
@@ -248,7 +248,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the restored branch")
-    p.add_argument("--channels-last", default="auto", choices=tuple(_CHANNELS_LAST),
+    p.add_argument("--channels-last", default="auto", choices=tuple(CHANNELS_LAST_CHOICES),
                    help="activation layout of the fast path (auto: DiffLoss's default)")
     p.add_argument("--compile", default="graph", choices=("graph", "regional"),
                    help="how fast-compiled compiles: the whole truncated UNet, or block by block")

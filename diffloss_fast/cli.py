@@ -1,4 +1,4 @@
-"""The ``diffloss-fast`` command line: bench, memory, train, eval."""
+"""The ``diffloss-fast`` command line: bench, memory, profile, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, memory
+    from . import bench, memory, profile
     from .train.cli import add_parsers as add_training_parsers
     parser = argparse.ArgumentParser(
         prog="diffloss-fast",
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     bench.add_parser(sub)
     memory.add_parser(sub)
+    profile.add_parser(sub)
     add_training_parsers(sub)
     return parser
 

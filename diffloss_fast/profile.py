@@ -1,0 +1,179 @@
+"""``diffloss-fast profile``: where the time of one loss step goes, by kind of kernel.
+
+``torch.profiler`` records a few loss steps (forward + backward, after warm-up) of one variant.
+Every device kernel (on the CPU: every operator, by self time) is put in a category by its
+name, first matching rule wins (``CATEGORIES``), and the step's device busy time is compared
+with its wall time. That answers which kind of limit a step hits: compute (convolutions,
+matmuls, attention), memory traffic (norms, elementwise, layout copies) or launches (the device
+idles between kernels: busy time well under the wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from . import bench, hardware
+from .loss import resolve_precision
+
+# (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
+# kernels are implicit GEMMs and carry "gemm" in their names too.
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "matmul", "cutlass", "aten::mm", "aten::bmm", "aten::addmm",
+                "aten::linear")),
+    ("norm", ("group_norm", "groupnorm", "_gn_", "native_norm", "batch_norm", "moments")),
+    ("fused loss ops", ("q_sample", "weighted_l2")),
+    ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat", "contiguous",
+                     "permute", "clone")),
+    ("elementwise", ("elementwise", "vectorized", "silu", "sigmoid", "add", "mul", "triton_poi",
+                     "triton_")),
+    ("reduction", ("reduce", "sum", "mean")),
+)
+
+
+def categorize(name: str) -> str:
+    """The category of a kernel or operator name; ``other`` when no rule matches."""
+    low = name.lower()
+    for category, fragments in CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def _self_time_us(event, device: bool) -> float:
+    if device:  # the attribute was renamed from *_cuda_* in torch 2.4
+        return float(getattr(event, "self_device_time_total",
+                             getattr(event, "self_cuda_time_total", 0.0)))
+    return float(event.self_cpu_time_total)
+
+
+def kernel_times(prof, cuda: bool) -> dict[str, tuple[float, int]]:
+    """Total self time (us) and call count per kernel (CUDA) or operator (CPU) name. Should
+    this torch list no kernel rows, the device time of the operators that launched them."""
+    def collect(keep, device):
+        out = {}
+        for event in prof.key_averages():
+            us = _self_time_us(event, device)
+            if keep(event) and us > 0:
+                out[event.key] = (us, event.count)
+        return out
+
+    kernel_type = torch.autograd.DeviceType.CUDA
+    if cuda:
+        kernels = collect(lambda e: getattr(e, "device_type", None) == kernel_type, True)
+        if kernels:
+            return kernels
+    return collect(lambda e: e.key.startswith("aten::"), cuda)
+
+
+def summarize(times: dict[str, tuple[float, int]], steps: int, wall_ms: float,
+              *, top: int = 25) -> dict:
+    """Per-step milliseconds by category and the top kernels, from ``kernel_times``."""
+    by_category: dict[str, float] = defaultdict(float)
+    for name, (us, _) in times.items():
+        by_category[categorize(name)] += us / 1e3 / steps
+    busy = sum(by_category.values())
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "wall_ms_per_step": wall_ms,
+        "busy_ms_per_step": busy,
+        "categories": [{"category": c, "ms_per_step": ms, "share": ms / busy if busy else 0.0}
+                       for c, ms in sorted(by_category.items(), key=lambda kv: -kv[1])],
+        "top": [{"name": n, "category": categorize(n), "ms_per_step": us / 1e3 / steps,
+                 "calls_per_step": count / steps} for n, (us, count) in ranked],
+    }
+
+
+def format_summary(summary: dict, what: str) -> str:
+    lines = [f"{what}: device busy {summary['busy_ms_per_step']:.2f} ms of "
+             f"{summary['wall_ms_per_step']:.2f} ms wall per step "
+             f"({summary['busy_ms_per_step'] / summary['wall_ms_per_step']:.0%})", "",
+             f"{'category':<16}{'ms/step':>10}{'share':>8}"]
+    lines += [f"{c['category']:<16}{c['ms_per_step']:>10.2f}{c['share']:>8.1%}"
+              for c in summary["categories"]]
+    lines += ["", f"{'ms/step':>9}{'calls':>7}  {'category':<15}kernel"]
+    lines += [f"{k['ms_per_step']:>9.3f}{k['calls_per_step']:>7.0f}  {k['category']:<15}"
+              f"{k['name'][:110]}" for k in summary["top"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = hardware.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    config = args.prior or ("adm-256-uncond" if cuda else "tiny")
+    resolution = args.resolution or (256 if cuda else 32)
+    batch = args.batch or (8 if cuda else 2)
+    prior = bench.measurement_prior(args.checkpoint, config, device, "timing")
+    precision = "fp32" if args.variant == "reference" else resolve_precision(args.precision, device)
+    loss_fn = bench.make_loss(prior, args.variant, args.terms, precision=precision,
+                              backend=args.backend,
+                              channels_last=bench.CHANNELS_LAST_CHOICES[args.channels_last],
+                              compile_mode=True if args.compile == "graph" else "regional")
+    inputs = bench.make_inputs(batch, resolution, device)
+    step = lambda: bench.loss_step(loss_fn, *inputs)  # noqa: E731
+    for _ in range(args.warmup):  # compilation, autotuning and allocator growth stay outside
+        step()
+    hardware.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        hardware.synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    what = (f"{args.variant} {precision} {args.terms}, batch {batch} at {resolution}x{resolution}"
+            f" on {hardware.device_name(device)}")
+    summary = summarize(kernel_times(prof, cuda), args.steps, wall_ms)
+    print(format_summary(summary, what))
+    result = {"what": what, "variant": args.variant, "terms": args.terms, "batch": batch,
+              "resolution": resolution, "precision": precision, "torch": torch.__version__,
+              "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"wrote {args.trace} (open in chrome://tracing or ui.perfetto.dev)")
+    return result
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="where one loss step's time goes, by kind of kernel",
+        description="Profiles a few loss steps (forward + backward) of one variant with "
+                    "torch.profiler and sums the device time of each kind of kernel "
+                    "(convolution, matmul, attention, norm, elementwise, layout copy, ...), "
+                    "with the device's busy time against the wall time. Defaults: ADM-256, "
+                    "batch 8 at 256x256 on CUDA; the tiny prior on the CPU (operators).")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
+    p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
+    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
+    p.add_argument("--resolution", type=_positive_int, default=None)
+    p.add_argument("--batch", type=_positive_int, default=None)
+    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
+    p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
+    p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
+    p.add_argument("--compile", default="graph", choices=("graph", "regional"),
+                   help="how fast-compiled compiles")
+    p.add_argument("--warmup", type=_positive_int, default=2)
+    p.add_argument("--steps", type=_positive_int, default=3, help="profiled steps")
+    p.add_argument("--json", default=None, help="write the summary to this JSON file")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
+    p.set_defaults(func=run)
