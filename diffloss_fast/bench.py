@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import hardware, ops
+from .cli import write_json
 from .flops import count_flops
 from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
 from .prior import build_prior, load_prior
@@ -212,9 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [asdict(r) for r in rows],
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return result
 
 

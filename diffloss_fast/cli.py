@@ -2,7 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type of batch sizes, resolutions and step counts."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """A command's numbers as indented JSON, its folder made first; says where it went."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+    print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

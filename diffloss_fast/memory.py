@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import warnings
@@ -27,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import bench, hardware
+from .cli import positive_int, write_json
 from .loss import resolve_precision
 
 VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
@@ -369,20 +369,11 @@ def run(args: argparse.Namespace) -> dict:
         "notes": notes,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     if args.plot:
         plot_rows(rows, args.plot, cap_gib=cap_gib, device=name, resolution=resolution)
         print(f"wrote {args.plot}")
     return result
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -397,7 +388,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cuda, cuda:1 (default: auto)")
     p.add_argument("--prior", default="adm-256-uncond", help="preset name: adm-256-uncond | tiny")
     p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
-    p.add_argument("--resolution", type=_positive_int, default=256)
+    p.add_argument("--resolution", type=positive_int, default=256)
     p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                    help="memory cap in GiB (default 24: an RTX 4090); at most the card's memory")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
@@ -407,9 +398,9 @@ def add_parser(subparsers) -> None:
                    help="of the fast variants; the reference is always fp32")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
-    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                    help="measure exactly these batch sizes instead of searching")
-    p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help="upper limit of the search (default 1024)")
     p.add_argument("--json", default=None, help="write the rows and max batches to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot of peak memory per batch")

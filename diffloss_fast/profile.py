@@ -10,15 +10,14 @@ idles between kernels: busy time well under the wall time).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import bench, hardware
+from .cli import positive_int, write_json
 from .loss import resolve_precision
 
 # (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
@@ -136,20 +135,11 @@ def run(args: argparse.Namespace) -> dict:
               "resolution": resolution, "precision": precision, "torch": torch.__version__,
               "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"wrote {args.trace} (open in chrome://tracing or ui.perfetto.dev)")
     return result
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_parser(subparsers) -> None:
@@ -163,8 +153,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
     p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
-    p.add_argument("--resolution", type=_positive_int, default=None)
-    p.add_argument("--batch", type=_positive_int, default=None)
+    p.add_argument("--resolution", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -172,8 +162,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
     p.add_argument("--compile", default="graph", choices=("graph", "regional"),
                    help="how fast-compiled compiles")
-    p.add_argument("--warmup", type=_positive_int, default=2)
-    p.add_argument("--steps", type=_positive_int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=positive_int, default=2)
+    p.add_argument("--steps", type=positive_int, default=3, help="profiled steps")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
     p.set_defaults(func=run)

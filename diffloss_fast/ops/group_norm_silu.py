@@ -58,6 +58,12 @@ if triton is not None:
         return s[:, None].to(tl.int64) * sS + c[None, :].to(tl.int64) * sC, mask
 
     @triton.jit
+    def _store_partials(part_ptr, ng, sp, SPLIT, a, b):
+        """This program's sums of the tiles a and b, for ``_combine`` in the next kernel."""
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(a, axis=1), axis=0))
+        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(b, axis=1), axis=0))
+
+    @triton.jit
     def _combine(part_ptr, ng, SPLIT, BLOCK_P: tl.constexpr):
         """Sum the per-program partial sums (a, b) of one group."""
         p = tl.arange(0, BLOCK_P)
@@ -99,18 +105,16 @@ if triton is not None:
             v = tl.where(mask, v, 0.0)
             s1 += v
             s2 += v * v
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(s1, axis=1), axis=0))
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
+        _store_partials(part_ptr, ng, sp, SPLIT, s1, s2)
 
     @triton.jit
     def _gn_silu_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                            sh_ptr, HW, G, Cg, sN, sC, sS, ysN, ysC, ysS, scN, S_PER, SPLIT, eps,
+                            sh_ptr, HW, G, Cg, sN, sC, sS, scN, S_PER, SPLIT, eps,
                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                             HAS_FILM: tl.constexpr):
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         n, g, base = _group_base(ng, G, Cg, sN, sC)
-        _, _, ybase = _group_base(ng, G, Cg, ysN, ysC)
         k = tl.load(x_ptr + base).to(tl.float32)
         s1, s2 = _combine(part_ptr, ng, SPLIT, BLOCK_P)
         count = HW * Cg * 1.0
@@ -124,11 +128,10 @@ if triton is not None:
                               BLOCK_C, HAS_FILM)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            yoff, _ = _tile_offsets(start, HW, Cg, ysS, ysC, BLOCK_S, BLOCK_C)
             u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
                 + add[None, :]
             y = u * tl.sigmoid(u)
-            tl.store(y_ptr + ybase + yoff, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, mean, rstd):
@@ -141,6 +144,18 @@ if triton is not None:
         return (x - mean) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
 
     @triton.jit
+    def _bwd_group(ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC,
+                   scN, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+        """Where a group starts in x (and dx) and in dy, its statistics and affine terms."""
+        n, g, base = _group_base(ng, G, Cg, sN, sC)
+        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
+        mean = tl.load(mean_ptr + ng)
+        rstd = tl.load(rstd_ptr + ng)
+        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
+                                  BLOCK_C, HAS_FILM)
+        return base, dbase, mean, rstd, mul, add, dgain
+
+    @triton.jit
     def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
                                   sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN,
                                   S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -148,12 +163,9 @@ if triton is not None:
         """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
-        n, g, base = _group_base(ng, G, Cg, sN, sC)
-        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
-        mean = tl.load(mean_ptr + ng)
-        rstd = tl.load(rstd_ptr + ng)
-        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
-                                  BLOCK_C, HAS_FILM)
+        base, dbase, mean, rstd, mul, add, dgain = _bwd_group(
+            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC, scN,
+            BLOCK_C, HAS_FILM)
         a = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         b = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
@@ -163,24 +175,19 @@ if triton is not None:
                                  mean, rstd)
             a += dxhat
             b += dxhat * xhat
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(a, axis=1), axis=0))
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(b, axis=1), axis=0))
+        _store_partials(part_ptr, ng, sp, SPLIT, a, b)
 
     @triton.jit
     def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                            sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, xsN, xsC, xsS,
-                            scN, S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN, S_PER,
+                            SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
-        n, g, base = _group_base(ng, G, Cg, sN, sC)
-        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
-        _, _, xbase = _group_base(ng, G, Cg, xsN, xsC)
-        mean = tl.load(mean_ptr + ng)
-        rstd = tl.load(rstd_ptr + ng)
-        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
-                                  BLOCK_C, HAS_FILM)
+        base, dbase, mean, rstd, mul, add, dgain = _bwd_group(
+            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC, scN,
+            BLOCK_C, HAS_FILM)
         sa, sb = _combine(part_ptr, ng, SPLIT, BLOCK_P)
         count = HW * Cg * 1.0
         ma = sa / count
@@ -188,11 +195,10 @@ if triton is not None:
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
-            xoff, _ = _tile_offsets(start, HW, Cg, xsS, xsC, BLOCK_S, BLOCK_C)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
                                  mean, rstd)
             dx = rstd * (dxhat - ma - xhat * mb)
-            tl.store(dx_ptr + xbase + xoff, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _spatial_stride(t: torch.Tensor) -> int | None:
@@ -203,12 +209,21 @@ def _spatial_stride(t: torch.Tensor) -> int | None:
     return t.stride(3) if t.stride(2) == W * t.stride(3) else None
 
 
-def _flat(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its spatial dims flatten, else a copy in ``like``'s memory format."""
-    if _spatial_stride(t) is not None:
-        return t
-    cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-    return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+def _flat(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dy`` itself when its spatial dims flatten (the kernels take its own strides), else a
+    copy in ``x``'s memory format."""
+    if _spatial_stride(dy) is not None:
+        return dy
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x as NCHW- or channels_last-contiguous, so that y and dx (``empty_like``) share its
+    strides and the kernels index all three alike."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
 
 
 def _strides(t: torch.Tensor):
@@ -241,7 +256,7 @@ def _forward(x, G, weight, bias, eps, scale, shift):
     _gn_stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
                            BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
     _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
-                              *_strides(x), *_strides(y), sc.stride(0), k["s_per"], k["split"],
+                              *_strides(x), sc.stride(0), k["s_per"], k["split"],
                               float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
                               BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
     return y, mean, rstd, k
@@ -274,7 +289,7 @@ class _GroupNormSiLU(torch.autograd.Function):
             BLOCK_C=k["block_c"], HAS_FILM=ctx.film, num_warps=4)
         _gn_silu_bwd_kernel[grid](
             x, dy, dx, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg, *_strides(x),
-            *_strides(dy), *_strides(dx), sc.stride(0), k["s_per"], k["split"],
+            *_strides(dy), sc.stride(0), k["s_per"], k["split"],
             BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"],
             HAS_FILM=ctx.film, num_warps=4)
         return dx, None, None, None, None, None, None
@@ -310,7 +325,7 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
     weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
     if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
         scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
-    x = _flat(x, x)
+    x = _dense(x)
     if x.numel() == 0:
         return torch.empty_like(x)
     if x.requires_grad and torch.is_grad_enabled():

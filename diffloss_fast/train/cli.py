@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import positive_int
+
 TRAIN_EXAMPLES = """\
 examples:
   # a quick end-to-end check on generated data, CPU friendly (random-weight prior):
@@ -33,13 +35,6 @@ examples:
 """
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> None:
     data = parser.add_argument_group("data (pairs are matched by file name, never by position)")
     data.add_argument("--synthetic", choices=["lowlight", "haze", "rain"],
@@ -59,7 +54,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
     data.add_argument("--metric-channel", choices=["y", "rgb"],
                       help="where PSNR/SSIM are measured; default y (BT.601 luma) for rain, "
                            "rgb otherwise, as each task's papers report")
-    data.add_argument("--val-size", type=_positive, default=128, metavar="N",
+    data.add_argument("--val-size", type=positive_int, default=128, metavar="N",
                       help="side of the synthetic validation images (default %(default)s)")
     if training:
         data.add_argument("--val-root", metavar="DIR",
@@ -69,17 +64,17 @@ def _add_data_options(parser: argparse.ArgumentParser, *, training: bool) -> Non
                           help="validation inputs (--dataset paired)")
         data.add_argument("--val-target-dir", metavar="DIR",
                           help="validation targets (--dataset paired)")
-        data.add_argument("--patch-size", type=_positive, default=128, metavar="N",
+        data.add_argument("--patch-size", type=positive_int, default=128, metavar="N",
                           help="side of the random training crops, the same crop and flip for "
                                "input and target; a multiple of the prior's downsampling factor "
                                "(32 for ADM-256, 4 for tiny) (default %(default)s)")
-        data.add_argument("--val-images", type=_positive, metavar="N",
+        data.add_argument("--val-images", type=positive_int, metavar="N",
                           help="validate on the first N pairs only (default: all; 4 synthetic)")
         data.add_argument("--workers", type=int, default=2, metavar="N",
                           help="data-loader worker processes per training process "
                                "(default %(default)s)")
     else:
-        data.add_argument("--max-images", type=_positive, dest="val_images", metavar="N",
+        data.add_argument("--max-images", type=positive_int, dest="val_images", metavar="N",
                           help="evaluate the first N pairs only")
         parser.set_defaults(val_root=None, val_input_dir=None, val_target_dir=None)
 
@@ -101,7 +96,7 @@ def _add_train(subparsers) -> None:
                           "by import path, e.g. mypkg.models:NAFNet (default %(default)s)")
     net.add_argument("--net-kwargs", metavar="JSON", help="keyword arguments for --net, as a JSON "
                      "object, e.g. '{\"width\": 64}'")
-    net.add_argument("--pad-multiple", type=_positive, metavar="N",
+    net.add_argument("--pad-multiple", type=positive_int, metavar="N",
                      help="validation images are padded to multiples of N (default: the net's "
                           "size_multiple attribute, else 32)")
 
@@ -135,11 +130,11 @@ def _add_train(subparsers) -> None:
                            "memory, more time)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+    opt.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                      help="images per process per micro-batch (default %(default)s)")
-    opt.add_argument("--accum-steps", type=_positive, default=1, metavar="N",
+    opt.add_argument("--accum-steps", type=positive_int, default=1, metavar="N",
                      help="micro-batches accumulated per optimizer step (default %(default)s)")
-    opt.add_argument("--max-steps", type=_positive, default=10000, metavar="N",
+    opt.add_argument("--max-steps", type=positive_int, default=10000, metavar="N",
                      help="optimizer steps (default %(default)s)")
     opt.add_argument("--lr", type=float, default=2e-4, metavar="LR",
                      help="AdamW peak LR (default %(default)s)")
@@ -152,7 +147,7 @@ def _add_train(subparsers) -> None:
                      help="linear LR warm-up steps (default %(default)s)")
     opt.add_argument("--min-lr", type=float, default=1e-6, metavar="LR",
                      help="final LR of the cosine schedule (default %(default)s)")
-    opt.add_argument("--lr-step", type=_positive, metavar="N",
+    opt.add_argument("--lr-step", type=positive_int, metavar="N",
                      help="step schedule period (default: a quarter of --max-steps)")
     opt.add_argument("--lr-gamma", type=float, default=0.5, metavar="G",
                      help="step schedule factor (default %(default)s)")
@@ -191,7 +186,7 @@ def _add_eval(subparsers) -> None:
     _add_data_options(p, training=False)
     p.add_argument("--out", metavar="DIR", help="write the restored PNGs and eval.json here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--pad-multiple", type=_positive, metavar="N",
+    p.add_argument("--pad-multiple", type=positive_int, metavar="N",
                    help="pad inputs to multiples of N (default: the net's size_multiple, else 32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: CUDA when available")
