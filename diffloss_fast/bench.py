@@ -20,6 +20,15 @@ from .prior import build_prior, load_prior
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
 # fast-fused: eager with the fused GroupNorm + SiLU kernels (DiffLoss(fused_norm=True))
 VARIANTS = ("reference", "fast", "fast-fused", "fast-compiled")
+# --compile: how fast-compiled compiles; "graph" is torch.compile's default mode on the whole
+# truncated UNet, the others are DiffLoss compile modes (reduce-overhead adds CUDA graphs)
+COMPILE_CHOICES = ("graph", "regional", "reduce-overhead", "max-autotune",
+                   "max-autotune-no-cudagraphs")
+
+
+def compile_option(choice: str) -> bool | str:
+    """DiffLoss's ``compile`` argument for a ``--compile`` choice."""
+    return True if choice == "graph" else choice
 CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
@@ -194,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
                             precision=args.precision, backend=args.backend, warmup=warmup,
                             repeats=repeats, peak_tflops=peak, checkpoint=args.checkpointing,
                             channels_last=CHANNELS_LAST_CHOICES[args.channels_last],
-                            compile_mode=True if args.compile == "graph" else "regional"))
+                            compile_mode=compile_option(args.compile)))
     add_speedups(rows)
     print(format_table(rows))
     compiled = [r for r in rows if r.compile_s is not None]
@@ -247,8 +256,9 @@ def add_parser(subparsers) -> None:
                    help="activation checkpointing of the restored branch")
     p.add_argument("--channels-last", default="auto", choices=tuple(CHANNELS_LAST_CHOICES),
                    help="activation layout of the fast path (auto: DiffLoss's default)")
-    p.add_argument("--compile", default="graph", choices=("graph", "regional"),
-                   help="how fast-compiled compiles: the whole truncated UNet, or block by block")
+    p.add_argument("--compile", default="graph", choices=COMPILE_CHOICES,
+                   help="how fast-compiled compiles: the whole truncated UNet (graph, or one of "
+                        "torch.compile's modes), or block by block (regional)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     loss_fn = bench.make_loss(prior, args.variant, args.terms, precision=precision,
                               backend=args.backend,
                               channels_last=bench.CHANNELS_LAST_CHOICES[args.channels_last],
-                              compile_mode=True if args.compile == "graph" else "regional")
+                              compile_mode=bench.compile_option(args.compile))
     inputs = bench.make_inputs(batch, resolution, device)
     step = lambda: bench.loss_step(loss_fn, *inputs)  # noqa: E731
     for _ in range(args.warmup):  # compilation, autotuning and allocator growth stay outside
@@ -160,8 +160,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
-    p.add_argument("--compile", default="graph", choices=("graph", "regional"),
-                   help="how fast-compiled compiles")
+    p.add_argument("--compile", default="graph", choices=bench.COMPILE_CHOICES,
+                   help="how fast-compiled compiles (as in bench)")
     p.add_argument("--warmup", type=positive_int, default=2)
     p.add_argument("--steps", type=positive_int, default=3, help="profiled steps")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
