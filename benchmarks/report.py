@@ -2,10 +2,12 @@
 
     python benchmarks/report.py RAW_DIR --card h200 [--date YYYY-MM-DD]
 
-RAW_DIR holds bench_*.json (from ``diffloss-fast bench --json``) and memory.json (from
-``diffloss-fast memory --json``). Writes, under benchmarks/results/:
-``<date>-<card>[-<run>].json`` (the schema of the performance issue), ``.md`` (tables) and
-``-speed.png`` (images/s per variant at each batch size).
+RAW_DIR holds bench_*.json (from ``diffloss-fast bench --json``), and may hold memory.json
+(``diffloss-fast memory --json``), profile_*.json (``diffloss-fast profile --json``) and
+suite_*.json (pytest-benchmark). Writes, under benchmarks/results/:
+``<date>-<card>[-<run>].json`` (the schema of the performance issue; a row's ``norms`` says
+whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png`` (images/s per
+variant at each batch size) and, with profiles, ``-profile.png`` (device time per kernel kind).
 """
 from __future__ import annotations
 
@@ -28,20 +30,23 @@ def merge(raw: Path) -> dict:
         for r in b["rows"]:
             if r.get("status", "ok") != "ok":
                 continue
+            norms = "fused" if r["variant"] == "fast-fused" else "plain"
             key = (r["variant"], r["precision"], r["terms"], r["batch"], r["resolution"],
-                   r.get("channels_last"))
+                   r.get("channels_last"), r.get("compile_mode"))
             if key in seen:  # the same configuration timed twice: keep the first run's row
                 continue
             seen.add(key)
             row = {k: r.get(k) for k in ROW_KEYS}
             row["channels_last"] = r.get("channels_last", "auto")
             row["variant"] = "reference" if r["variant"] == "reference" else "fast"
+            row["norms"] = norms
+            row["compile_mode"] = r.get("compile_mode")
             row["compile_s"] = r.get("compile_s")
             rows.append(row)
+    peak = "peak_bf16_tflops" if "peak_bf16_tflops" in first else "peak_fp32_tflops"  # CPU runs
     result = {"device": first["device"], "date": first["date"], "torch": first["torch"],
-              "triton": first["triton"], "peak_bf16_tflops": first["peak_bf16_tflops"],
-              "peak_bf16_tflops_per_run": [b["peak_bf16_tflops"] for b in benches],
-              "rows": rows}
+              "triton": first["triton"], peak: first[peak],
+              f"{peak}_per_run": [b[peak] for b in benches], "rows": rows}
     suites = {}
     for path in sorted(raw.glob("suite_*.json")):  # pytest-benchmark --benchmark-json output
         for b in json.loads(path.read_text())["benchmarks"]:
@@ -49,6 +54,9 @@ def merge(raw: Path) -> dict:
                                      "rounds": b["stats"]["rounds"]}
     if suites:
         result["pytest_benchmark"] = suites
+    profiles = [json.loads(p.read_text()) for p in sorted(raw.glob("profile_*.json"))]
+    if profiles:
+        result["profiles"] = profiles
     memory = raw / "memory.json"
     if memory.exists():
         m = json.loads(memory.read_text())
@@ -69,22 +77,26 @@ def markdown(result: dict) -> str:
                                                  r["compiled"], r["precision"]))
     up = speedups(rows)
     speed = lambda r: f"{up[id(r)]:.2f}x" if id(r) in up else "-"  # noqa: E731
+    peak_name = "bf16" if "peak_bf16_tflops" in result else "fp32"
+    peak = result[f"peak_{peak_name}_tflops"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     out = [f"# {result['device']}, {result['date']}",
            "",
-           f"torch {result['torch']}, triton {result['triton']}; measured bf16 matmul peak "
-           f"{result['peak_bf16_tflops']:.0f} TFLOP/s. Loss step = forward + backward to the "
-           "restored image, ADM-256 (random weights), median of synchronised runs after warm-up. "
+           f"torch {result['torch']}, triton {result['triton']}; measured {peak_name} matmul peak "
+           f"{peak:.3g} TFLOP/s. Loss step = forward + backward to the "
+           "restored image, random weights, median of synchronised runs after warm-up. "
            "Speedup is against the strict-fp32 reference at the same batch size (the reference always "
            "runs the full UNet, so it costs the same whatever the terms).",
            "",
-           "| variant | precision | compiled | channels_last | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | peak GiB |",
-           "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| variant | precision | compiled | norms | channels_last | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | peak GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
-        out.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+        compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
+        out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {r.get('norms', 'plain')} | "
                    f"{layout} | {r['backend']} | {r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
-                   f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.0f} | "
-                   f"{r['mfu']:.1%} | {r['peak_mem_gib']:.2f} |")
+                   f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
+                   f"{r['mfu']:.1%} | {fmt(r['peak_mem_gib'])} |")
     compiled = [r for r in rows if r.get("compile_s")]
     if compiled:
         out += ["", "Compile time (first call, not in the timings): " + ", ".join(
@@ -96,6 +108,13 @@ def markdown(result: dict) -> str:
             ms = b["median_ms"]
             out.append(f"| `{name.split('::')[-1]}` | {b['group']} | "
                        + (f"{ms:.1f} ms" if ms >= 1 else f"{ms * 1e3:.0f} us") + " |")
+    for p in result.get("profiles", []):
+        out += ["", f"## Profile: {p['what']}", "",
+                f"Device busy {p['busy_ms_per_step']:.1f} ms of {p['wall_ms_per_step']:.1f} ms "
+                f"wall per step ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%}).", "",
+                "| kernel kind | ms/step | share |", "| --- | ---: | ---: |"]
+        out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} |"
+                for c in p["categories"]]
     if result.get("note"):
         out += ["", result["note"]]
     mem = result.get("memory")
@@ -103,7 +122,6 @@ def markdown(result: dict) -> str:
         out += ["", f"## Memory under a {mem['cap_gib']:g} GiB cap (an RTX 4090, emulated)", "",
                 "| variant | precision | terms | batch | fits | peak allocated GiB | NVML used GiB |",
                 "| --- | --- | --- | ---: | --- | ---: | ---: |"]
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         for r in mem["rows"]:
             out.append(f"| {r['variant']} | {r['precision']} | {r['terms']} | {r['batch']} | "
                        f"{'yes' if r['fits'] else 'OOM'} | {fmt(r['peak_allocated_gib'])} | "
@@ -120,31 +138,60 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     key = lambda r: (r["variant"], r["precision"], r["compiled"], r["terms"],  # noqa: E731
-                     str(r.get("channels_last")))
+                     str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"))
     labels = sorted({key(r) for r in rows}, key=lambda k: (k[3], k[0] != "reference", k[2], k[1], k[4]))
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        variant, precision, compiled, terms, layout = label
+        variant, precision, compiled, terms, layout, norms, mode = label
         ys = []
         for b in batches:
             match = [r for r in rows if key(r) == label and r["batch"] == b]
             ys.append(match[0]["images_per_s"] if match else 0)
         layout = {"True": ", NHWC", "False": ", NCHW"}.get(layout, "") if variant != "reference" else ""
-        name = f"{variant} {precision}{' compiled' if compiled else ''}{layout} ({terms})"
+        how = f" compiled ({mode})" if compiled and mode else " compiled" if compiled else ""
+        fused = ", fused norms" if norms == "fused" else ""
+        name = f"{variant} {precision}{how}{fused}{layout} ({terms})"
         ax.bar([j + i * width for j in range(len(batches))], ys, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s (forward + backward of the loss)")
-    ax.set_title(f"DiffLoss on ADM-256 at 256x256, {result['device']}, {result['date']}")
+    res = rows[0]["resolution"]
+    ax.set_title(f"DiffLoss at {res}x{res}, {result['device']}, {result['date']}")
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
 
 
-def main() -> None:
+def plot_profiles(profiles: list[dict], path: Path) -> None:
+    """Stacked bars: device ms per step of each kernel kind, one bar per profiled variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(c["category"] for p in profiles for c in p["categories"]))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(profiles)), dpi=120)
+    labels = [f"{p['variant']} ({p['terms']})" for p in profiles]
+    left = [0.0] * len(profiles)
+    for kind in kinds:
+        ms = [next((c["ms_per_step"] for c in p["categories"] if c["category"] == kind), 0.0)
+              for p in profiles]
+        ax.barh(labels, ms, left=left, label=kind)
+        left = [a + b for a, b in zip(left, ms)]
+    for i, p in enumerate(profiles):
+        ax.plot([p["wall_ms_per_step"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.set_xlabel("device ms per loss step (black bar: wall time)")
+    ax.set_title(f"Where the step goes, batch {profiles[0]['batch']} at "
+                 f"{profiles[0]['resolution']}x{profiles[0]['resolution']}")
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw", type=Path)
     parser.add_argument("--card", required=True, help="short card name for file names, e.g. h200")
@@ -152,7 +199,7 @@ def main() -> None:
     parser.add_argument("--run", default="", help="suffix naming the run, e.g. run1")
     parser.add_argument("--commit", default=None, help="the commit the run measured")
     parser.add_argument("--note", default=None, help="a sentence on what this run measured")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = merge(args.raw)
     result.update({k: v for k, v in (("commit", args.commit), ("note", args.note)) if v})
     stem = f"{result['date']}-{args.card}" + (f"-{args.run}" if args.run else "")
@@ -160,6 +207,8 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(result))
     plot(result, args.out / f"{stem}-speed.png")
+    if result.get("profiles"):
+        plot_profiles(result["profiles"], args.out / f"{stem}-profile.png")
     if (args.raw / "memory.png").exists():
         shutil.copy(args.raw / "memory.png", args.out / f"{stem}-memory.png")
     print((args.out / f"{stem}.md").read_text())

@@ -108,7 +108,8 @@ def measure(prior, variant: str, terms: str, batch: int, resolution: int,
     be = "torch" if variant == "reference" else ops.resolve_backend(backend, device)
     row = Row(variant, prec, variant == "fast-compiled", be, terms, batch, resolution,
               None, None, None, None, None, channels_last=str(channels_last),
-              compile_mode=str(compile_mode) if variant == "fast-compiled" else None)
+              compile_mode=("graph" if compile_mode is True else str(compile_mode))
+              if variant == "fast-compiled" else None)
     inputs = make_inputs(batch, resolution, device)
     try:
         hardware.reset_peak_memory(device)

@@ -1,0 +1,44 @@
+"""benchmarks/report.py turns a device check's raw output into result files: run on the
+output of real CPU runs of ``bench`` and ``profile``."""
+import importlib.util
+import json
+from pathlib import Path
+
+from diffloss_fast.cli import build_parser
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_report():
+    path = Path(__file__).parents[1] / "benchmarks" / "report.py"
+    spec = importlib.util.spec_from_file_location("report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(argv):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_report_from_cpu_runs(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "results"
+    bench = run(["bench", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
+                 "--warmup", "1", "--json", str(raw / "bench_cpu.json")])
+    run(["profile", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "1",
+         "--json", str(raw / "profile_fast_both.json")])
+    load_report().main([str(raw), "--card", "cpu", "--run", "t", "--out", str(out),
+                        "--note", "a test run"])
+    stem = f"{bench['date']}-cpu-t"
+    result = json.loads((out / f"{stem}.json").read_text())
+    assert {r["variant"] for r in result["rows"]} == {"reference", "fast"}
+    assert all(r["norms"] == "plain" for r in result["rows"])
+    by_variant = {r["variant"]: r for r in result["rows"]}
+    assert by_variant["fast"]["ms_per_step"] == next(
+        r["ms_per_step"] for r in bench["rows"] if r["variant"] == "fast")
+    assert result["profiles"][0]["variant"] == "fast"
+    md = (out / f"{stem}.md").read_text()
+    assert "## Profile: fast" in md and "| convolution |" in md and "a test run" in md
+    for png in (f"{stem}-speed.png", f"{stem}-profile.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
