@@ -3,7 +3,8 @@
 #
 #   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
 #                                       them (both layouts) against reference and plain eager,
-#                                       their op suite, and kernel-time profiles (<7 min)
+#                                       their op suite, cuDNN autotuning, and kernel-time
+#                                       profiles (under 8 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, native CUDA build + tests
@@ -50,6 +51,8 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
   step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
     --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
+  step bench_cudnn_benchmark 60 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
+    --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
   step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
   for cfg in "fast both" "fast-fused both" "fast semantic"; do

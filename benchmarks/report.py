@@ -31,8 +31,9 @@ def merge(raw: Path) -> dict:
             if r.get("status", "ok") != "ok":
                 continue
             norms = "fused" if r["variant"] == "fast-fused" else "plain"
+            tuned = b.get("cudnn_benchmark", False)
             key = (r["variant"], r["precision"], r["terms"], r["batch"], r["resolution"],
-                   r.get("channels_last"), r.get("compile_mode"))
+                   r.get("channels_last"), r.get("compile_mode"), tuned)
             if key in seen:  # the same configuration timed twice: keep the first run's row
                 continue
             seen.add(key)
@@ -40,6 +41,7 @@ def merge(raw: Path) -> dict:
             row["channels_last"] = r.get("channels_last", "auto")
             row["variant"] = "reference" if r["variant"] == "reference" else "fast"
             row["norms"] = norms
+            row["cudnn_benchmark"] = tuned
             row["compile_mode"] = r.get("compile_mode")
             row["compile_s"] = r.get("compile_s")
             rows.append(row)
@@ -88,13 +90,14 @@ def markdown(result: dict) -> str:
            "Speedup is against the strict-fp32 reference at the same batch size (the reference always "
            "runs the full UNet, so it costs the same whatever the terms).",
            "",
-           "| variant | precision | compiled | norms | channels_last | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | peak GiB |",
-           "| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| variant | precision | compiled | norms | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | peak GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
         out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {r.get('norms', 'plain')} | "
-                   f"{layout} | {r['backend']} | {r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
+                   f"{layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
+                   f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                    f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
                    f"{r['mfu']:.1%} | {fmt(r['peak_mem_gib'])} |")
     compiled = [r for r in rows if r.get("compile_s")]
@@ -138,13 +141,14 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     key = lambda r: (r["variant"], r["precision"], r["compiled"], r["terms"],  # noqa: E731
-                     str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"))
+                     str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"),
+                     bool(r.get("cudnn_benchmark")))
     labels = sorted({key(r) for r in rows}, key=lambda k: (k[3], k[0] != "reference", k[2], k[1], k[4]))
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        variant, precision, compiled, terms, layout, norms, mode = label
+        variant, precision, compiled, terms, layout, norms, mode, tuned = label
         ys = []
         for b in batches:
             match = [r for r in rows if key(r) == label and r["batch"] == b]
@@ -152,7 +156,8 @@ def plot(result: dict, path: Path) -> None:
         layout = {"True": ", NHWC", "False": ", NCHW"}.get(layout, "") if variant != "reference" else ""
         how = f" compiled ({mode})" if compiled and mode else " compiled" if compiled else ""
         fused = ", fused norms" if norms == "fused" else ""
-        name = f"{variant} {precision}{how}{fused}{layout} ({terms})"
+        tuned = ", cuDNN autotuned" if tuned else ""
+        name = f"{variant} {precision}{how}{fused}{layout}{tuned} ({terms})"
         ax.bar([j + i * width for j in range(len(batches))], ys, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [str(b) for b in batches])
     ax.set_xlabel("batch size")

@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> dict:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays true fp32
         torch.backends.cudnn.allow_tf32 = False
+    # one setting for every variant of the run, so the ratios stay fair
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     prior = measurement_prior(args.checkpoint, config, device, "timing")
     # MFU is against the rate of the dtype the fast path computes in: bf16 on CUDA, fp32 on CPU.
@@ -218,6 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         "triton": _version("triton"),
         "peak_bf16_tflops" if cuda else "peak_fp32_tflops": peak,
         "prior": config,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "rows": [asdict(r) for r in rows],
     }
     if args.json:
@@ -260,6 +263,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", default="graph", choices=COMPILE_CHOICES,
                    help="how fast-compiled compiles: the whole truncated UNet (graph, or one of "
                         "torch.compile's modes), or block by block (regional)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms per shape (during warm-up) "
+                        "instead of picking them by heuristics; applies to every variant")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")

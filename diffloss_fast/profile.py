@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                               backend=args.backend,
                               channels_last=bench.CHANNELS_LAST_CHOICES[args.channels_last],
                               compile_mode=bench.compile_option(args.compile))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     inputs = bench.make_inputs(batch, resolution, device)
     step = lambda: bench.loss_step(loss_fn, *inputs)  # noqa: E731
     for _ in range(args.warmup):  # compilation, autotuning and allocator growth stay outside
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     print(format_summary(summary, what))
     result = {"what": what, "variant": args.variant, "terms": args.terms, "batch": batch,
               "resolution": resolution, "precision": precision, "torch": torch.__version__,
+              "cudnn_benchmark": args.cudnn_benchmark,
               "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
     if args.json:
         write_json(args.json, result)
@@ -162,6 +164,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
     p.add_argument("--compile", default="graph", choices=bench.COMPILE_CHOICES,
                    help="how fast-compiled compiles (as in bench)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms (as in bench)")
     p.add_argument("--warmup", type=positive_int, default=2)
     p.add_argument("--steps", type=positive_int, default=3, help="profiled steps")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
