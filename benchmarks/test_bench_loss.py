@@ -18,6 +18,7 @@ FAST = [
     ("fast", "bf16", "auto"),
     ("fast", "fp16", "auto"),
     ("fast", "bf16", "torch"),
+    ("fast", "bf16", "native"),
     ("fast-fused", "bf16", "auto"),
     ("fast-compiled", "bf16", "auto"),
     ("fast-compiled", "fp16", "auto"),
@@ -50,6 +51,10 @@ def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, 
                     "interpreted)")
     if precision == "bf16" and CUDA and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
+    if backend == "native":
+        from diffloss_fast.ops.native import native_available
+        if not native_available():
+            pytest.skip("the native extension cannot be built here")
     resolved = ops.resolve_backend(backend, DEVICE)
     benchmark.group = f"loss:{terms}"
     benchmark.extra_info.update(variant=variant, precision=precision, backend=resolved,
