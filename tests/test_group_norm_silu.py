@@ -132,3 +132,19 @@ def test_bad_inputs():
         group_norm_silu_triton(x.double(), G, w.double(), b.double(), 1e-5)
     with pytest.raises(ValueError, match="4-D"):
         group_norm_silu_triton(x[0], G, w, b, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="prior-sized tensors: CUDA only")
+@pytest.mark.parametrize("x_layout", ["nchw", "cl"])
+def test_prior_sized_on_cuda(x_layout):
+    """ADM-256's shapes (a group split over many programs, many tiles each) in bf16."""
+    for shape in [(4, 256, 128, 128, 32), (4, 1024, 8, 8, 32), (4, 768, 32, 32, 32)]:
+        x, G, w, b, sc, sh = inputs(shape, torch.bfloat16, True, x_layout)
+        dy = torch.randn(x.shape, device=DEVICE).to(x.dtype)
+        y, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy)
+        wide = lambda t: t.double()  # noqa: E731
+        y64, dx64 = run(group_norm_silu_torch, wide(x), G, wide(w), wide(b), wide(sc), wide(sh),
+                        wide(dy))
+        rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+        assert rel(y, y64) < 1e-2 and rel(dx, dx64) < 2e-2, shape
+        assert y.stride() == x.stride() and dx.stride() == x.stride()
