@@ -34,20 +34,21 @@ def _enough_recompiles():
     return torch._dynamo.config.patch(**{name: 128})
 
 
-def _cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
-    """Copy ``module`` with convolution and norm parameters cast; the timestep-embedding
-    projections stay fp32 and are shared (guided-diffusion's own fp16 recipe)."""
+def _cast_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool,
+               device: torch.device) -> nn.Module:
+    """Copy ``module`` onto ``device`` with convolution and norm parameters cast; the
+    timestep-embedding projections stay fp32 (guided-diffusion's own fp16 recipe), shared with
+    the prior when it is on ``device`` already."""
     memo = {}
     for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            for p in sub.parameters(recurse=False):
-                memo[id(p)] = p
-            continue
         for p in sub.parameters(recurse=False):
-            data = p.detach().to(dtype)
-            if channels_last and data.dim() == 4:
-                data = data.contiguous(memory_format=torch.channels_last)
-            memo[id(p)] = nn.Parameter(data, requires_grad=False)
+            if isinstance(sub, nn.Linear):
+                data = p if p.device == device else p.detach().to(device)
+            else:
+                data = p.detach().to(device=device, dtype=dtype)
+                if channels_last and data.dim() == 4:
+                    data = data.contiguous(memory_format=torch.channels_last)
+            memo[id(p)] = data if data is p else nn.Parameter(data, requires_grad=False)
     return copy.deepcopy(module, memo)
 
 
@@ -65,6 +66,7 @@ class FastUNet(nn.Module):
     """``forward(x_t, t) -> (eps or None, h)``: predicted noise and middle-block features."""
 
     def __init__(self, unet: UNetModel, *, dtype: torch.dtype, decoder: bool,
+                 device: torch.device | str | None = None,
                  channels_last: bool = False, attention: str = "sdpa",
                  checkpoint: bool = False, compile_blocks: bool = False,
                  fused_norm: bool = False):
@@ -90,12 +92,14 @@ class FastUNet(nn.Module):
         # structure and input shape share one compiled graph instead of being compiled again.
         self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
         self.model_channels = unet.model_channels
-        self.time_embed = unet.time_embed  # fp32 and tiny: shared, not copied
-        self.input_blocks = _cast_copy(unet.input_blocks, dtype, channels_last)
-        self.middle_block = _cast_copy(unet.middle_block, dtype, channels_last)
+        device = torch.device(device) if device is not None else next(unet.parameters()).device
+        cast = lambda m: _cast_copy(m, dtype, channels_last, device)  # noqa: E731
+        self.time_embed = cast(unet.time_embed)  # fp32 and small: shared when on device
+        self.input_blocks = cast(unet.input_blocks)
+        self.middle_block = cast(unet.middle_block)
         if decoder:
-            self.output_blocks = _cast_copy(unet.output_blocks, dtype, channels_last)
-            out = _cast_copy(unet.out, dtype, channels_last)
+            self.output_blocks = cast(unet.output_blocks)
+            out = cast(unet.out)
             self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
 
     # --- layers -------------------------------------------------------------------------

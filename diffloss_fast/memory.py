@@ -2,8 +2,10 @@
 that fits under a memory cap (24 GiB by default: an RTX 4090, emulated on a bigger card).
 
 The cap is ``torch.cuda.set_per_process_memory_fraction(cap / total)``: it limits what torch's
-caching allocator may reserve, and that includes the prior's own weights (a 24 GiB card holds
-them too). The CUDA context and memory allocated outside torch's allocator are not counted.
+caching allocator may reserve, and that includes the weights a variant keeps on the card (the
+reference its fp32 prior; DiffLoss its compute-dtype copy, and the fp32 prior too only with
+``--fast-prior device``). The CUDA context and memory allocated outside torch's allocator are
+not counted.
 
 Each (variant, batch) runs ONE forward + backward step after the peak statistics are reset. By
 default the batch sizes are searched: 1, 2, 4, ... until the first out-of-memory error, then a
@@ -299,13 +301,14 @@ def run(args: argparse.Namespace) -> dict:
     terms = args.terms or "both"
     backend = getattr(args, "backend", "auto") or "auto"
 
-    prior = bench.measurement_prior(args.checkpoint, config, device, "memory")
-    baseline = _leftover_bytes(device, 0)
+    fast_prior = getattr(args, "fast_prior", "cpu") or "cpu"
     name = hardware.device_name(device)
     print(f"device: {name} ({total / GIB:.2f} GiB), capped at {cap_gib:g} GiB with "
-          f"set_per_process_memory_fraction({cap_gib * GIB / total:.4f}); the prior's weights "
-          f"({baseline / GIB:.2f} GiB) count against the cap; resolution {resolution}; "
-          f"terms {terms}; torch {torch.__version__}")
+          f"set_per_process_memory_fraction({cap_gib * GIB / total:.4f}); what a variant keeps "
+          f"on the device counts against the cap: the reference its fp32 prior, the fast "
+          f"variants their compute-dtype copy"
+          + (" and the fp32 prior" if fast_prior == "device" else " (the prior stays on the CPU)")
+          + f"; resolution {resolution}; terms {terms}; torch {torch.__version__}")
 
     notes: list[str] = []
     nvml = NvmlReader(device)
@@ -316,8 +319,16 @@ def run(args: argparse.Namespace) -> dict:
     torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
     bar = tqdm(total=len(variants) * len(batches) if batches else None, desc="memory",
                unit="step")
+    cpu_prior = None
     try:
         for variant in variants:
+            baseline = _leftover_bytes(device, 0)
+            if variant == "reference" or fast_prior == "device":  # a device copy per variant
+                prior = bench.measurement_prior(args.checkpoint, config, device, "memory")
+            else:
+                cpu_prior = cpu_prior or bench.measurement_prior(
+                    args.checkpoint, config, torch.device("cpu"), "memory")
+                prior = cpu_prior
             precision = "fp32" if variant == "reference" else resolve_precision(args.precision,
                                                                                 device)
             loss_fn = bench.make_loss(prior, "fast" if variant == "fast-ckpt" else variant,
@@ -337,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
                     fits(b)
             else:
                 find_max_batch(fits, limit=limit)
-            del loss_fn, fits  # the fast path's cached low-precision copy of the prior
+            del loss_fn, fits, prior  # with them the fast path's copy and a device prior
             leak = _leftover_bytes(device, baseline)
             if leak:
                 note = (f"{variant}: {leak / 2 ** 20:.1f} MiB still allocated after the variant "
@@ -363,6 +374,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [asdict(r) for r in rows],
         "max_batch": best,
         "prior": config,
+        "fast_prior": fast_prior,
         "resolution": resolution,
         "device_total_gib": total / GIB,
         "search_limit": None if batches else limit,
@@ -398,6 +410,10 @@ def add_parser(subparsers) -> None:
                    help="of the fast variants; the reference is always fp32")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
+    p.add_argument("--fast-prior", default="cpu", choices=("cpu", "device"),
+                   help="where the fast variants' fp32 prior lives: on the CPU (DiffLoss then "
+                        "puts only its compute-dtype copy on the device; the default, the lean "
+                        "way to run) or on the device too (default: %(default)s)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
                    help="measure exactly these batch sizes instead of searching")
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,

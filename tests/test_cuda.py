@@ -62,3 +62,20 @@ def test_cuda_compiled_matches_eager(prior):
                                     x, y, t, noise)
     assert abs(float(comp - eager)) / float(eager) < 2e-2
     assert F.cosine_similarity(comp_grad.flatten(), eager_grad.flatten(), dim=0) > 0.99
+
+
+def test_cuda_prior_left_on_the_cpu():
+    """A prior kept on the CPU: the truncated bf16 copy is built on the GPU, the fp32 weights
+    never go there, and the loss is the one the prior on the GPU gives."""
+    from random_unets import randomized_unet
+    cpu_prior = randomized_unet()
+    x, y, t, noise = batch((2, 3, 32, 32), seed=3)
+    kw = dict(natural_weight=1.0, semantic_weight=0.5, precision="bf16", backend="torch")
+    lean = dl.DiffLoss(cpu_prior, **kw)
+    got, grad = loss_and_grad(lean, x, y, t, noise)
+    assert all(p.device.type == "cpu" for p in cpu_prior.parameters())
+    net_params = [p for net in lean._nets.values() for p in net.parameters()]
+    assert net_params and all(p.is_cuda for p in net_params)
+    want, want_grad = loss_and_grad(dl.DiffLoss(randomized_unet().cuda(), **kw), x, y, t, noise)
+    assert abs(float(got - want)) / float(want) < 1e-3
+    assert float((grad - want_grad).norm() / want_grad.norm()) < 1e-3

@@ -111,7 +111,12 @@ def test_inputs_are_not_modified_and_loss_survives_errors(loss_fn):
 
 
 def test_prior_device_mismatch_is_explained(tiny_unet):
+    """The reference runs the prior itself, so it must be on the images' device; DiffLoss
+    copies it to the images' device, and only refuses a prior without weights."""
     import copy
-    loss_fn = dl.DiffLoss(copy.deepcopy(tiny_unet).to("meta"), precision="fp32")
+    meta = copy.deepcopy(tiny_unet).to("meta")
+    ref = dl.ReferenceDiffLoss(meta)
     with pytest.raises(ValueError, match=r"restored is on cpu but the prior is on meta.*\.to\(device\)"):
-        loss_fn(*images())
+        ref(*images())
+    with pytest.raises(ValueError, match=r"meta device \(it has no weights\)"):
+        dl.DiffLoss(meta, precision="fp32")(*images())

@@ -120,6 +120,7 @@ def test_parser_defaults():
     assert args.variants == ["reference", "fast", "fast-fused", "fast-ckpt"]
     assert args.cap_gib == 24 and args.resolution == 256 and args.prior == "adm-256-uncond"
     assert args.batch_sizes is None and args.terms == "both" and args.precision == "auto"
+    assert args.fast_prior == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -214,6 +215,7 @@ def test_run_glue_on_a_faked_card(monkeypatch, tmp_path, capsys):
     saved = json.loads(json_path.read_text())
     assert {"device", "date", "torch", "cap_gib", "rows", "max_batch"} <= set(saved)
     assert saved["cap_gib"] == 24 and saved["device"] == "Fake GPU 40GB"
+    assert saved["fast_prior"] == "cpu"
     assert saved["max_batch"] == result["max_batch"]
     assert set(saved["rows"][0]) == {"variant", "precision", "terms", "batch", "fits",
                                      "peak_allocated_gib", "nvml_used_gib"}

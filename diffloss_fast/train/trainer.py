@@ -105,9 +105,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.net_spec = {"net": args.net, "kwargs": parse_kwargs(args.net_kwargs)}
         self.net = build_net(args.net, self.net_spec["kwargs"]).to(device)
+        # the prior stays on the CPU: DiffLoss builds its compute-dtype copy on the images'
+        # device, so the fp32 weights never take GPU memory
         self.loss_fn = build_diffloss(args, self.say)
-        if self.loss_fn is not None:
-            self.loss_fn.to(device)
         check_patch_size(args, self.net, self.loss_fn)
         self.pad_multiple = args.pad_multiple or size_multiple(self.net)
         self.data = sources.select(args, patch_size=args.patch_size)
