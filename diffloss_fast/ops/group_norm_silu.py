@@ -231,13 +231,14 @@ def _strides(t: torch.Tensor):
 
 
 def _launch(N, G, HW, Cg):
-    """Block shape and the split of each group over programs."""
-    block_c = triton.next_power_of_2(Cg)
-    block_s = max(1, min(triton.next_power_of_2(HW), _TILE // block_c))
+    """Block shape and the split of each group over programs. Every block dim is at least 2
+    (masked): one-element aranges are where Triton's code generation is least exercised."""
+    block_c = max(2, triton.next_power_of_2(Cg))
+    block_s = max(2, min(triton.next_power_of_2(HW), _TILE // block_c))
     split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N * G), triton.cdiv(HW, block_s)))
     s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
     split = triton.cdiv(HW, s_per)
-    return dict(block_s=block_s, block_c=block_c, block_p=triton.next_power_of_2(split),
+    return dict(block_s=block_s, block_c=block_c, block_p=max(2, triton.next_power_of_2(split)),
                 split=split, s_per=s_per)
 
 
