@@ -4,7 +4,7 @@
 Every device kernel (on the CPU: every operator, by self time) is put in a category by its
 name, first matching rule wins (``CATEGORIES``), and the step's device busy time is compared
 with its wall time. That answers which kind of limit a step hits: compute (convolutions,
-matmuls, attention), memory traffic (norms, elementwise, layout copies) or launches (the device
+matmuls, attention), memory traffic (norms, elementwise, copies) or launches (the device
 idles between kernels: busy time well under the wall time).
 """
 from __future__ import annotations
@@ -21,16 +21,17 @@ from .cli import positive_int, write_json
 from .loss import resolve_precision
 
 # (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
-# kernels are implicit GEMMs and carry "gemm" in their names too.
+# kernels are implicit GEMMs and carry "gemm" in their names too. "copy" is every copy kernel:
+# layout changes (NCHW <-> NHWC, concatenation) and dtype casts alike.
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
     ("matmul", ("gemm", "matmul", "cutlass", "aten::mm", "aten::bmm", "aten::addmm",
                 "aten::linear")),
     ("norm", ("group_norm", "groupnorm", "_gn_", "native_norm", "batch_norm", "moments")),
-    ("fused loss ops", ("q_sample", "weighted_l2")),
-    ("layout copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "cat", "contiguous",
-                     "permute", "clone")),
+    ("fused loss ops", ("q_sample", "weighted_l2", "_wl2_")),
+    ("copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "aten::cat", "catarray",
+                     "contiguous", "permute", "clone")),
     ("elementwise", ("elementwise", "vectorized", "silu", "sigmoid", "add", "mul", "triton_poi",
                      "triton_")),
     ("reduction", ("reduce", "sum", "mean")),
@@ -149,7 +150,7 @@ def add_parser(subparsers) -> None:
         "profile", help="where one loss step's time goes, by kind of kernel",
         description="Profiles a few loss steps (forward + backward) of one variant with "
                     "torch.profiler and sums the device time of each kind of kernel "
-                    "(convolution, matmul, attention, norm, elementwise, layout copy, ...), "
+                    "(convolution, matmul, attention, norm, elementwise, copy, ...), "
                     "with the device's busy time against the wall time. Defaults: ADM-256, "
                     "batch 8 at 256x256 on CUDA; the tiny prior on the CPU (operators).")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
