@@ -5,7 +5,7 @@ The prior applies, before each 3x3 convolution of a ResBlock,
     y = silu((group_norm(x) * weight + bias) * (1 + scale[n, c]) + shift[n, c])
 
 (``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU). Eager
-PyTorch runs this as three or four memory-bound passes and keeps their outputs for the backward
+PyTorch runs this as three or four memory-bound kernels and keeps their outputs for the backward
 pass; here the forward reads x twice (statistics, then output) and writes y once, the backward
 reads x and dy twice and writes dx once, and only x and two floats per group are saved.
 
