@@ -177,7 +177,7 @@ def plot_profiles(profiles: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(c["category"] for p in profiles for c in p["categories"]))
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(profiles)), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.6 * len(profiles)), dpi=120)
     labels = [f"{p['variant']} ({p['terms']})" for p in profiles]
     left = [0.0] * len(profiles)
     for kind in kinds:
@@ -190,7 +190,7 @@ def plot_profiles(profiles: list[dict], path: Path) -> None:
     ax.set_xlabel("device ms per loss step (black bar: wall time)")
     ax.set_title(f"Where the step goes, batch {profiles[0]['batch']} at "
                  f"{profiles[0]['resolution']}x{profiles[0]['resolution']}")
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path)
