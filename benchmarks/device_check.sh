@@ -45,8 +45,10 @@ head -n 20 "$raw/env.txt"
 
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
-  step tests_fused 60 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
-    -q -x -p no:cacheprovider
+  # the kernel tests at the prior's sizes and in half precision, and the whole loss (every
+  # other case compiles its own kernel variant: minutes of Triton compilation on a bare machine)
+  step tests_fused 90 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
+    -q -x -p no:cacheprovider -k "prior_sized or half_precision or another_layout or fused_norm"
   step bench_fused 150 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
   step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
