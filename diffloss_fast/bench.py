@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import hardware, ops
-from .cli import write_json
+from .cli import add_measurement_arguments, write_json
 from .flops import count_flops
 from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
 from .prior import build_prior, load_prior
@@ -243,10 +243,8 @@ def add_parser(subparsers) -> None:
                     "plain reference and of the fast path over a few batch sizes, warm-up "
                     "excluded, median of synchronised runs. Defaults: ADM-256 at 256x256 on "
                     "CUDA; the tiny prior at 32x32 on the CPU.")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
-    p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
-    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
-    p.add_argument("--resolution", type=int, default=None)
+    add_measurement_arguments(p, device_help="cuda, cuda:1, cpu (default: auto)",
+                              prior_default=None, resolution_default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
     p.add_argument("--terms", nargs="+", choices=tuple(TERMS), default=["both"],
@@ -254,8 +252,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reference-all-terms", action="store_true",
                    help="also time the reference for semantic/natural (it always runs the "
                         "full UNet, so it costs the same as 'both')")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing of the restored branch")
     p.add_argument("--channels-last", default="auto", choices=tuple(CHANNELS_LAST_CHOICES),

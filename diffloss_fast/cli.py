@@ -15,6 +15,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_measurement_arguments(p: argparse.ArgumentParser, *, device_help: str,
+                              prior_default: str | None, resolution_default: int | None) -> None:
+    """The options bench, memory and profile share: what to measure, on which device."""
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--prior", default=prior_default, help="preset name: adm-256-uncond | tiny")
+    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
+    p.add_argument("--resolution", type=positive_int, default=resolution_default)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="of the fast variants; the reference is always fp32")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """A command's numbers as indented JSON, its folder made first; says where it went."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import bench, hardware
-from .cli import positive_int, write_json
+from .cli import add_measurement_arguments, positive_int, write_json
 from .loss import resolve_precision
 
 VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
@@ -394,21 +394,17 @@ def add_parser(subparsers) -> None:
         description="Runs one loss step (forward + backward to the restored image) per batch "
                     "size and records torch's peak allocated memory and NVML's used memory, "
                     "under a cap emulated with set_per_process_memory_fraction (24 GiB, an RTX "
-                    "4090, by default; the prior's weights count against it). Without "
-                    "--batch-sizes it doubles the batch until the first out-of-memory error, "
-                    "then bisects to the largest batch that fits. Needs a CUDA device.")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1 (default: auto)")
-    p.add_argument("--prior", default="adm-256-uncond", help="preset name: adm-256-uncond | tiny")
-    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
-    p.add_argument("--resolution", type=positive_int, default=256)
+                    "4090, by default; the weights each variant keeps on the card count against "
+                    "it). Without --batch-sizes it doubles the batch until the first "
+                    "out-of-memory error, then bisects to the largest batch that fits. Needs a "
+                    "CUDA device.")
+    add_measurement_arguments(p, device_help="cuda, cuda:1 (default: auto)",
+                              prior_default="adm-256-uncond", resolution_default=256)
     p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                    help="memory cap in GiB (default 24: an RTX 4090); at most the card's memory")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="fast-ckpt: the fast path with activation checkpointing of the restored "
                         "branch (default: all three)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="of the fast variants; the reference is always fp32")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
     p.add_argument("--fast-prior", default="cpu", choices=("cpu", "device"),
                    help="where the fast variants' fp32 prior lives: on the CPU (DiffLoss then "

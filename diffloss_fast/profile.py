@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import bench, hardware
-from .cli import positive_int, write_json
+from .cli import add_measurement_arguments, positive_int, write_json
 from .loss import resolve_precision
 
 # (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
@@ -153,15 +153,11 @@ def add_parser(subparsers) -> None:
                     "(convolution, matmul, attention, norm, elementwise, copy, ...), "
                     "with the device's busy time against the wall time. Defaults: ADM-256, "
                     "batch 8 at 256x256 on CUDA; the tiny prior on the CPU (operators).")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: auto)")
-    p.add_argument("--prior", default=None, help="preset name: adm-256-uncond | tiny")
-    p.add_argument("--checkpoint", default=None, help="real weights (.pt/.safetensors)")
-    p.add_argument("--resolution", type=positive_int, default=None)
+    add_measurement_arguments(p, device_help="cuda, cuda:1, cpu (default: auto)",
+                              prior_default=None, resolution_default=None)
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
     p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
     p.add_argument("--compile", default="graph", choices=bench.COMPILE_CHOICES,
                    help="how fast-compiled compiles (as in bench)")
