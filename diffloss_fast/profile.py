@@ -5,7 +5,8 @@ Every device kernel (on the CPU: every operator, by self time) is put in a categ
 name, first matching rule wins (``CATEGORIES``), and the step's device busy time is compared
 with its wall time. That answers which kind of limit a step hits: compute (convolutions,
 matmuls, attention), memory traffic (norms, elementwise, copies) or launches (the device
-idles between kernels: busy time well under the wall time).
+idles between kernels: busy time well under the wall time). The wall time is taken under the
+profiler, which adds some cost to every launch: `diffloss-fast bench` gives the step time proper.
 """
 from __future__ import annotations
 
