@@ -24,12 +24,12 @@ VARIANTS = ("reference", "fast", "fast-fused", "fast-compiled")
 # truncated UNet, the others are DiffLoss compile modes (reduce-overhead adds CUDA graphs)
 COMPILE_CHOICES = ("graph", "regional", "reduce-overhead", "max-autotune",
                    "max-autotune-no-cudagraphs")
+CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 def compile_option(choice: str) -> bool | str:
     """DiffLoss's ``compile`` argument for a ``--compile`` choice."""
     return True if choice == "graph" else choice
-CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 
 @dataclass
