@@ -1,7 +1,7 @@
 """diffloss_fast: DiffLoss (ACCV 2024), a diffusion-prior loss for image restoration, made fast.
 
     import diffloss_fast as dl
-    loss_fn = dl.DiffLoss(dl.load_prior("256x256_diffusion_uncond.pt")).cuda()
+    loss_fn = dl.DiffLoss(dl.load_prior("256x256_diffusion_uncond.pt"))  # prior stays on the CPU
     loss = F.mse_loss(restored, gt) + loss_fn(restored, gt)
 """
 from .loss import DiffLoss, ReferenceDiffLoss

@@ -1,4 +1,4 @@
-"""The ``diffloss-fast`` command line: bench, memory, profile, train, eval."""
+"""The ``diffloss-fast`` command line: bench, memory, profile, roofline, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, memory, profile
+    from . import bench, memory, profile, roofline
     from .train.cli import add_parsers as add_training_parsers
     parser = argparse.ArgumentParser(
         prog="diffloss-fast",
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     memory.add_parser(sub)
     profile.add_parser(sub)
+    roofline.add_parser(sub)
     add_training_parsers(sub)
     return parser
 

@@ -83,6 +83,13 @@ def build_prior(config: str | Mapping | None = None, seed: int = 0) -> UNetModel
     return _freeze(model)
 
 
+def prior_architecture(config: str | Mapping | None = None) -> UNetModel:
+    """The prior's architecture on the meta device: every shape, no weights and no memory
+    (for analysis such as ``diffloss-fast roofline``; DiffLoss refuses it)."""
+    with torch.device("meta"):
+        return _freeze(_create(config))
+
+
 def _read_state_dict(checkpoint) -> Mapping[str, torch.Tensor]:
     if isinstance(checkpoint, Mapping):
         return checkpoint

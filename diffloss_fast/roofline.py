@@ -1,0 +1,262 @@
+"""``diffloss-fast roofline``: the least time a loss step can take on a card, and what bounds it.
+
+One loss step's prior work (the ground-truth forward without autograd, the restored forward,
+its backward to the input) of exactly the network DiffLoss runs is traced on the meta device:
+no weights, no GPU, ADM-256 in seconds. Each ATen op gets its FLOPs (torch.utils.flop_counter's
+formulas: the count MFU divides) and the bytes it must move (its tensor inputs read once, its
+outputs written once; views move nothing). Attention is one fused kernel each way, as SDPA runs
+on CUDA (FlashAttention: q, k, v in, o out; the T x T scores never reach memory).
+
+An op takes at least max(FLOPs / peak, bytes / bandwidth). Summed three ways:
+
+- ``eager``: every op is a pass over memory, as the eager step's kernels are;
+- ``fused``: only convolutions, matmuls and attention cost; the norms, activations, casts and
+  concatenations ride in their prologues and epilogues, except that each GroupNorm still reads
+  its input (and, backward, its gradient) once for its statistics;
+- ``compute``: FLOPs / peak, i.e. 100% MFU.
+
+``compute / floor`` is the MFU ceiling of a scenario: no kernel can beat it. The eager step's
+own launches (and the CPU time to issue them) are not in the floors; their count is reported.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from .cli import positive_int, write_json
+from .loss import DiffLoss, _DTYPES
+from .profile import categorize
+from .prior import prior_architecture
+
+aten = torch.ops.aten
+COMPUTE_CATEGORIES = ("convolution", "matmul", "attention")
+SCENARIOS = ("eager", "fused", "compute")
+# Ops that allocate or alias without touching memory (views are found by their schema).
+_FREE_OPS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+             aten.new_empty_strided, aten._unsafe_view, aten.alias, aten.lift_fresh}
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    peak_tflops: float     # dense bf16/fp16 tensor-core rate with fp32 accumulation
+    bandwidth_tbs: float   # memory bandwidth, TB/s (10^12 bytes/s)
+
+
+# Spec-sheet numbers (no sparsity). Measured rates are lower: pass --peak-tflops with the
+# matmul rate `diffloss-fast bench` measures to get the MFU the goals use.
+CARDS = {
+    "rtx-4090": Card("NVIDIA GeForce RTX 4090", 165.2, 1.008),
+    "a100-80gb": Card("NVIDIA A100 80GB SXM", 312.0, 2.039),
+    "h100-pcie": Card("NVIDIA H100 PCIe", 756.0, 2.0),
+    "h100-sxm": Card("NVIDIA H100 SXM", 989.4, 3.35),
+    "h200": Card("NVIDIA H200", 989.4, 4.8),
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel's worth of work: what it computes and what it must move."""
+    name: str
+    category: str
+    flops: int
+    bytes: int
+    stat_bytes: int = 0  # GroupNorm: the activations its statistics must read even when fused
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for leaf in tree_flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor) and id(leaf) not in seen:
+            seen.add(id(leaf))
+            out.append(leaf)
+    return out
+
+
+def aten_op(func, args, kwargs, out) -> Op | None:
+    """The Op of one ATen call, or None for views and allocations, which move no data."""
+    if func.is_view or func._overloadpacket in _FREE_OPS:
+        return None
+    reads = list(args)
+    if func._overloadpacket is aten.convolution_backward and not args[10][1]:
+        reads[1] = None  # without a weight gradient the forward input is never read
+    moved = sum(_nbytes(t) for t in _tensors((reads, kwargs)) + _tensors(out))
+    formula = flop_registry.get(func._overloadpacket)
+    flops = formula(*args, **kwargs, out_val=out) if formula else 0
+    name = func._schema.name
+    category = categorize(name)
+    stat = sum(_nbytes(t) for t in _tensors(args) if t.dim() == 4) if category == "norm" else 0
+    return Op(name, category, int(flops), moved, stat)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[Op] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        op = aten_op(func, args, kwargs, out)
+        if op is not None:
+            self.ops.append(op)
+        return out
+
+
+def _fused_attention(ops: list[Op]):
+    """``F.scaled_dot_product_attention`` as one recorded kernel forward and one backward."""
+    def moved(*tensors):
+        return sum(_nbytes(t) for t in tensors)
+
+    class FusedAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            b, heads, tokens, dim = q.shape
+            # laid out as FlashAttention returns it: (b, T, heads, d), seen as (b, heads, T, d)
+            o = q.new_empty((b, tokens, heads, v.shape[-1])).transpose(1, 2)
+            ctx.save_for_backward(q, k, v, o)
+            ops.append(Op("attention (fused forward)", "attention",
+                          sdpa_flop_count(q.shape, k.shape, v.shape), moved(q, k, v, o)))
+            return o
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, o = ctx.saved_tensors
+            grads = tuple(torch.empty_like(x) for x in (q, k, v))
+            ops.append(Op("attention (fused backward)", "attention",
+                          sdpa_backward_flop_count(grad.shape, q.shape, k.shape, v.shape),
+                          moved(q, k, v, o, grad, *grads)))
+            return grads
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if attn_mask is not None or dropout_p or is_causal or kwargs:
+            raise NotImplementedError("roofline: plain attention only")
+        return FusedAttention.apply(q, k, v)
+    return attention
+
+
+def trace_step(config: str = "adm-256-uncond", *, terms: str = "both", batch: int = 8,
+               resolution: int = 256, precision: str = "bf16") -> list[Op]:
+    """The ops of one loss step's prior work, in execution order, on the meta device."""
+    natural = terms in ("both", "natural")
+    semantic = terms in ("both", "semantic")
+    loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
+                       semantic_weight=float(semantic), precision=precision)
+    meta, dtype = torch.device("meta"), _DTYPES[precision]
+    net = loss_fn._net(meta, dtype, decoder=natural)  # the network DiffLoss itself runs
+    shape = (batch, 3, resolution, resolution)
+    x_gt = torch.empty(shape, device=meta, dtype=dtype)
+    x_res = torch.empty(shape, device=meta, dtype=dtype, requires_grad=True)
+    t = torch.zeros(batch, dtype=torch.long, device=meta)
+    recorder = _Recorder()
+    with recorder, mock.patch.object(F, "scaled_dot_product_attention",
+                                     _fused_attention(recorder.ops)):
+        with torch.no_grad():
+            net(x_gt, t)
+        eps, h = net(x_res, t)
+        wanted = [y for y, want in ((eps, natural), (h, semantic)) if want]
+        torch.autograd.backward(wanted, [torch.empty_like(y) for y in wanted])
+    return recorder.ops
+
+
+def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
+    """The least time of the traced work in each scenario, milliseconds."""
+    peak, bandwidth = card.peak_tflops * 1e12, card.bandwidth_tbs * 1e12
+
+    def roof(flops, moved):
+        return max(flops / peak, moved / bandwidth) * 1e3
+    return {
+        "eager": sum(roof(op.flops, op.bytes) for op in ops),
+        "fused": sum(roof(op.flops, op.bytes) if op.category in COMPUTE_CATEGORIES
+                     else roof(0, op.stat_bytes) for op in ops),
+        "compute": sum(op.flops for op in ops) / peak * 1e3,
+    }
+
+
+def by_category(ops: list[Op], card: Card) -> list[dict]:
+    """FLOPs, bytes, eager floor and op count per category, largest floor first."""
+    groups: dict[str, list[Op]] = defaultdict(list)
+    for op in ops:
+        groups[op.category].append(op)
+    rows = [{"category": c, "ops": len(g), "gflop": sum(o.flops for o in g) / 1e9,
+             "gib": sum(o.bytes for o in g) / 2 ** 30, "eager_ms": floors_ms(g, card)["eager"]}
+            for c, g in groups.items()]
+    return sorted(rows, key=lambda r: -r["eager_ms"])
+
+
+def analyse(ops: list[Op], card: Card) -> dict:
+    floors = floors_ms(ops, card)
+    return {"tflop": sum(op.flops for op in ops) / 1e12, "ops": len(ops),
+            "floors_ms": floors,
+            "mfu_ceiling": {s: floors["compute"] / ms for s, ms in floors.items()},
+            "categories": by_category(ops, card)}
+
+
+def format_analysis(terms: str, a: dict) -> str:
+    lines = [f"{terms}: {a['tflop']:.2f} TFLOP in {a['ops']} ops",
+             f"  {'scenario':<9}{'floor ms':>10}{'MFU ceiling':>13}"]
+    lines += [f"  {s:<9}{a['floors_ms'][s]:>10.1f}{a['mfu_ceiling'][s]:>13.1%}" for s in SCENARIOS]
+    lines += ["", f"  {'category':<16}{'ops':>6}{'GFLOP':>10}{'GiB moved':>11}{'eager ms':>10}"]
+    lines += [f"  {r['category']:<16}{r['ops']:>6}{r['gflop']:>10.0f}{r['gib']:>11.2f}"
+              f"{r['eager_ms']:>10.2f}" for r in a["categories"]]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    card = CARDS[args.card]
+    card = Card(card.name, args.peak_tflops or card.peak_tflops,
+                args.bandwidth_tbs or card.bandwidth_tbs)
+    print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
+          f"{args.precision}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
+          f"{card.bandwidth_tbs:g} TB/s")
+    result = {"prior": args.prior, "batch": args.batch, "resolution": args.resolution,
+              "precision": args.precision, "card": asdict(card), "terms": {}}
+    for terms in args.terms:
+        ops = trace_step(args.prior, terms=terms, batch=args.batch,
+                         resolution=args.resolution, precision=args.precision)
+        result["terms"][terms] = analyse(ops, card)
+        print("\n" + format_analysis(terms, result["terms"][terms]))
+    if {"both", "semantic"} <= set(result["terms"]):
+        both, sem = result["terms"]["both"], result["terms"]["semantic"]
+        result["semantic_speedup_bound"] = {s: both["floors_ms"][s] / sem["floors_ms"][s]
+                                            for s in SCENARIOS}
+        print("\nsemantic only vs both terms, ratio of floors: " + ", ".join(
+            f"{s} {r:.2f}x" for s, r in result["semantic_speedup_bound"].items()))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "roofline", help="the least time a loss step can take on a card (no GPU needed)",
+        description="Traces one loss step of the network DiffLoss runs on the meta device "
+                    "and bounds its time on a card by FLOPs / peak and bytes / bandwidth, "
+                    "with every op a pass over memory (eager), with the elementwise work "
+                    "fused into the convolutions (fused), and at 100%% MFU (compute).")
+    p.add_argument("--prior", default="adm-256-uncond", help="preset name: adm-256-uncond | tiny")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--resolution", type=positive_int, default=256)
+    p.add_argument("--precision", default="bf16", choices=tuple(_DTYPES))
+    p.add_argument("--terms", nargs="+", default=["both", "semantic"],
+                   choices=("both", "semantic", "natural"))
+    p.add_argument("--card", default="rtx-4090", choices=tuple(CARDS),
+                   help="spec-sheet peak and bandwidth (default: rtx-4090)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="override the card's peak, e.g. with the matmul rate bench measured")
+    p.add_argument("--bandwidth-tbs", type=float, default=None,
+                   help="override the card's memory bandwidth, TB/s")
+    p.add_argument("--json", default=None, help="write the analysis to this JSON file")
+    p.set_defaults(func=run)

@@ -1,0 +1,136 @@
+"""The roofline's FLOPs and bytes against hand counts, and its trace against a real step."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffloss_fast import DiffLoss, build_prior
+from diffloss_fast.cli import main
+from diffloss_fast.roofline import Card, Op, _fused_attention, _Recorder, floors_ms, trace_step
+
+META = torch.device("meta")
+BF16 = 2  # bytes per element
+
+
+def record(fn):
+    recorder = _Recorder()
+    with recorder:
+        fn()
+    return recorder.ops
+
+
+def test_convolution_forward_counts_every_multiply_add_and_each_tensor_once():
+    b, cin, cout, k, hw = 2, 8, 16, 3, 10
+    x = torch.empty(b, cin, hw, hw, device=META, dtype=torch.bfloat16)
+    w = torch.empty(cout, cin, k, k, device=META, dtype=torch.bfloat16)
+    bias = torch.empty(cout, device=META, dtype=torch.bfloat16)
+    [op] = record(lambda: F.conv2d(x, w, bias, padding=1))
+    assert op.category == "convolution"
+    assert op.flops == 2 * b * cout * cin * k * k * hw * hw
+    assert op.bytes == BF16 * (x.numel() + w.numel() + cout + b * cout * hw * hw)
+
+
+def test_input_gradient_of_a_frozen_convolution_does_not_read_the_forward_input():
+    x = torch.empty(2, 8, 10, 10, device=META, requires_grad=True)
+    w = torch.empty(4, 8, 3, 3, device=META)
+    y = F.conv2d(x, w, padding=1)
+    grad = torch.empty_like(y)
+    [op] = record(lambda: y.backward(grad))
+    assert op.name == "aten::convolution_backward"
+    assert op.bytes == 4 * (grad.numel() + w.numel() + x.numel())  # dy and w in, dx out
+    assert op.flops == 2 * 2 * 4 * 8 * 9 * 100  # one transposed convolution's worth
+
+
+def test_views_move_nothing_and_a_copy_moves_its_tensor_twice():
+    x = torch.empty(4, 6, device=META)
+    assert record(lambda: x.view(-1).unflatten(0, (3, 8)).t().expand(2, 8, 3)) == []
+    [op] = record(lambda: x.t().contiguous())
+    assert op.category == "copy" and op.bytes == 2 * 4 * x.numel() and op.flops == 0
+
+
+def test_group_norm_statistics_read_the_activation_only():
+    x = torch.empty(2, 32, 8, 8, device=META, dtype=torch.bfloat16)
+    weight = torch.empty(32, device=META, dtype=torch.bfloat16)
+    [op] = record(lambda: F.group_norm(x, 8, weight, weight))
+    assert op.category == "norm"
+    assert op.stat_bytes == BF16 * x.numel()
+    assert op.bytes > 2 * op.stat_bytes  # plus its output, its parameters and its statistics
+
+
+def test_fused_attention_is_one_kernel_each_way_with_flash_attentions_traffic():
+    b, heads, tokens, d = 2, 4, 64, 16
+    q, k, v = (torch.empty(b, heads, tokens, d, device=META, requires_grad=True)
+               for _ in range(3))
+    ops = []
+    out = _fused_attention(ops)(q, k, v)
+    assert out.shape == q.shape
+    out.backward(torch.empty_like(out))
+    forward, backward = ops
+    qk = 2 * b * heads * tokens * tokens * d  # one of the T x T matmuls
+    assert forward.flops == 2 * qk  # scores, then scores @ v
+    assert backward.flops == 5 * qk  # scores recomputed, then four gradient matmuls
+    size = 4 * q.numel()
+    assert forward.bytes == 4 * size  # q, k, v in; o out
+    assert backward.bytes == 8 * size  # q, k, v, o, do in; dq, dk, dv out
+
+
+def test_floors_take_the_slower_of_compute_and_memory_per_op():
+    card = Card("test", peak_tflops=100.0, bandwidth_tbs=1.0)
+    ops = [Op("conv", "convolution", flops=10 ** 12, bytes=10 ** 9),   # 10 ms compute, 1 ms memory
+           Op("mm", "matmul", flops=10 ** 9, bytes=4 * 10 ** 9),       # 0.01 ms compute, 4 ms memory
+           Op("silu", "elementwise", flops=0, bytes=2 * 10 ** 9),      # 2 ms
+           Op("gn", "norm", flops=0, bytes=3 * 10 ** 9, stat_bytes=10 ** 9)]  # 3 ms, 1 fused
+    floors = floors_ms(ops, card)
+    assert floors["eager"] == pytest.approx(10 + 4 + 2 + 3)
+    assert floors["fused"] == pytest.approx(10 + 4 + 0 + 1)
+    assert floors["compute"] == pytest.approx((10 ** 12 + 10 ** 9) / 1e14 * 1e3)
+
+
+@pytest.mark.parametrize("terms", ["both", "semantic"])
+def test_trace_holds_every_flop_of_a_real_step(terms):
+    """The meta trace against torch's FLOP counter on a real CPU step of the same network.
+    The CPU's fused attention kernel is not in the counter's formulas, so attention (checked
+    against hand counts above) is left out of the comparison."""
+    natural = terms == "both"
+    traced = trace_step("tiny", terms=terms, batch=2, resolution=32)
+    loss_fn = DiffLoss(build_prior("tiny"), natural_weight=float(natural),
+                       semantic_weight=1.0, precision="fp32")
+    net = loss_fn._net(torch.device("cpu"), torch.float32, decoder=natural)
+    x_gt, x_res = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32, requires_grad=True)
+    t = torch.tensor([3, 700])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.no_grad():
+            net(x_gt, t)
+        eps, h = net(x_res, t)
+        outputs = [h] + ([eps] if natural else [])
+        torch.autograd.backward(outputs, [torch.randn_like(y) for y in outputs])
+    assert any(op.category == "attention" for op in traced)
+    assert (sum(op.flops for op in traced if op.category != "attention")
+            == counter.get_total_flops() > 0)
+
+
+def test_adm256_step_flops_match_the_design_counts():
+    """DESIGN.md: full forward 2.24 TFLOP, encoder + middle 0.58 TFLOP per 256x256 image; a
+    step is three of them (two forwards, one backward to the input)."""
+    both = sum(op.flops for op in trace_step(terms="both", batch=1)) / 1e12
+    semantic = sum(op.flops for op in trace_step(terms="semantic", batch=1)) / 1e12
+    assert both == pytest.approx(3 * 2.24, rel=0.01)
+    assert semantic == pytest.approx(3 * 0.58, rel=0.01)
+
+
+def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
+    out = tmp_path / "roofline.json"
+    main(["roofline", "--prior", "tiny", "--batch", "2", "--resolution", "32",
+          "--card", "h100-sxm", "--peak-tflops", "800", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["card"]["peak_tflops"] == 800 and result["card"]["bandwidth_tbs"] == 3.35
+    for terms in ("both", "semantic"):
+        floors = result["terms"][terms]["floors_ms"]
+        assert floors["eager"] >= floors["fused"] >= floors["compute"] > 0
+        assert 0 < result["terms"][terms]["mfu_ceiling"]["eager"] <= 1
+    both, semantic = (result["terms"][k]["floors_ms"]["compute"] for k in ("both", "semantic"))
+    assert result["semantic_speedup_bound"]["compute"] == pytest.approx(both / semantic)
+    assert "semantic only vs both terms" in capsys.readouterr().out
