@@ -102,9 +102,9 @@ def aten_op(func, args, kwargs, out) -> Op | None:
 
 
 class _Recorder(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, ops: list[Op]):
         super().__init__()
-        self.ops: list[Op] = []
+        self.ops = ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -147,28 +147,51 @@ def _fused_attention(ops: list[Op]):
     return attention
 
 
+def _fused_norm_silu(ops: list[Op]):
+    """``group_norm_silu_triton`` as its kernels move memory: forward, x read twice (statistics,
+    then output) and y written; backward, x and dy read twice and dx written."""
+    class FusedNormSiLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None):
+            ctx.x = x
+            ops.append(Op("group_norm_silu (fused forward)", "norm", 0, 3 * _nbytes(x),
+                          _nbytes(x)))
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            ops.append(Op("group_norm_silu (fused backward)", "norm", 0, 5 * _nbytes(dy),
+                          2 * _nbytes(dy)))
+            return (torch.empty_like(ctx.x),) + (None,) * 6
+    return FusedNormSiLU.apply
+
+
 def trace_step(config: str = "adm-256-uncond", *, terms: str = "both", batch: int = 8,
-               resolution: int = 256, precision: str = "bf16") -> list[Op]:
-    """The ops of one loss step's prior work, in execution order, on the meta device."""
+               resolution: int = 256, precision: str = "bf16",
+               fused_norm: bool = False) -> list[Op]:
+    """The ops of one loss step's prior work, in execution order, on the meta device;
+    ``fused_norm``: as ``DiffLoss(fused_norm=True)`` runs it."""
     natural = terms in ("both", "natural")
     semantic = terms in ("both", "semantic")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
                        semantic_weight=float(semantic), precision=precision)
     meta, dtype = torch.device("meta"), _DTYPES[precision]
     net = loss_fn._net(meta, dtype, decoder=natural)  # the network DiffLoss itself runs
+    ops: list[Op] = []
+    if fused_norm:
+        net._norm_silu_impl = _fused_norm_silu(ops)
     shape = (batch, 3, resolution, resolution)
     x_gt = torch.empty(shape, device=meta, dtype=dtype)
     x_res = torch.empty(shape, device=meta, dtype=dtype, requires_grad=True)
     t = torch.zeros(batch, dtype=torch.long, device=meta)
-    recorder = _Recorder()
-    with recorder, mock.patch.object(F, "scaled_dot_product_attention",
-                                     _fused_attention(recorder.ops)):
+    recorder = _Recorder(ops)
+    with recorder, mock.patch.object(F, "scaled_dot_product_attention", _fused_attention(ops)):
         with torch.no_grad():
             net(x_gt, t)
         eps, h = net(x_res, t)
         wanted = [y for y, want in ((eps, natural), (h, semantic)) if want]
         torch.autograd.backward(wanted, [torch.empty_like(y) for y in wanted])
-    return recorder.ops
+    return ops
 
 
 def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
@@ -219,13 +242,14 @@ def run(args: argparse.Namespace) -> dict:
     card = Card(card.name, args.peak_tflops or card.peak_tflops,
                 args.bandwidth_tbs or card.bandwidth_tbs)
     print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
-          f"{args.precision}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
+          f"{args.precision}{', fused norms' if args.fused_norm else ''}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
           f"{card.bandwidth_tbs:g} TB/s")
     result = {"prior": args.prior, "batch": args.batch, "resolution": args.resolution,
-              "precision": args.precision, "card": asdict(card), "terms": {}}
+              "precision": args.precision, "fused_norm": args.fused_norm,
+              "card": asdict(card), "terms": {}}
     for terms in args.terms:
-        ops = trace_step(args.prior, terms=terms, batch=args.batch,
-                         resolution=args.resolution, precision=args.precision)
+        ops = trace_step(args.prior, terms=terms, batch=args.batch, resolution=args.resolution,
+                         precision=args.precision, fused_norm=args.fused_norm)
         result["terms"][terms] = analyse(ops, card)
         print("\n" + format_analysis(terms, result["terms"][terms]))
     if {"both", "semantic"} <= set(result["terms"]):
@@ -252,6 +276,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", default="bf16", choices=tuple(_DTYPES))
     p.add_argument("--terms", nargs="+", default=["both", "semantic"],
                    choices=("both", "semantic", "natural"))
+    p.add_argument("--fused-norm", action="store_true",
+                   help="trace the step as DiffLoss(fused_norm=True) runs it")
     p.add_argument("--card", default="rtx-4090", choices=tuple(CARDS),
                    help="spec-sheet peak and bandwidth (default: rtx-4090)")
     p.add_argument("--peak-tflops", type=float, default=None,

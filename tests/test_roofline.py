@@ -15,10 +15,10 @@ BF16 = 2  # bytes per element
 
 
 def record(fn):
-    recorder = _Recorder()
-    with recorder:
+    ops = []
+    with _Recorder(ops):
         fn()
-    return recorder.ops
+    return ops
 
 
 def test_convolution_forward_counts_every_multiply_add_and_each_tensor_once():
@@ -74,6 +74,25 @@ def test_fused_attention_is_one_kernel_each_way_with_flash_attentions_traffic():
     size = 4 * q.numel()
     assert forward.bytes == 4 * size  # q, k, v in; o out
     assert backward.bytes == 8 * size  # q, k, v, o, do in; dq, dk, dv out
+
+
+def test_fused_norms_replace_norm_silu_and_film_passes_by_their_kernels_traffic():
+    plain = trace_step("tiny", terms="both", batch=2, resolution=32)
+    fused = trace_step("tiny", terms="both", batch=2, resolution=32, fused_norm=True)
+    names = lambda ops: [op.name for op in ops]  # noqa: E731
+    fused_forward = [op for op in fused if op.name == "group_norm_silu (fused forward)"]
+    fused_backward = [op for op in fused if op.name == "group_norm_silu (fused backward)"]
+    # every norm but the attention blocks' (no SiLU after them) is fused: one per norm
+    # forward, one per SiLU backward of the restored branch
+    attention_norms = names(plain).count("attention (fused forward)")
+    assert (len(fused_forward) + attention_norms
+            == names(plain).count("aten::native_group_norm"))
+    assert len(fused_backward) == names(plain).count("aten::silu_backward")
+    assert "aten::addcmul" not in names(fused)
+    for op in fused_forward:
+        assert op.bytes == 3 * op.stat_bytes  # x read twice, y written once
+    assert sum(op.flops for op in fused) == sum(op.flops for op in plain)
+    assert sum(op.bytes for op in fused) < sum(op.bytes for op in plain)
 
 
 def test_floors_take_the_slower_of_compute_and_memory_per_op():
