@@ -8,6 +8,8 @@ suite_*.json (pytest-benchmark). Writes, under benchmarks/results/:
 ``<date>-<card>[-<run>].json`` (the schema of the performance issue; a row's ``norms`` says
 whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png`` (images/s per
 variant at each batch size) and, with profiles, ``-profile.png`` (device time per kernel kind).
+On a card ``diffloss-fast roofline`` knows, each fast row also gets its floor (``roofline_ms``:
+eager rows the eager floor, compiled rows the fused one, at the run's measured matmul rate).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from diffloss_fast import roofline
 
 ROW_KEYS = ("variant", "precision", "compiled", "backend", "terms", "batch", "resolution",
             "ms_per_step", "images_per_s", "tflops", "mfu", "peak_mem_gib", "channels_last")
@@ -47,7 +51,7 @@ def merge(raw: Path) -> dict:
             rows.append(row)
     peak = "peak_bf16_tflops" if "peak_bf16_tflops" in first else "peak_fp32_tflops"  # CPU runs
     result = {"device": first["device"], "date": first["date"], "torch": first["torch"],
-              "triton": first["triton"], peak: first[peak],
+              "triton": first["triton"], "prior": first.get("prior"), peak: first[peak],
               f"{peak}_per_run": [b[peak] for b in benches], "rows": rows}
     suites = {}
     for path in sorted(raw.glob("suite_*.json")):  # pytest-benchmark --benchmark-json output
@@ -67,6 +71,26 @@ def merge(raw: Path) -> dict:
     return result
 
 
+def add_roofline(result: dict) -> None:
+    """Each fast row's floor on this card (``diffloss-fast roofline``), if the card is known."""
+    card = roofline.card_for(result["device"])
+    if card is None or "peak_bf16_tflops" not in result or not result.get("prior"):
+        return
+    card = roofline.Card(card.name, result["peak_bf16_tflops"], card.bandwidth_tbs)
+    floors = {}
+    for r in result["rows"]:
+        if r["variant"] == "reference" or r["precision"] not in ("bf16", "fp16"):
+            continue
+        key = (r["terms"], r["batch"], r["resolution"], r["precision"], r.get("norms") == "fused")
+        if key not in floors:
+            terms, batch, resolution, precision, fused = key
+            floors[key] = roofline.floors_ms(roofline.trace_step(
+                result["prior"], terms=terms, batch=batch, resolution=resolution,
+                precision=precision, fused_norm=fused), card)
+        r["roofline_ms"] = floors[key]["fused" if r["compiled"] else "eager"]
+    result["roofline_card"] = {"name": card.name, "bandwidth_tbs": card.bandwidth_tbs}
+
+
 def speedups(rows: list[dict]) -> dict:
     ref = {(r["terms"], r["batch"]): r["ms_per_step"] for r in rows if r["variant"] == "reference"}
     ref_both = {b: ms for (terms, b), ms in ref.items() if terms == "both"}
@@ -82,6 +106,8 @@ def markdown(result: dict) -> str:
     peak_name = "bf16" if "peak_bf16_tflops" in result else "fp32"
     peak = result[f"peak_{peak_name}_tflops"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    of_roofline = lambda r: (f"{r['roofline_ms'] / r['ms_per_step']:.0%}"  # noqa: E731
+                             if r.get("roofline_ms") else "-")
     out = [f"# {result['device']}, {result['date']}",
            "",
            f"torch {result['torch']}, triton {result['triton']}; measured {peak_name} matmul peak "
@@ -90,8 +116,8 @@ def markdown(result: dict) -> str:
            "Speedup is against the strict-fp32 reference at the same batch size (the reference always "
            "runs the full UNet, so it costs the same whatever the terms).",
            "",
-           "| variant | precision | compiled | norms | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | peak GiB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| variant | precision | compiled | norms | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | of roofline | peak GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
@@ -99,7 +125,13 @@ def markdown(result: dict) -> str:
                    f"{layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
                    f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                    f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
-                   f"{r['mfu']:.1%} | {fmt(r['peak_mem_gib'])} |")
+                   f"{r['mfu']:.1%} | {of_roofline(r)} | {fmt(r['peak_mem_gib'])} |")
+    if result.get("roofline_card"):
+        card = result["roofline_card"]
+        out += ["", f"Of roofline: the least time `diffloss-fast roofline` gives the row's step "
+                f"(eager rows: every op a memory pass; compiled rows: elementwise work fused) at "
+                f"the measured matmul rate and the {card['name']}'s {card['bandwidth_tbs']:g} "
+                f"TB/s, over its measured time."]
     compiled = [r for r in rows if r.get("compile_s")]
     if compiled:
         out += ["", "Compile time (first call, not in the timings): " + ", ".join(
@@ -206,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default=None, help="a sentence on what this run measured")
     args = parser.parse_args(argv)
     result = merge(args.raw)
+    add_roofline(result)
     result.update({k: v for k, v in (("commit", args.commit), ("note", args.note)) if v})
     stem = f"{result['date']}-{args.card}" + (f"-{args.run}" if args.run else "")
     args.out.mkdir(parents=True, exist_ok=True)

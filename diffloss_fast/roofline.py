@@ -62,6 +62,17 @@ CARDS = {
 }
 
 
+def card_for(device_name: str) -> Card | None:
+    """The spec-sheet card a CUDA device name (``torch.cuda.get_device_name``) is, if known."""
+    name = device_name.lower()
+    if "h100" in name:
+        return CARDS["h100-pcie" if "pcie" in name else "h100-sxm"]
+    for key, fragment in (("h200", "h200"), ("rtx-4090", "4090"), ("a100-80gb", "a100")):
+        if fragment in name:
+            return CARDS[key]
+    return None
+
+
 @dataclass(frozen=True)
 class Op:
     """One kernel's worth of work: what it computes and what it must move."""

@@ -42,3 +42,23 @@ def test_report_from_cpu_runs(tmp_path):
     assert "## Profile: fast" in md and "| convolution |" in md and "a test run" in md
     for png in (f"{stem}-speed.png", f"{stem}-profile.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
+    """On real H200 output (run 3, committed): every fast row's floor lies under its time."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    source = Path(__file__).parents[1] / "benchmarks/results/raw-2026-11-26-h200/bench_b8_nchw.json"
+    (raw / "bench_b8_nchw.json").write_text(source.read_text())
+    load_report().main([str(raw), "--card", "h200", "--out", str(tmp_path / "results")])
+    [path] = (tmp_path / "results").glob("*.json")
+    result = json.loads(path.read_text())
+    fast = [r for r in result["rows"] if r["variant"] == "fast"]
+    assert {r["terms"] for r in fast} == {"both", "semantic"}
+    for r in fast:
+        assert 0 < r["roofline_ms"] < r["ms_per_step"]
+    both = next(r["roofline_ms"] for r in fast if r["terms"] == "both")
+    semantic = next(r["roofline_ms"] for r in fast if r["terms"] == "semantic")
+    assert 3 < both / semantic < 3.9  # under the FLOP ratio: more memory-bound work per FLOP
+    assert all("roofline_ms" not in r for r in result["rows"] if r["variant"] == "reference")
+    assert "of roofline" in path.with_suffix(".md").read_text()

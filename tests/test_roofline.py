@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffloss_fast import DiffLoss, build_prior
 from diffloss_fast.cli import main
-from diffloss_fast.roofline import Card, Op, _fused_attention, _Recorder, floors_ms, trace_step
+from diffloss_fast.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, card_for,
+                                     floors_ms, trace_step)
 
 META = torch.device("meta")
 BF16 = 2  # bytes per element
@@ -153,3 +154,11 @@ def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
     both, semantic = (result["terms"][k]["floors_ms"]["compute"] for k in ("both", "semantic"))
     assert result["semantic_speedup_bound"]["compute"] == pytest.approx(both / semantic)
     assert "semantic only vs both terms" in capsys.readouterr().out
+
+
+def test_cards_are_found_by_their_cuda_device_names():
+    assert card_for("NVIDIA H200").bandwidth_tbs == 4.8
+    assert card_for("NVIDIA H100 80GB HBM3") is CARDS["h100-sxm"]
+    assert card_for("NVIDIA H100 PCIe") is CARDS["h100-pcie"]
+    assert card_for("NVIDIA GeForce RTX 4090") is CARDS["rtx-4090"]
+    assert card_for("CPU (x86_64, 2 threads)") is None
