@@ -17,6 +17,15 @@ from diffloss_fast.cli import build_parser
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
     ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
     ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>", "norm"),
+    # PyTorch's GroupNorm: statistics, per-channel coefficients, the backward's reductions over
+    # dy and x, and the elementwise passes its implementation launches
+    ("void at::native::(anonymous namespace)::ComputeInternalGradientsCUDAKernel<c10::BFloat16>",
+     "norm"),
+    ("void at::native::(anonymous namespace)::ComputeFusedParamsCUDAKernel<c10::BFloat16>", "norm"),
+    ("void at::native::(anonymous namespace)::ComputeBackwardFusedParamsCUDAKernel<float>", "norm"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel2<c10::BFloat16>", "norm"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
+     "(anonymous namespace)::GroupNormKernelImplInternal<c10::BFloat16, float>", "norm"),
     ("_gn_silu_fwd_kernel", "norm"),
     ("triton_red_fused_native_group_norm_silu_0", "norm"),
     ("_q_sample_pair_fwd_kernel", "fused loss ops"),
