@@ -9,7 +9,8 @@ suite_*.json (pytest-benchmark). Writes, under benchmarks/results/:
 whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png`` (images/s per
 variant at each batch size) and, with profiles, ``-profile.png`` (device time per kernel kind).
 On a card ``diffloss-fast roofline`` knows, each fast row also gets its floor (``roofline_ms``:
-eager rows the eager floor, compiled rows the fused one, at the run's measured matmul rate).
+eager rows the eager floor, compiled rows the fused one, at the run's measured matmul rate),
+and each eager profile the floor of each kind of kernel.
 """
 from __future__ import annotations
 
@@ -72,22 +73,35 @@ def merge(raw: Path) -> dict:
 
 
 def add_roofline(result: dict) -> None:
-    """Each fast row's floor on this card (``diffloss-fast roofline``), if the card is known."""
+    """Each fast row's floor on this card (``diffloss-fast roofline``), and each eager profile's
+    floor per kind of kernel, if the card is known."""
     card = roofline.card_for(result["device"])
     if card is None or "peak_bf16_tflops" not in result or not result.get("prior"):
         return
     card = roofline.Card(card.name, result["peak_bf16_tflops"], card.bandwidth_tbs)
-    floors = {}
+    traces = {}
+
+    def ops(prior, terms, batch, resolution, precision, fused):
+        key = (prior, terms, batch, resolution, precision, fused)
+        if key not in traces:
+            traces[key] = roofline.trace_step(prior, terms=terms, batch=batch,
+                                              resolution=resolution, precision=precision,
+                                              fused_norm=fused)
+        return traces[key]
+
     for r in result["rows"]:
         if r["variant"] == "reference" or r["precision"] not in ("bf16", "fp16"):
             continue
-        key = (r["terms"], r["batch"], r["resolution"], r["precision"], r.get("norms") == "fused")
-        if key not in floors:
-            terms, batch, resolution, precision, fused = key
-            floors[key] = roofline.floors_ms(roofline.trace_step(
-                result["prior"], terms=terms, batch=batch, resolution=resolution,
-                precision=precision, fused_norm=fused), card)
-        r["roofline_ms"] = floors[key]["fused" if r["compiled"] else "eager"]
+        floors = roofline.floors_ms(ops(result["prior"], r["terms"], r["batch"], r["resolution"],
+                                        r["precision"], r.get("norms") == "fused"), card)
+        r["roofline_ms"] = floors["fused" if r["compiled"] else "eager"]
+    for p in result.get("profiles", []):
+        if p["variant"] in ("fast", "fast-fused") and p.get("prior") and p["precision"] != "fp32":
+            traced = ops(p["prior"], p["terms"], p["batch"], p["resolution"], p["precision"],
+                         p["variant"] == "fast-fused")
+            floors = {c["category"]: c["eager_ms"] for c in roofline.by_category(traced, card)}
+            for c in p["categories"]:
+                c["roofline_ms"] = floors.get(c["category"], 0.0)
     result["roofline_card"] = {"name": card.name, "bandwidth_tbs": card.bandwidth_tbs}
 
 
@@ -147,8 +161,9 @@ def markdown(result: dict) -> str:
         out += ["", f"## Profile: {p['what']}", "",
                 f"Device busy {p['busy_ms_per_step']:.1f} ms of {p['wall_ms_per_step']:.1f} ms "
                 f"wall per step ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%}).", "",
-                "| kernel kind | ms/step | share |", "| --- | ---: | ---: |"]
-        out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} |"
+                "| kernel kind | ms/step | share | roofline ms |", "| --- | ---: | ---: | ---: |"]
+        out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} | "
+                + (f"{c['roofline_ms']:.1f} |" if "roofline_ms" in c else "- |")
                 for c in p["categories"]]
     if result.get("note"):
         out += ["", result["note"]]

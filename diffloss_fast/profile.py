@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(kernel_times(prof, cuda), args.steps, wall_ms)
     print(format_summary(summary, what))
     result = {"what": what, "variant": args.variant, "terms": args.terms, "batch": batch,
-              "resolution": resolution, "precision": precision, "torch": torch.__version__,
+              "resolution": resolution, "precision": precision, "prior": config,
+              "torch": torch.__version__,
               "cudnn_benchmark": args.cudnn_benchmark,
               "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
     if args.json:

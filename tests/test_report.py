@@ -45,11 +45,14 @@ def test_report_from_cpu_runs(tmp_path):
 
 
 def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
-    """On real H200 output (run 3, committed): every fast row's floor lies under its time."""
+    """On real H200 output (run 3, committed): every fast row's floor lies under its time.
+    A bf16 profile of the tiny prior on the CPU stands in for a GPU profile."""
     raw = tmp_path / "raw"
     raw.mkdir()
     source = Path(__file__).parents[1] / "benchmarks/results/raw-2026-11-26-h200/bench_b8_nchw.json"
     (raw / "bench_b8_nchw.json").write_text(source.read_text())
+    run(["profile", "--device", "cpu", "--precision", "bf16", "--batch", "1", "--steps", "1",
+         "--warmup", "1", "--json", str(raw / "profile_fast_both.json")])
     load_report().main([str(raw), "--card", "h200", "--out", str(tmp_path / "results")])
     [path] = (tmp_path / "results").glob("*.json")
     result = json.loads(path.read_text())
@@ -61,4 +64,7 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     semantic = next(r["roofline_ms"] for r in fast if r["terms"] == "semantic")
     assert 3 < both / semantic < 3.9  # under the FLOP ratio: more memory-bound work per FLOP
     assert all("roofline_ms" not in r for r in result["rows"] if r["variant"] == "reference")
-    assert "of roofline" in path.with_suffix(".md").read_text()
+    floors = {c["category"]: c["roofline_ms"] for c in result["profiles"][0]["categories"]}
+    assert floors["convolution"] > 0 and floors["norm"] > 0
+    md = path.with_suffix(".md").read_text()
+    assert "of roofline" in md and "| roofline ms |" in md

@@ -8,8 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffloss_fast import DiffLoss, build_prior
 from diffloss_fast.cli import main
-from diffloss_fast.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, card_for,
-                                     floors_ms, trace_step)
+from diffloss_fast.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, by_category,
+                                     card_for, floors_ms, trace_step)
 
 META = torch.device("meta")
 BF16 = 2  # bytes per element
@@ -154,6 +154,15 @@ def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
     both, semantic = (result["terms"][k]["floors_ms"]["compute"] for k in ("both", "semantic"))
     assert result["semantic_speedup_bound"]["compute"] == pytest.approx(both / semantic)
     assert "semantic only vs both terms" in capsys.readouterr().out
+
+
+def test_categories_split_the_eager_floor_without_loss():
+    card = CARDS["h100-sxm"]
+    ops = trace_step("tiny", terms="both", batch=2, resolution=32)
+    rows = by_category(ops, card)
+    assert sum(r["ops"] for r in rows) == len(ops)
+    assert sum(r["eager_ms"] for r in rows) == pytest.approx(floors_ms(ops, card)["eager"])
+    assert {r["category"] for r in rows} >= {"convolution", "norm", "elementwise", "attention"}
 
 
 def test_cards_are_found_by_their_cuda_device_names():
