@@ -220,13 +220,17 @@ def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
 
 
 def by_category(ops: list[Op], card: Card) -> list[dict]:
-    """FLOPs, bytes, eager floor and op count per category, largest floor first."""
+    """FLOPs, bytes, eager and fused floors and op count per category, largest floor first."""
     groups: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
         groups[op.category].append(op)
-    rows = [{"category": c, "ops": len(g), "gflop": sum(o.flops for o in g) / 1e9,
-             "gib": sum(o.bytes for o in g) / 2 ** 30, "eager_ms": floors_ms(g, card)["eager"]}
-            for c, g in groups.items()]
+    rows = []
+    for category, group in groups.items():
+        floors = floors_ms(group, card)
+        rows.append({"category": category, "ops": len(group),
+                     "gflop": sum(o.flops for o in group) / 1e9,
+                     "gib": sum(o.bytes for o in group) / 2 ** 30,
+                     "eager_ms": floors["eager"], "fused_ms": floors["fused"]})
     return sorted(rows, key=lambda r: -r["eager_ms"])
 
 
@@ -246,6 +250,47 @@ def format_analysis(terms: str, a: dict) -> str:
     lines += [f"  {r['category']:<16}{r['ops']:>6}{r['gflop']:>10.0f}{r['gib']:>11.2f}"
               f"{r['eager_ms']:>10.2f}" for r in a["categories"]]
     return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """PNG: per terms, the eager and fused floors stacked by kind of op, and 100% MFU."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    analyses = result["terms"]
+    fig = Figure(figsize=(8, 1.2 + 1.3 * len(analyses)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    categories = list(dict.fromkeys(c["category"] for a in analyses.values()
+                                    for c in a["categories"]))
+    colors = {c: f"C{i}" for i, c in enumerate(categories)}
+    labels, y = [], 0
+    for terms, a in analyses.items():
+        for scenario in ("eager", "fused"):
+            left = 0.0
+            for c in a["categories"]:
+                ms = c[f"{scenario}_ms"]
+                ax.barh(y, ms, left=left, color=colors[c["category"]])
+                left += ms
+            labels.append(f"{terms}: {scenario} ({a['mfu_ceiling'][scenario]:.0%} MFU)")
+            y += 1
+        ax.barh(y, a["floors_ms"]["compute"], color="0.6")
+        labels.append(f"{terms}: 100% MFU")
+        y += 1.5
+    ax.set_yticks([i + 0.5 * (i // 3) for i in range(len(labels))], labels, fontsize=8)
+    ax.invert_yaxis()
+    for c in categories:
+        ax.barh(0, 0, color=colors[c], label=c)
+    ax.legend(fontsize=7, loc="lower right")
+    card = result["card"]
+    ax.set_xlabel(f"least ms per loss step at {card['peak_tflops']:g} TFLOP/s and "
+                  f"{card['bandwidth_tbs']:g} TB/s")
+    ax.set_title(f"{result['prior']}, batch {result['batch']} at {result['resolution']}x"
+                 f"{result['resolution']}, {card['name']}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -271,6 +316,8 @@ def run(args: argparse.Namespace) -> dict:
             f"{s} {r:.2f}x" for s, r in result["semantic_speedup_bound"].items()))
     if args.json:
         write_json(args.json, result)
+    if args.plot:
+        plot(result, args.plot)
     return result
 
 
@@ -296,4 +343,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bandwidth-tbs", type=float, default=None,
                    help="override the card's memory bandwidth, TB/s")
     p.add_argument("--json", default=None, help="write the analysis to this JSON file")
+    p.add_argument("--plot", default=None, help="draw the floors, by kind of op, to this PNG")
     p.set_defaults(func=run)

@@ -144,7 +144,9 @@ def test_adm256_step_flops_match_the_design_counts():
 def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
     out = tmp_path / "roofline.json"
     main(["roofline", "--prior", "tiny", "--batch", "2", "--resolution", "32",
-          "--card", "h100-sxm", "--peak-tflops", "800", "--json", str(out)])
+          "--card", "h100-sxm", "--peak-tflops", "800", "--json", str(out),
+          "--plot", str(tmp_path / "roofline.png")])
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     assert result["card"]["peak_tflops"] == 800 and result["card"]["bandwidth_tbs"] == 3.35
     for terms in ("both", "semantic"):
@@ -161,7 +163,9 @@ def test_categories_split_the_eager_floor_without_loss():
     ops = trace_step("tiny", terms="both", batch=2, resolution=32)
     rows = by_category(ops, card)
     assert sum(r["ops"] for r in rows) == len(ops)
-    assert sum(r["eager_ms"] for r in rows) == pytest.approx(floors_ms(ops, card)["eager"])
+    for scenario in ("eager", "fused"):
+        assert (sum(r[f"{scenario}_ms"] for r in rows)
+                == pytest.approx(floors_ms(ops, card)[scenario]))
     assert {r["category"] for r in rows} >= {"convolution", "norm", "elementwise", "attention"}
 
 
