@@ -163,7 +163,7 @@ def markdown(result: dict) -> str:
                 f"wall per step ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%}).", "",
                 "| kernel kind | ms/step | share | roofline ms |", "| --- | ---: | ---: | ---: |"]
         out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} | "
-                + (f"{c['roofline_ms']:.1f} |" if "roofline_ms" in c else "- |")
+                + (f"{c['roofline_ms']:.2f} |" if "roofline_ms" in c else "- |")
                 for c in p["categories"]]
     if result.get("note"):
         out += ["", result["note"]]
@@ -218,22 +218,32 @@ def plot(result: dict, path: Path) -> None:
 
 
 def plot_profiles(profiles: list[dict], path: Path) -> None:
-    """Stacked bars: device ms per step of each kernel kind, one bar per profiled variant."""
+    """Stacked bars: device ms per step of each kernel kind, one bar per profiled variant, each
+    followed by its roofline (the floor of each kind) where the report computed one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(c["category"] for p in profiles for c in p["categories"]))
-    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.6 * len(profiles)), dpi=120)
-    labels = [f"{p['variant']} ({p['terms']})" for p in profiles]
-    left = [0.0] * len(profiles)
+    bars = []  # (label, ms per kind, wall ms or None)
+    for p in profiles:
+        label = f"{p['variant']} ({p['terms']})"
+        bars.append((label, {c["category"]: c["ms_per_step"] for c in p["categories"]},
+                     p["wall_ms_per_step"]))
+        if any("roofline_ms" in c for c in p["categories"]):
+            bars.append((f"{label}: roofline",
+                         {c["category"]: c.get("roofline_ms", 0.0) for c in p["categories"]},
+                         None))
+    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.6 * len(bars)), dpi=120)
+    labels = [label for label, _, _ in bars]
+    left = [0.0] * len(bars)
     for kind in kinds:
-        ms = [next((c["ms_per_step"] for c in p["categories"] if c["category"] == kind), 0.0)
-              for p in profiles]
+        ms = [per_kind.get(kind, 0.0) for _, per_kind, _ in bars]
         ax.barh(labels, ms, left=left, label=kind)
         left = [a + b for a, b in zip(left, ms)]
-    for i, p in enumerate(profiles):
-        ax.plot([p["wall_ms_per_step"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+    for i, (_, _, wall) in enumerate(bars):
+        if wall is not None:
+            ax.plot([wall] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
     ax.set_xlabel("device ms per loss step (black bar: wall time)")
     ax.set_title(f"Where the step goes, batch {profiles[0]['batch']} at "
                  f"{profiles[0]['resolution']}x{profiles[0]['resolution']}")

@@ -68,3 +68,5 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     assert floors["convolution"] > 0 and floors["norm"] > 0
     md = path.with_suffix(".md").read_text()
     assert "of roofline" in md and "| roofline ms |" in md
+    profile_png = path.with_name(path.stem + "-profile.png")
+    assert profile_png.read_bytes()[:8] == PNG_MAGIC
