@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from . import hardware, replay
 from .cli import positive_int, write_json
 from .loss import DiffLoss, _DTYPES
 from .profile import categorize
@@ -81,6 +82,7 @@ class Op:
     flops: int
     bytes: int
     stat_bytes: int = 0  # GroupNorm: the activations its statistics must read even when fused
+    call: tuple | None = None  # convolutions: (ATen op, frozen arguments), to replay on a device
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -109,7 +111,8 @@ def aten_op(func, args, kwargs, out) -> Op | None:
     name = func._schema.name
     category = categorize(name)
     stat = sum(_nbytes(t) for t in _tensors(args) if t.dim() == 4) if category == "norm" else 0
-    return Op(name, category, int(flops), moved, stat)
+    call = (func, replay.freeze(args)) if category == "convolution" and not kwargs else None
+    return Op(name, category, int(flops), moved, stat, call)
 
 
 class _Recorder(TorchDispatchMode):
@@ -293,21 +296,71 @@ def plot(result: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def _card(args, device: torch.device | None) -> Card:
+    """--card, else the device being timed if it is a known card, else an RTX 4090; a
+    device being timed brings its measured matmul rate unless --peak-tflops is given."""
+    name = args.card or (card_for(hardware.device_name(device))
+                         and next(k for k, c in CARDS.items()
+                                  if c is card_for(hardware.device_name(device))))
+    card = CARDS[name or "rtx-4090"]
+    peak = args.peak_tflops
+    if peak is None and device is not None and device.type == "cuda":
+        peak = hardware.matmul_peak_tflops(device)
+        print(f"measured {args.precision} matmul rate: {peak:.1f} TFLOP/s")
+    return Card(card.name, peak or card.peak_tflops, args.bandwidth_tbs or card.bandwidth_tbs)
+
+
+def time_convolutions(ops: list[Op], card: Card, device: torch.device, *,
+                      channels_last: bool = False) -> dict:
+    """The traced convolutions run one distinct call at a time on ``device``, against their
+    floor: their own rate, apart from everything around them."""
+    convs = [op for op in ops if op.call is not None]
+    rows = replay.time_calls([op.call for op in convs], {op.call: op.flops for op in convs},
+                             device, channels_last=channels_last)
+    tflops = sum(op.flops for op in convs) / sum(r["total_ms"] for r in rows) / 1e9
+    return {"device": hardware.device_name(device), "channels_last": channels_last,
+            "ops": len(convs), "distinct": len(rows),
+            "measured_ms": sum(r["total_ms"] for r in rows),
+            "floor_ms": floors_ms(convs, card)["eager"], "tflops": tflops,
+            # the peak is the device's own only where it was measured there
+            "of_peak": tflops / card.peak_tflops if device.type == "cuda" else None,
+            "calls": rows}
+
+
+def format_convolutions(t: dict) -> str:
+    of_peak = f", {t['of_peak']:.0%} of the matmul rate" if t["of_peak"] is not None else ""
+    layout = "channels_last" if t["channels_last"] else "NCHW"
+    lines = [f"  convolutions alone ({layout}) on {t['device']}: {t['measured_ms']:.1f} ms "
+             f"({t['ops']} ops, {t['distinct']} distinct) against a {t['floor_ms']:.1f} ms floor: "
+             f"{t['tflops']:.3g} TFLOP/s{of_peak}",
+             f"  {'count':>7}{'ms each':>10}{'TFLOP/s':>9}  call"]
+    lines += [f"  {r['count']:>7}{r['ms']:>10.3f}{r['tflops']:>9.3g}  {r['call']}"
+              for r in t["calls"][:12]]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict:
-    card = CARDS[args.card]
-    card = Card(card.name, args.peak_tflops or card.peak_tflops,
-                args.bandwidth_tbs or card.bandwidth_tbs)
+    device = hardware.resolve_device(args.device) if args.time_convolutions else None
+    if device is not None:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    card = _card(args, device)
     print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
-          f"{args.precision}{', fused norms' if args.fused_norm else ''}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
-          f"{card.bandwidth_tbs:g} TB/s")
+          f"{args.precision}{', fused norms' if args.fused_norm else ''}, on {card.name}: "
+          f"{card.peak_tflops:g} TFLOP/s, {card.bandwidth_tbs:g} TB/s")
     result = {"prior": args.prior, "batch": args.batch, "resolution": args.resolution,
               "precision": args.precision, "fused_norm": args.fused_norm,
               "card": asdict(card), "terms": {}}
+    if device is not None:
+        result["cudnn_benchmark"] = args.cudnn_benchmark
     for terms in args.terms:
         ops = trace_step(args.prior, terms=terms, batch=args.batch, resolution=args.resolution,
                          precision=args.precision, fused_norm=args.fused_norm)
-        result["terms"][terms] = analyse(ops, card)
-        print("\n" + format_analysis(terms, result["terms"][terms]))
+        analysis = result["terms"][terms] = analyse(ops, card)
+        print("\n" + format_analysis(terms, analysis))
+        if device is not None:
+            analysis["convolutions"] = time_convolutions(ops, card, device,
+                                                         channels_last=args.channels_last)
+            print(format_convolutions(analysis["convolutions"]))
     if {"both", "semantic"} <= set(result["terms"]):
         both, sem = result["terms"]["both"], result["terms"]["semantic"]
         result["semantic_speedup_bound"] = {s: both["floors_ms"][s] / sem["floors_ms"][s]
@@ -336,12 +389,21 @@ def add_parser(subparsers) -> None:
                    choices=("both", "semantic", "natural"))
     p.add_argument("--fused-norm", action="store_true",
                    help="trace the step as DiffLoss(fused_norm=True) runs it")
-    p.add_argument("--card", default="rtx-4090", choices=tuple(CARDS),
-                   help="spec-sheet peak and bandwidth (default: rtx-4090)")
+    p.add_argument("--card", default=None, choices=tuple(CARDS),
+                   help="spec-sheet peak and bandwidth (default: the device timed, if known, "
+                        "else rtx-4090)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="override the card's peak, e.g. with the matmul rate bench measured")
     p.add_argument("--bandwidth-tbs", type=float, default=None,
                    help="override the card's memory bandwidth, TB/s")
+    p.add_argument("--time-convolutions", action="store_true",
+                   help="also run each distinct convolution of the step on --device, timed "
+                        "alone (on CUDA, against the matmul rate measured there)")
+    p.add_argument("--device", default="auto", help="for --time-convolutions: cuda, cpu, auto")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="for --time-convolutions: let cuDNN time its algorithms per shape")
+    p.add_argument("--channels-last", action="store_true",
+                   help="for --time-convolutions: channels_last activations and weights")
     p.add_argument("--json", default=None, help="write the analysis to this JSON file")
     p.add_argument("--plot", default=None, help="draw the floors, by kind of op, to this PNG")
     p.set_defaults(func=run)
