@@ -3,8 +3,8 @@
 #
 #   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
 #                                       them (both layouts) against reference and plain eager,
-#                                       their op suite, cuDNN autotuning, and kernel-time
-#                                       profiles (under 8 min)
+#                                       kernel-time profiles, the step's convolutions timed alone
+#                                       (NCHW, NHWC), cuDNN autotuning, their op suite (under 10 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, native CUDA build + tests
@@ -45,23 +45,29 @@ head -n 20 "$raw/env.txt"
 
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
-  # the kernel tests at the prior's sizes and in half precision, and the whole loss (every
-  # other case compiles its own kernel variant: minutes of Triton compilation on a bare machine)
+  # In order of what the open goals need most, should the lease run out: the kernel tests at
+  # the prior's sizes and in half precision, and the whole loss (every other case compiles its
+  # own kernel variant: minutes of Triton compilation on a bare machine); the fused norms
+  # timed; where the step's time goes; how fast the convolutions run alone; then the rest.
   step tests_fused 90 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
     -q -x -p no:cacheprovider -k "prior_sized or half_precision or another_layout or fused_norm"
   step bench_fused 150 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
-  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
-    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
-  step bench_cudnn_benchmark 60 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
-    --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
-  step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
   for cfg in "fast both" "fast-fused both" "fast semantic"; do
     set -- $cfg
     step "profile_$1_$2" 35 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
       --json "$raw/profile_$1_$2.json"
   done
+  step convs_nchw 35 python3 -m diffloss_fast roofline --terms both --time-convolutions \
+    --json "$raw/roofline_convs_nchw.json"
+  step convs_nhwc 35 python3 -m diffloss_fast roofline --terms both --time-convolutions \
+    --channels-last --json "$raw/roofline_convs_nhwc.json"
+  step bench_cudnn_benchmark 60 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
+    --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
+  step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
+  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
+    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
 fi
 
 if [[ $part == core || $part == all ]]; then
@@ -101,5 +107,6 @@ tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
 for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; }; done
+for f in "$raw"/convs*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 8 "convolutions alone" "$f"; }; done
 [[ -f $raw/memory.log ]] && { echo "=== memory"; tail -n 12 "$raw/memory.log"; }
 exit 0

@@ -3,8 +3,9 @@
     python benchmarks/report.py RAW_DIR --card h200 [--date YYYY-MM-DD]
 
 RAW_DIR holds bench_*.json (from ``diffloss-fast bench --json``), and may hold memory.json
-(``diffloss-fast memory --json``), profile_*.json (``diffloss-fast profile --json``) and
-suite_*.json (pytest-benchmark). Writes, under benchmarks/results/:
+(``diffloss-fast memory --json``), profile_*.json (``diffloss-fast profile --json``),
+roofline_*.json (``diffloss-fast roofline --time-convolutions --json``) and suite_*.json
+(pytest-benchmark). Writes, under benchmarks/results/:
 ``<date>-<card>[-<run>].json`` (the schema of the performance issue; a row's ``norms`` says
 whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png`` (images/s per
 variant at each batch size) and, with profiles, ``-profile.png`` (device time per kernel kind).
@@ -64,6 +65,17 @@ def merge(raw: Path) -> dict:
     profiles = [json.loads(p.read_text()) for p in sorted(raw.glob("profile_*.json"))]
     if profiles:
         result["profiles"] = profiles
+    convolutions = []  # roofline --time-convolutions: the step's convolutions timed alone
+    for path in sorted(raw.glob("roofline_*.json")):
+        r = json.loads(path.read_text())
+        for terms, analysis in r["terms"].items():
+            if "convolutions" in analysis:
+                convolutions.append({"terms": terms, "batch": r["batch"],
+                                     "cudnn_benchmark": r.get("cudnn_benchmark", False),
+                                     "peak_tflops": r["card"]["peak_tflops"],
+                                     **analysis["convolutions"]})
+    if convolutions:
+        result["convolutions"] = convolutions
     memory = raw / "memory.json"
     if memory.exists():
         m = json.loads(memory.read_text())
@@ -165,6 +177,18 @@ def markdown(result: dict) -> str:
         out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} | "
                 + (f"{c['roofline_ms']:.2f} |" if "roofline_ms" in c else "- |")
                 for c in p["categories"]]
+    for c in result.get("convolutions", []):
+        layout = "channels_last" if c["channels_last"] else "NCHW"
+        tuned = ", cuDNN autotuned" if c["cudnn_benchmark"] else ""
+        of_peak = (f", {c['of_peak']:.0%} of the {c['peak_tflops']:.0f} TFLOP/s matmul rate"
+                   if c["of_peak"] is not None else "")
+        out += ["", f"## Convolutions alone: {c['terms']}, batch {c['batch']}, {layout}{tuned}",
+                "", f"The step's {c['ops']} convolutions ({c['distinct']} distinct calls), each "
+                f"timed alone: {c['measured_ms']:.1f} ms against a {c['floor_ms']:.1f} ms floor, "
+                f"{c['tflops']:.3g} TFLOP/s{of_peak}.", "",
+                "| call | count | ms each | TFLOP/s |", "| --- | ---: | ---: | ---: |"]
+        out += [f"| {r['call']} | {r['count']} | {r['ms']:.3f} | {r['tflops']:.3g} |"
+                for r in c["calls"][:15]]
     if result.get("note"):
         out += ["", result["note"]]
     mem = result.get("memory")

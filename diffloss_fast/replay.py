@@ -67,5 +67,4 @@ def time_calls(calls: list[tuple], flops: dict, device: torch.device, *,
                                                 repeats=repeats))
         rows.append({"call": describe(call), "count": count, "gflop": flops[call] / 1e9,
                      "ms": ms, "total_ms": count * ms, "tflops": flops[call] / ms / 1e9})
-        del live
     return sorted(rows, key=lambda r: -r["total_ms"])

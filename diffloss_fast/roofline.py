@@ -299,10 +299,11 @@ def plot(result: dict, path: str) -> None:
 def _card(args, device: torch.device | None) -> Card:
     """--card, else the device being timed if it is a known card, else an RTX 4090; a
     device being timed brings its measured matmul rate unless --peak-tflops is given."""
-    name = args.card or (card_for(hardware.device_name(device))
-                         and next(k for k, c in CARDS.items()
-                                  if c is card_for(hardware.device_name(device))))
-    card = CARDS[name or "rtx-4090"]
+    if args.card:
+        card = CARDS[args.card]
+    else:
+        timed = card_for(hardware.device_name(device)) if device is not None else None
+        card = timed or CARDS["rtx-4090"]
     peak = args.peak_tflops
     if peak is None and device is not None and device.type == "cuda":
         peak = hardware.matmul_peak_tflops(device)

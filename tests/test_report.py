@@ -28,6 +28,9 @@ def test_report_from_cpu_runs(tmp_path):
                  "--warmup", "1", "--json", str(raw / "bench_cpu.json")])
     run(["profile", "--device", "cpu", "--batch", "1", "--steps", "1", "--warmup", "1",
          "--json", str(raw / "profile_fast_both.json")])
+    run(["roofline", "--prior", "tiny", "--batch", "1", "--resolution", "16", "--terms",
+         "semantic", "--time-convolutions", "--device", "cpu", "--channels-last",
+         "--json", str(raw / "roofline_convs.json")])
     load_report().main([str(raw), "--card", "cpu", "--run", "t", "--out", str(out),
                         "--note", "a test run"])
     stem = f"{bench['date']}-cpu-t"
@@ -40,6 +43,10 @@ def test_report_from_cpu_runs(tmp_path):
     assert result["profiles"][0]["variant"] == "fast"
     md = (out / f"{stem}.md").read_text()
     assert "## Profile: fast" in md and "| convolution |" in md and "a test run" in md
+    [convolutions] = result["convolutions"]
+    assert convolutions["terms"] == "semantic" and convolutions["channels_last"]
+    assert "## Convolutions alone: semantic, batch 1, channels_last" in md
+    assert convolutions["calls"][0]["call"] in md  # the slowest call heads its table
     for png in (f"{stem}-speed.png", f"{stem}-profile.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
