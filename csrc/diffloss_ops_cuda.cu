@@ -38,6 +38,19 @@ Walk make_walk(std::initializer_list<const at::Tensor*> ts, const at::Tensor& re
   return walk_in_order_of(std::vector<const at::Tensor*>(ts), ref);
 }
 
+// Calls f(in_t{}, out_t{}) for the element types of two dtypes (fp32/fp64/fp16/bf16 each): the
+// noising reads one dtype and writes another.
+template <typename F>
+void dispatch_q_sample(at::ScalarType in, at::ScalarType out, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, in, "diffloss q_sample_pair cuda", [&] {
+        using in_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out,
+                                        "diffloss q_sample_pair cuda (out)",
+                                        [&] { f(in_t{}, scalar_t{}); });
+      });
+}
+
 // Offsets of element r (in Walk order) of sample b in every tensor.
 __device__ __forceinline__ void locate(const Walk& w, int64_t b, int64_t r, int64_t* off) {
   const int64_t i3 = r % w.size[3];
@@ -227,24 +240,19 @@ void q_sample_fwd_cuda(const at::Tensor& r, const at::Tensor& g, const at::Tenso
   const Walk w = make_walk({&r, &g, &n, &out_r, &out_g}, out_r);
   const int grid = grid_for(total);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, r.scalar_type(), "diffloss q_sample_pair forward cuda", [&] {
-        using in_t = scalar_t;
-        using acc_t = at::opmath_type<in_t>;
-        AT_DISPATCH_FLOATING_TYPES_AND2(
-            at::kHalf, at::kBFloat16, out_r.scalar_type(), "diffloss q_sample_pair out cuda",
-            [&] {
-              using out_t = scalar_t;
-              auto kernel = fast ? &q_sample_fwd_kernel<in_t, out_t, true>
-                                 : &q_sample_fwd_kernel<in_t, out_t, false>;
-              kernel<<<grid, kThreads, 0, stream>>>(
-                  r.const_data_ptr<in_t>(), g.const_data_ptr<in_t>(), n.const_data_ptr<in_t>(),
-                  cs.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(),
-                  static_cast<acc_t>(scale), static_cast<acc_t>(offset),
-                  out_r.mutable_data_ptr<out_t>(), out_g.mutable_data_ptr<out_t>(), total, M, w);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
-      });
+  dispatch_q_sample(r.scalar_type(), out_r.scalar_type(), [&](auto in, auto out) {
+    using in_t = decltype(in);
+    using out_t = decltype(out);
+    using acc_t = at::opmath_type<in_t>;
+    auto kernel = fast ? &q_sample_fwd_kernel<in_t, out_t, true>
+                       : &q_sample_fwd_kernel<in_t, out_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        r.const_data_ptr<in_t>(), g.const_data_ptr<in_t>(), n.const_data_ptr<in_t>(),
+        cs.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
+        static_cast<acc_t>(offset), out_r.mutable_data_ptr<out_t>(),
+        out_g.mutable_data_ptr<out_t>(), total, M, w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void q_sample_bwd_cuda(const at::Tensor& grad, const at::Tensor& cs, double scale,
@@ -257,22 +265,17 @@ void q_sample_bwd_cuda(const at::Tensor& grad, const at::Tensor& cs, double scal
   const Walk w = make_walk({&grad, &grad_r}, grad_r);
   const int grid = grid_for(total);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad_r.scalar_type(), "diffloss q_sample_pair backward cuda", [&] {
-        using in_t = scalar_t;
-        using acc_t = at::opmath_type<in_t>;
-        AT_DISPATCH_FLOATING_TYPES_AND2(
-            at::kHalf, at::kBFloat16, grad.scalar_type(), "diffloss q_sample_pair grad cuda",
-            [&] {
-              using out_t = scalar_t;
-              auto kernel = fast ? &q_sample_bwd_kernel<in_t, out_t, true>
-                                 : &q_sample_bwd_kernel<in_t, out_t, false>;
-              kernel<<<grid, kThreads, 0, stream>>>(
-                  grad.const_data_ptr<out_t>(), cs.const_data_ptr<acc_t>(),
-                  static_cast<acc_t>(scale), grad_r.mutable_data_ptr<in_t>(), total, M, w);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
-      });
+  dispatch_q_sample(grad_r.scalar_type(), grad.scalar_type(), [&](auto in, auto out) {
+    using in_t = decltype(in);
+    using out_t = decltype(out);
+    using acc_t = at::opmath_type<in_t>;
+    auto kernel = fast ? &q_sample_bwd_kernel<in_t, out_t, true>
+                       : &q_sample_bwd_kernel<in_t, out_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        grad.const_data_ptr<out_t>(), cs.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
+        grad_r.mutable_data_ptr<in_t>(), total, M, w);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 at::Tensor weighted_l2_fwd_cuda(const at::Tensor& p, const at::Tensor& q, const at::Tensor& wt,
