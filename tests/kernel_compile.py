@@ -5,8 +5,8 @@ never lowers them: a kernel can pass there and still fail to compile for a GPU (
 layouts, shared memory). Here each public wrapper is driven, forward and backward, over the
 dtypes, layouts and options DiffLoss uses, on meta tensors (huge ones reach the 64-bit
 offset variants); its launches are recorded instead of run, and each distinct one is compiled
-by Triton's own compiler down to a cubin for the given architectures. Run without
-TRITON_INTERPRET:
+by Triton's own compiler down to a cubin for the given architectures, with its register,
+stack and local-memory use. Run without TRITON_INTERPRET:
 
     python tests/kernel_compile.py 90 89     # H100/H200 and RTX 4090; prints JSON
 """
@@ -15,7 +15,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -113,6 +117,20 @@ def record_launches() -> dict[tuple, JITFunction]:
     return launches
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, LOCAL, SHARED of a cubin, read by the cuobjdump Triton ships: STACK or
+    LOCAL above 0 means registers spilled to memory."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "--dump-resource-usage", str(path)],
+                              capture_output=True, text=True, check=True).stdout
+    usage = text.split("Function", 1)[1]
+    return {key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))
+            for key in ("REG", "STACK", "LOCAL", "SHARED")}
+
+
 def compile_all(archs: list[int]) -> list[dict]:
     results = []
     for (name, signature, constexprs, options), kernel in record_launches().items():
@@ -125,7 +143,8 @@ def compile_all(archs: list[int]) -> list[dict]:
                                           target=GPUTarget("cuda", arch, 32),
                                           options=dict(options))
                 row.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]),
-                           shared_bytes=compiled.metadata.shared)
+                           shared_bytes=compiled.metadata.shared,
+                           usage=resource_usage(compiled.asm["cubin"]))
             except Exception as err:  # noqa: BLE001 - every failure is reported, not raised
                 row.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
             results.append(row)

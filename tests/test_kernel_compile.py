@@ -1,5 +1,6 @@
 """Every Triton kernel compiles to a cubin for Hopper (H100/H200) and Ada (RTX 4090), from
-the CPU: the interpreter the other tests use never lowers a kernel."""
+the CPU, within the shared memory a block may have and without register spills: the
+interpreter the other tests use never lowers a kernel."""
 import json
 import os
 import subprocess
@@ -25,6 +26,9 @@ def test_every_kernel_compiles_for_hopper_and_ada():
     assert {r["kernel"] for r in results} == set(report["kernels"])  # none left out
     for r in results:
         assert r["cubin_bytes"] > 0 and r["shared_bytes"] <= MAX_SHARED[r["arch"]]
+        # no register spills: a spilling kernel pays local-memory traffic on every element
+        assert r["usage"]["STACK"] == r["usage"]["LOCAL"] == 0, r
+        assert 0 < r["usage"]["REG"] <= 255
     variants = {(r["kernel"], tuple(sorted(r["constexprs"].items()))) for r in results}
     # the 64-bit offset and strided variants were reached, not only the common ones
     assert any(k == "_q_sample_pair_fwd_kernel" and ("I64", "True") in c for k, c in variants)
