@@ -381,7 +381,7 @@ def add_parser(subparsers) -> None:
         description="Traces one loss step of the network DiffLoss runs on the meta device "
                     "and bounds its time on a card by FLOPs / peak and bytes / bandwidth, "
                     "with every op a pass over memory (eager), with the elementwise work "
-                    "fused into the convolutions (fused), and at 100%% MFU (compute).")
+                    "fused into the convolutions (fused), and at 100% MFU (compute).")
     p.add_argument("--prior", default="adm-256-uncond", help="preset name: adm-256-uncond | tiny")
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--resolution", type=positive_int, default=256)
