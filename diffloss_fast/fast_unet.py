@@ -6,7 +6,8 @@ statistics and the timestep MLP stay fp32), attention runs through
 ``F.scaled_dot_product_attention`` (or xformers), the output convolution is sliced to the three
 noise channels, and without the natural term the decoder is not built at all. Each
 GroupNorm (+ FiLM) + SiLU runs as plain PyTorch ops or, with ``fused_norm``, as fused Triton
-kernels (:mod:`diffloss_fast.ops.group_norm_silu`).
+kernels (:mod:`diffloss_fast.ops.group_norm_silu`); each convolution keeps only its weight for
+the backward pass (:mod:`diffloss_fast.ops.frozen_conv`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .ops.frozen_conv import frozen_conv2d
 from .ops.group_norm_silu import group_norm_silu_torch
 from .prior import UNetModel
 from guided_diffusion.nn import timestep_embedding
@@ -120,23 +122,24 @@ class FastUNet(nn.Module):
         h = self._norm_silu(norm, x)
         if blk.updown:
             h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
-        h = conv(h)
+        h = frozen_conv2d(conv, h)
         emb_out = blk.emb_layers[1](F.silu(emb)).to(h.dtype)[..., None, None]
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
         if blk.use_scale_shift_norm:
             h = self._norm_silu(out_norm, h, *emb_out.chunk(2, dim=1))
         else:
             h = self._norm_silu(out_norm, h + emb_out)
-        h = out_conv(h)
-        return blk.skip_connection(x) + h
+        h = frozen_conv2d(out_conv, h)
+        skip = blk.skip_connection
+        return (frozen_conv2d(skip, x) if isinstance(skip, nn.Conv2d) else skip(x)) + h
 
     @staticmethod
     def _resample(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
-            return layer.op(h) if layer.use_conv else F.avg_pool2d(h, 2)
+            return frozen_conv2d(layer.op, h) if layer.use_conv else F.avg_pool2d(h, 2)
         if isinstance(layer, Upsample):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
-            return layer.conv(h) if layer.use_conv else h
+            return frozen_conv2d(layer.conv, h) if layer.use_conv else h
         return h  # nn.Identity
 
     def _attn(self, blk: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +166,7 @@ class FastUNet(nn.Module):
         if isinstance(layer, (Downsample, Upsample)):
             return self._resample(layer, h)
         if isinstance(layer, nn.Conv2d):
-            return layer(h)
+            return frozen_conv2d(layer, h)
         raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
 
     def _run(self, block: nn.Sequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -195,5 +198,5 @@ class FastUNet(nn.Module):
         mid = h
         for block in self.output_blocks:
             h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
-        eps = self.out_conv(self._norm_silu(self.out_norm, h))
+        eps = frozen_conv2d(self.out_conv, self._norm_silu(self.out_norm, h))
         return eps, mid

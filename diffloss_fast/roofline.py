@@ -167,7 +167,7 @@ def _fused_norm_silu(ops: list[Op]):
     class FusedNormSiLU(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None):
-            ctx.x = x
+            ctx.save_for_backward(x)  # all the kernels keep, with two floats per group
             ops.append(Op("group_norm_silu (fused forward)", "norm", 0, 3 * _nbytes(x),
                           _nbytes(x)))
             return torch.empty_like(x)
@@ -176,36 +176,73 @@ def _fused_norm_silu(ops: list[Op]):
         def backward(ctx, dy):
             ops.append(Op("group_norm_silu (fused backward)", "norm", 0, 5 * _nbytes(dy),
                           2 * _nbytes(dy)))
-            return (torch.empty_like(ctx.x),) + (None,) * 6
+            return (torch.empty_like(ctx.saved_tensors[0]),) + (None,) * 6
     return FusedNormSiLU.apply
 
 
-def trace_step(config: str = "adm-256-uncond", *, terms: str = "both", batch: int = 8,
-               resolution: int = 256, precision: str = "bf16",
-               fused_norm: bool = False) -> list[Op]:
-    """The ops of one loss step's prior work, in execution order, on the meta device;
-    ``fused_norm``: as ``DiffLoss(fused_norm=True)`` runs it."""
+def _traced_network(config, terms: str, precision: str, checkpoint: bool):
+    """The network DiffLoss itself runs for these options, on the meta device."""
     natural = terms in ("both", "natural")
-    semantic = terms in ("both", "semantic")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
-                       semantic_weight=float(semantic), precision=precision)
-    meta, dtype = torch.device("meta"), _DTYPES[precision]
-    net = loss_fn._net(meta, dtype, decoder=natural)  # the network DiffLoss itself runs
+                       semantic_weight=float(terms in ("both", "semantic")),
+                       precision=precision, checkpoint=checkpoint)
+    return loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
+
+
+def _inputs(batch: int, resolution: int, precision: str):
+    """The two noised images (the restored one differentiable) and the timesteps."""
+    shape, dtype = (batch, 3, resolution, resolution), _DTYPES[precision]
+    return (torch.empty(shape, device="meta", dtype=dtype),
+            torch.empty(shape, device="meta", dtype=dtype, requires_grad=True),
+            torch.zeros(batch, dtype=torch.long, device="meta"))
+
+
+def _outputs(terms: str, eps, h) -> list[torch.Tensor]:
+    return [y for y, want in ((eps, terms in ("both", "natural")),
+                              (h, terms in ("both", "semantic"))) if want]
+
+
+def trace_step(config: str = "adm-256-uncond", *, terms: str = "both", batch: int = 8,
+               resolution: int = 256, precision: str = "bf16", fused_norm: bool = False,
+               checkpoint: bool = False) -> list[Op]:
+    """The ops of one loss step's prior work, in execution order, on the meta device;
+    ``fused_norm``, ``checkpoint``: as DiffLoss runs it with those options."""
+    net = _traced_network(config, terms, precision, checkpoint)
     ops: list[Op] = []
     if fused_norm:
         net._norm_silu_impl = _fused_norm_silu(ops)
-    shape = (batch, 3, resolution, resolution)
-    x_gt = torch.empty(shape, device=meta, dtype=dtype)
-    x_res = torch.empty(shape, device=meta, dtype=dtype, requires_grad=True)
-    t = torch.zeros(batch, dtype=torch.long, device=meta)
-    recorder = _Recorder(ops)
-    with recorder, mock.patch.object(F, "scaled_dot_product_attention", _fused_attention(ops)):
+    x_gt, x_res, t = _inputs(batch, resolution, precision)
+    with _Recorder(ops), mock.patch.object(F, "scaled_dot_product_attention",
+                                           _fused_attention(ops)):
         with torch.no_grad():
             net(x_gt, t)
-        eps, h = net(x_res, t)
-        wanted = [y for y, want in ((eps, natural), (h, semantic)) if want]
+        wanted = _outputs(terms, *net(x_res, t))
         torch.autograd.backward(wanted, [torch.empty_like(y) for y in wanted])
     return ops
+
+
+def saved_activation_bytes(config: str = "adm-256-uncond", *, terms: str = "both",
+                           batch: int = 8, resolution: int = 256, precision: str = "bf16",
+                           fused_norm: bool = False, checkpoint: bool = False) -> int:
+    """Bytes the restored branch's forward keeps for its backward pass (each storage once):
+    the part of a step's peak memory that grows with the batch."""
+    net = _traced_network(config, terms, precision, checkpoint)
+    if fused_norm:
+        net._norm_silu_impl = _fused_norm_silu([])
+    x_gt, x_res, t = _inputs(batch, resolution, precision)
+    weights = {p.untyped_storage()._cdata for p in net.parameters()}  # resident anyway
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with mock.patch.object(F, "scaled_dot_product_attention", _fused_attention([])):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            net(x_res, t)
+    return sum(storages.values())
 
 
 def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
@@ -246,7 +283,8 @@ def analyse(ops: list[Op], card: Card) -> dict:
 
 
 def format_analysis(terms: str, a: dict) -> str:
-    lines = [f"{terms}: {a['tflop']:.2f} TFLOP in {a['ops']} ops",
+    lines = [f"{terms}: {a['tflop']:.2f} TFLOP in {a['ops']} ops; the backward keeps "
+             f"{a['saved_gib_per_image']:.2f} GiB of activations per image",
              f"  {'scenario':<9}{'floor ms':>10}{'MFU ceiling':>13}"]
     lines += [f"  {s:<9}{a['floors_ms'][s]:>10.1f}{a['mfu_ceiling'][s]:>13.1%}" for s in SCENARIOS]
     lines += ["", f"  {'category':<16}{'ops':>6}{'GFLOP':>10}{'GiB moved':>11}{'eager ms':>10}"]
@@ -345,18 +383,24 @@ def run(args: argparse.Namespace) -> dict:
     if device is not None:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     card = _card(args, device)
+    how = "".join((", fused norms" if args.fused_norm else "",
+                   ", checkpointing" if args.checkpoint else ""))
     print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
-          f"{args.precision}{', fused norms' if args.fused_norm else ''}, on {card.name}: "
-          f"{card.peak_tflops:g} TFLOP/s, {card.bandwidth_tbs:g} TB/s")
+          f"{args.precision}{how}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
+          f"{card.bandwidth_tbs:g} TB/s")
     result = {"prior": args.prior, "batch": args.batch, "resolution": args.resolution,
               "precision": args.precision, "fused_norm": args.fused_norm,
-              "card": asdict(card), "terms": {}}
+              "checkpoint": args.checkpoint, "card": asdict(card), "terms": {}}
     if device is not None:
         result["cudnn_benchmark"] = args.cudnn_benchmark
     for terms in args.terms:
-        ops = trace_step(args.prior, terms=terms, batch=args.batch, resolution=args.resolution,
-                         precision=args.precision, fused_norm=args.fused_norm)
+        options = dict(terms=terms, batch=args.batch, resolution=args.resolution,
+                       precision=args.precision, fused_norm=args.fused_norm,
+                       checkpoint=args.checkpoint)
+        ops = trace_step(args.prior, **options)
         analysis = result["terms"][terms] = analyse(ops, card)
+        analysis["saved_gib_per_image"] = (saved_activation_bytes(args.prior, **options)
+                                           / args.batch / 2 ** 30)
         print("\n" + format_analysis(terms, analysis))
         if device is not None:
             analysis["convolutions"] = time_convolutions(ops, card, device,
@@ -390,6 +434,8 @@ def add_parser(subparsers) -> None:
                    choices=("both", "semantic", "natural"))
     p.add_argument("--fused-norm", action="store_true",
                    help="trace the step as DiffLoss(fused_norm=True) runs it")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="trace the step as DiffLoss(checkpoint=True) runs it")
     p.add_argument("--card", default=None, choices=tuple(CARDS),
                    help="spec-sheet peak and bandwidth (default: the device timed, if known, "
                         "else rtx-4090)")

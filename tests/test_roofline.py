@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffloss_fast import DiffLoss, build_prior
 from diffloss_fast.cli import main
 from diffloss_fast.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, by_category,
-                                     card_for, floors_ms, trace_step)
+                                     card_for, floors_ms, saved_activation_bytes, trace_step)
 
 META = torch.device("meta")
 BF16 = 2  # bytes per element
@@ -153,6 +153,8 @@ def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
         floors = result["terms"][terms]["floors_ms"]
         assert floors["eager"] >= floors["fused"] >= floors["compute"] > 0
         assert 0 < result["terms"][terms]["mfu_ceiling"]["eager"] <= 1
+    assert 0 < result["terms"]["semantic"]["saved_gib_per_image"] < result["terms"]["both"][
+        "saved_gib_per_image"]
     both, semantic = (result["terms"][k]["floors_ms"]["compute"] for k in ("both", "semantic"))
     assert result["semantic_speedup_bound"]["compute"] == pytest.approx(both / semantic)
     assert "semantic only vs both terms" in capsys.readouterr().out
@@ -167,6 +169,15 @@ def test_categories_split_the_eager_floor_without_loss():
         assert (sum(r[f"{scenario}_ms"] for r in rows)
                 == pytest.approx(floors_ms(ops, card)[scenario]))
     assert {r["category"] for r in rows} >= {"convolution", "norm", "elementwise", "attention"}
+
+
+def test_saved_activations_grow_with_the_batch_and_shrink_with_each_option():
+    saved = lambda **kw: saved_activation_bytes("tiny", resolution=32, **kw)  # noqa: E731
+    assert saved(batch=4) == 2 * saved(batch=2) > 0  # activations only, no fixed part
+    plain, fused = saved(batch=2), saved(batch=2, fused_norm=True)
+    checkpointed = saved(batch=2, checkpoint=True)
+    assert checkpointed < fused < plain
+    assert saved(batch=2, terms="semantic") < plain  # no decoder
 
 
 def test_cards_are_found_by_their_cuda_device_names():
