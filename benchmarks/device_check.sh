@@ -2,12 +2,14 @@
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
 #   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
-#                                       them (both layouts) against reference and plain eager,
-#                                       kernel-time profiles, the step's convolutions timed alone
-#                                       (NCHW, NHWC), cuDNN autotuning, their op suite (under 10 min)
+#                                       them against reference and plain eager, kernel-time
+#                                       profiles, the step's convolutions timed alone (NCHW,
+#                                       NHWC), cuDNN autotuning, the largest batch under 24 GiB
+#                                       with and without them, their op suite (under 10 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
-#                                       one run), 24 GiB memory sweep, native CUDA build + tests
+#                                       one run), 24 GiB memory sweep, fused norms in NCHW,
+#                                       native CUDA build + tests
 #   benchmarks/device_check.sh all      core and extra
 #   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms (its compilation
 #                                       outran 190 s on an H200)
@@ -64,10 +66,10 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     --channels-last --json "$raw/roofline_convs_nhwc.json"
   step bench_cudnn_benchmark 60 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
     --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
+  step memory_fused 60 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
+    --json "$raw/memory.json" --plot "$raw/memory.png"
   step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
-  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
-    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
 fi
 
 if [[ $part == core || $part == all ]]; then
@@ -93,6 +95,8 @@ if [[ $part == extra || $part == all ]]; then
     --variants reference fast fast-compiled --terms both semantic --json "$OUT/bench_compiled.json"
   step memory 150 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
     --plot "$OUT/memory.png"
+  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
+    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
   wait $build
   step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
     -q -p no:cacheprovider -k "cuda or backends"
@@ -108,5 +112,5 @@ echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
 for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; }; done
 for f in "$raw"/convs*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 8 "convolutions alone" "$f"; }; done
-[[ -f $raw/memory.log ]] && { echo "=== memory"; tail -n 12 "$raw/memory.log"; }
+for f in "$raw"/memory*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; tail -n 12 "$f"; }; done
 exit 0
