@@ -2,30 +2,32 @@
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which executes them as Python and
 never lowers them: a kernel can pass there and still fail to compile for a GPU (types,
-layouts, shared memory). Here each public wrapper is driven, forward and backward, over the
-dtypes, layouts and options DiffLoss uses, on meta tensors (huge ones reach the 64-bit
-offset variants); its launches are recorded instead of run, and each distinct one is compiled
-by Triton's own compiler down to a cubin for the given architectures, with its register,
-stack and local-memory use. Run without TRITON_INTERPRET:
+layouts, shared memory), or compile to slow code. Here each public wrapper is driven, forward
+and backward, over the dtypes, layouts and options DiffLoss uses, on meta tensors (huge ones
+reach the 64-bit offset variants). Its launches are recorded instead of run, specialized by
+Triton's own launcher code for each architecture (strides of 1 become constants, values and
+pointers divisible by 16 are marked so, as on a GPU), and each distinct one is compiled by
+Triton's compiler down to a cubin, with its register, stack and local-memory use and how its
+global loads are vectorized. Run without TRITON_INTERPRET:
 
     python tests/kernel_compile.py 90 89     # H100/H200 and RTX 4090; prints JSON
 """
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
 from diffloss_fast.ops.noising import q_sample_pair_triton
@@ -33,37 +35,15 @@ from diffloss_fast.ops.weighted_l2 import weighted_l2_triton
 
 META = torch.device("meta")
 HALF = (torch.bfloat16, torch.float16, torch.float32)
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-          torch.int64: "i64", torch.int32: "i32"}
 
 
-def _type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for a {type(value).__name__} argument")
-
-
-def launch_signature(kernel: JITFunction, args, kwargs) -> tuple:
-    """(name, signature, constexprs, options) of one launch, hashable."""
-    params = inspect.signature(kernel.fn).parameters
-    bound = dict(zip(params, args))
-    bound.update({k: v for k, v in kwargs.items() if k in params})
-    signature, constexprs = {}, {}
-    for name, param in params.items():
-        value = bound[name]
-        if "constexpr" in str(param.annotation) or value is None:
-            signature[name], constexprs[name] = "constexpr", value
-        else:
-            signature[name] = _type(value)
-    options = {k: v for k, v in kwargs.items() if k not in params}
-    return (kernel.fn.__name__, tuple(signature.items()), tuple(constexprs.items()),
-            tuple(sorted(options.items())))
+def specialize(kernel: JITFunction, args, kwargs, target: GPUTarget):
+    """What ``kernel[grid](*args, **kwargs)`` would compile on ``target``: Triton's own
+    binder and argument packing (the code ``JITFunction.run`` runs before compiling)."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
 
 def _t(*shape, dtype=torch.float32, grad=False, channels_last=False):
@@ -77,10 +57,12 @@ def drive() -> None:
     """Every wrapper, forward and backward, over the cases DiffLoss and its options reach."""
     for dtype in HALF:
         for channels_last in (False, True):
-            x = _t(2, 64, 8, 8, dtype=dtype, grad=True, channels_last=channels_last)
-            w, b = _t(64, dtype=dtype), _t(64, dtype=dtype)
-            for film in ((), (_t(2, 64, dtype=dtype), _t(2, 64, dtype=dtype))):
-                group_norm_silu_triton(x, 32, w, b, 1e-5, *film).sum().backward()
+            # 8 channels per group as in ADM-256's 256-channel levels; 2 as in the tiny prior
+            for channels in (256, 64) if dtype == torch.bfloat16 else (256,):
+                x = _t(2, channels, 8, 8, dtype=dtype, grad=True, channels_last=channels_last)
+                w, b = _t(channels, dtype=dtype), _t(channels, dtype=dtype)
+                for film in ((), (_t(2, channels, dtype=dtype), _t(2, channels, dtype=dtype))):
+                    group_norm_silu_triton(x, 32, w, b, 1e-5, *film).sum().backward()
             for big in (False, True):  # 64-bit offsets past 2**31 elements
                 shape = (1, 3, 30000, 30000) if big else (2, 3, 16, 16)
                 restored = _t(*shape, grad=True)
@@ -101,13 +83,13 @@ def drive() -> None:
         weighted_l2_triton(h, _t(2, 1024, 8, 8, dtype=dtype), _t(2)).backward()
 
 
-def record_launches() -> dict[tuple, JITFunction]:
-    """Each distinct launch ``drive`` makes, recorded instead of run."""
-    launches = {}
+def record_launches() -> list[tuple]:
+    """(kernel, args, kwargs) of every launch ``drive`` makes, recorded instead of run."""
+    launches = []
     run = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.setdefault(launch_signature(self, args, kwargs), self)
+        launches.append((self, args, kwargs))
 
     JITFunction.run = record
     try:
@@ -132,19 +114,29 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def compile_all(archs: list[int]) -> list[dict]:
-    results = []
-    for (name, signature, constexprs, options), kernel in record_launches().items():
+    results, seen = [], set()
+    for kernel, args, kwargs in record_launches():
         for arch in archs:
-            row = {"kernel": name, "arch": arch, "signature": dict(signature),
-                   "constexprs": {k: repr(v) for k, v in constexprs},
-                   "options": dict(options)}
+            target = GPUTarget("cuda", arch, 32)
+            options, signature, constexprs, attrs = specialize(kernel, args, kwargs, target)
+            key = (kernel.fn.__name__, arch, repr(signature), repr(constexprs), repr(attrs),
+                   repr(sorted(options.__dict__.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {"kernel": kernel.fn.__name__, "arch": arch, "signature": signature,
+                   "constexprs": {kernel.arg_names[path[0]]: repr(v)
+                                  for path, v in constexprs.items()},
+                   "num_warps": options.num_warps}
             try:
-                compiled = triton.compile(ASTSource(kernel, dict(signature), dict(constexprs)),
-                                          target=GPUTarget("cuda", arch, 32),
-                                          options=dict(options))
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                          target=target, options=options.__dict__)
+                loads = Counter(re.findall(r"ld\.global(?:\.v\d)?", compiled.asm["ptx"]))
                 row.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]),
                            shared_bytes=compiled.metadata.shared,
-                           usage=resource_usage(compiled.asm["cubin"]))
+                           usage=resource_usage(compiled.asm["cubin"]),
+                           vector_loads=loads["ld.global.v2"] + loads["ld.global.v4"],
+                           scalar_loads=loads["ld.global"])
             except Exception as err:  # noqa: BLE001 - every failure is reported, not raised
                 row.update(ok=False, error=f"{type(err).__name__}: {err}"[:2000])
             results.append(row)

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles to a cubin for Hopper (H100/H200) and Ada (RTX 4090), from
-the CPU, within the shared memory a block may have and without register spills: the
-interpreter the other tests use never lowers a kernel."""
+the CPU, within the shared memory a block may have, without register spills, and with the
+GroupNorm kernels' loads vectorized: the interpreter the other tests use never lowers a
+kernel."""
 import json
 import os
 import subprocess
@@ -29,6 +30,13 @@ def test_every_kernel_compiles_for_hopper_and_ada():
         # no register spills: a spilling kernel pays local-memory traffic on every element
         assert r["usage"]["STACK"] == r["usage"]["LOCAL"] == 0, r
         assert 0 < r["usage"]["REG"] <= 255
+    # GroupNorm + SiLU reads a group's channels as 16-byte vectors in both layouts when a
+    # group has a multiple of 8 channels (every level of ADM-256), as a GPU launch specializes
+    norms = [r for r in results
+             if r["kernel"].startswith("_gn_") and r["constexprs"].get("Cg") != "2"]
+    assert {r["constexprs"].get("sC") for r in norms} == {"1", None}  # NHWC and NCHW reached
+    for r in norms:
+        assert r["vector_loads"] > 0, r
     variants = {(r["kernel"], tuple(sorted(r["constexprs"].items()))) for r in results}
     # the 64-bit offset and strided variants were reached, not only the common ones
     assert any(k == "_q_sample_pair_fwd_kernel" and ("I64", "True") in c for k, c in variants)

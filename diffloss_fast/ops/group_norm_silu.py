@@ -89,7 +89,7 @@ if triton is not None:
         return w * rstd * gain, add, w * gain
 
     @triton.jit
-    def _gn_stats_kernel(x_ptr, part_ptr, HW, G, Cg, sN, sC, sS, S_PER, SPLIT,
+    def _gn_stats_kernel(x_ptr, part_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, S_PER, SPLIT,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         """Partial sums of (x - k) and (x - k)^2 over one slice of a group, k the group's first
         element: shifted sums keep the variance accurate when |mean| >> std."""
@@ -109,7 +109,7 @@ if triton is not None:
 
     @triton.jit
     def _gn_silu_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                            sh_ptr, HW, G, Cg, sN, sC, sS, scN, S_PER, SPLIT, eps,
+                            sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, scN, S_PER, SPLIT, eps,
                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                             HAS_FILM: tl.constexpr):
         ng = tl.program_id(0)
@@ -157,9 +157,9 @@ if triton is not None:
 
     @triton.jit
     def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                                  sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN,
-                                  S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                                  HAS_FILM: tl.constexpr):
+                                  sc_ptr, sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN,
+                                  dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
         """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
@@ -179,8 +179,8 @@ if triton is not None:
 
     @triton.jit
     def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                            sc_ptr, sh_ptr, HW, G, Cg, sN, sC, sS, dsN, dsC, dsS, scN, S_PER,
-                            SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            sc_ptr, sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN, dsC, dsS,
+                            scN, S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
         ng = tl.program_id(0)
