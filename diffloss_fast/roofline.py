@@ -21,6 +21,7 @@ own launches (and the CPU time to issue them) are not in the floors; their count
 from __future__ import annotations
 
 import argparse
+import datetime
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from unittest import mock
@@ -388,7 +389,10 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
           f"{args.precision}{how}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
           f"{card.bandwidth_tbs:g} TB/s")
-    result = {"prior": args.prior, "batch": args.batch, "resolution": args.resolution,
+    result = {"computed": "floors from the roofline model, not measured; a 'convolutions' entry "
+                          "holds timings made on the device it names",
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "prior": args.prior, "batch": args.batch, "resolution": args.resolution,
               "precision": args.precision, "fused_norm": args.fused_norm,
               "checkpoint": args.checkpoint, "card": asdict(card), "terms": {}}
     if device is not None:
