@@ -17,6 +17,10 @@ An op takes at least max(FLOPs / peak, bytes / bandwidth). Summed three ways:
 
 ``compute / floor`` is the MFU ceiling of a scenario: no kernel can beat it. The eager step's
 own launches (and the CPU time to issue them) are not in the floors; their count is reported.
+
+The same trace counts the activations the restored branch keeps for its backward pass (the
+part of peak memory that grows with the batch), and ``--time-convolutions`` runs the step's
+convolutions on a device one by one (:mod:`diffloss_fast.replay`).
 """
 from __future__ import annotations
 
