@@ -38,7 +38,9 @@ def freeze(value):
 def _thaw(value, device: torch.device, gen: torch.Generator, channels_last: bool):
     if isinstance(value, TensorSpec):
         t = torch.randn(value.shape, dtype=value.dtype, device=device, generator=gen)
-        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+        if channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
     if isinstance(value, tuple):
         return [_thaw(v, device, gen, channels_last) for v in value]
     return value
@@ -48,10 +50,10 @@ def describe(call) -> str:
     """``forward x(8, 256, 64, 64) w(256, 256, 3, 3) stride 1`` and the like."""
     func, args = call
     if func is torch.ops.aten.convolution.default:
-        kind, x, w, stride = "forward", args[0], args[1], args[3]
+        what, w, stride = f"forward x{args[0].shape}", args[1], args[3]
     else:  # convolution_backward: grad_output, input, weight, ..., stride at 4
-        kind, x, w, stride = "input grad", args[0], args[2], args[4]
-    return f"{kind} x{x.shape} w{w.shape} stride {max(stride)}"
+        what, w, stride = f"input grad dy{args[0].shape}", args[2], args[4]
+    return f"{what} w{w.shape} stride {max(stride)}"
 
 
 def time_calls(calls: list[tuple], flops: dict, device: torch.device, *,
