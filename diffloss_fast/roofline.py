@@ -185,13 +185,18 @@ def _fused_norm_silu(ops: list[Op]):
     return FusedNormSiLU.apply
 
 
-def _traced_network(config, terms: str, precision: str, checkpoint: bool):
-    """The network DiffLoss itself runs for these options, on the meta device."""
+def _traced_network(config, terms: str, precision: str, checkpoint: bool, fused_norm: bool,
+                    ops: list[Op]):
+    """The network DiffLoss itself runs for these options, on the meta device; with
+    ``fused_norm`` its norms record their kernels' traffic into ``ops``."""
     natural = terms in ("both", "natural")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
                        semantic_weight=float(terms in ("both", "semantic")),
                        precision=precision, checkpoint=checkpoint)
-    return loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
+    net = loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
+    if fused_norm:
+        net._norm_silu_impl = _fused_norm_silu(ops)
+    return net
 
 
 def _inputs(batch: int, resolution: int, precision: str):
@@ -212,10 +217,8 @@ def trace_step(config: str = "adm-256-uncond", *, terms: str = "both", batch: in
                checkpoint: bool = False) -> list[Op]:
     """The ops of one loss step's prior work, in execution order, on the meta device;
     ``fused_norm``, ``checkpoint``: as DiffLoss runs it with those options."""
-    net = _traced_network(config, terms, precision, checkpoint)
     ops: list[Op] = []
-    if fused_norm:
-        net._norm_silu_impl = _fused_norm_silu(ops)
+    net = _traced_network(config, terms, precision, checkpoint, fused_norm, ops)
     x_gt, x_res, t = _inputs(batch, resolution, precision)
     with _Recorder(ops), mock.patch.object(F, "scaled_dot_product_attention",
                                            _fused_attention(ops)):
@@ -231,9 +234,7 @@ def saved_activation_bytes(config: str = "adm-256-uncond", *, terms: str = "both
                            fused_norm: bool = False, checkpoint: bool = False) -> int:
     """Bytes the restored branch's forward keeps for its backward pass (each storage once):
     the part of a step's peak memory that grows with the batch."""
-    net = _traced_network(config, terms, precision, checkpoint)
-    if fused_norm:
-        net._norm_silu_impl = _fused_norm_silu([])
+    net = _traced_network(config, terms, precision, checkpoint, fused_norm, [])
     x_gt, x_res, t = _inputs(batch, resolution, precision)
     weights = {p.untyped_storage()._cdata for p in net.parameters()}  # resident anyway
     storages: dict[int, int] = {}
