@@ -5,7 +5,7 @@
 #                                       them against reference and plain eager, kernel-time
 #                                       profiles, the step's convolutions timed alone (NCHW,
 #                                       NHWC), cuDNN autotuning, the largest batch under 24 GiB
-#                                       with and without them, their op suite (under 10 min)
+#                                       with and without them, their op suite (about 7 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -15,13 +15,16 @@
 #                                       outran 190 s on an H200)
 #
 # Needs the guided-diffusion-sdk wheel in .whl/ (pip wheel --no-deps guided-diffusion-sdk -w .whl)
-# where the machine cannot reach a package index. Writes logs and JSON under $OUT (default ./out)
-# and packs them into $OUT/device_check.tar.gz; prints a short table last.
+# where the machine cannot reach a package index. Keeps logs and JSON in a scratch folder and packs
+# them into $OUT/device_check.tar.gz after every step (default OUT: ./out), so that a run stopped
+# from outside still returns what it measured; prints a short table last. BUDGET_S (seconds, 0 for
+# none) shortens or skips the steps that would end past it, so the script ends inside the lease.
 set -uo pipefail
 part=${1:-all}
 OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT/raw"
-raw=$OUT/raw
+budget=${BUDGET_S:-0}
+raw=$(mktemp -d)/raw
+mkdir -p "$OUT" "$raw"
 export PYTHONUNBUFFERED=1
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,14 +35,22 @@ else
   export PYTHONPATH=$PWD
 fi
 
+pack() { tar -czf "$OUT/device_check.tar.gz" -C "$(dirname "$raw")" raw; }
+
 step() {  # step NAME TIMEOUT_S CMD...: run one step, log it, never stop the script
   local name=$1 limit=$2; shift 2
+  if (( budget > 0 )); then
+    local left=$((budget - SECONDS - 10))
+    if (( left < 15 )); then echo "$name skipped: ${left}s left" | tee -a "$raw/steps.txt"; return; fi
+    (( limit > left )) && limit=$left
+  fi
   local start=$SECONDS
   echo "=== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$raw/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$raw/steps.txt"
-  tail -n 4 "$raw/$name.log"
+  tail -n 4 "$raw/$name.log" | sed -e '$a\'
+  pack
 }
 
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } >"$raw/env.txt" 2>&1
@@ -50,23 +61,24 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   # In order of what the open goals need most, should the lease run out: the kernel tests at
   # the prior's sizes and in half precision, and the whole loss (every other case compiles its
   # own kernel variant: minutes of Triton compilation on a bare machine); the fused norms
-  # timed; where the step's time goes; how fast the convolutions run alone; then the rest.
-  step tests_fused 90 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
+  # timed; how fast the convolutions run alone (the ceiling of the MFU goal); where the step's
+  # time goes; cuDNN autotuning; the largest batch under 24 GiB; the norm op suite.
+  step tests_fused 60 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
     -q -x -p no:cacheprovider -k "prior_sized or half_precision or another_layout or fused_norm"
-  step bench_fused 150 python3 -m diffloss_fast bench "${quick[@]}" \
+  step bench_fused 110 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
+  step convs_nchw 30 python3 -m diffloss_fast roofline --terms both --time-convolutions \
+    --json "$raw/roofline_convs_nchw.json"
+  step convs_nhwc 30 python3 -m diffloss_fast roofline --terms both --time-convolutions \
+    --channels-last --json "$raw/roofline_convs_nhwc.json"
   for cfg in "fast both" "fast-fused both" "fast semantic"; do
     set -- $cfg
-    step "profile_$1_$2" 35 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
+    step "profile_$1_$2" 30 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
       --json "$raw/profile_$1_$2.json"
   done
-  step convs_nchw 35 python3 -m diffloss_fast roofline --terms both --time-convolutions \
-    --json "$raw/roofline_convs_nchw.json"
-  step convs_nhwc 35 python3 -m diffloss_fast roofline --terms both --time-convolutions \
-    --channels-last --json "$raw/roofline_convs_nhwc.json"
-  step bench_cudnn_benchmark 60 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
+  step bench_cudnn_benchmark 50 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
     --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
-  step memory_fused 60 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
+  step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
   step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
@@ -92,9 +104,9 @@ if [[ $part == extra || $part == all ]]; then
       >"$raw/native_build.log" 2>&1 ) &
   build=$!
   step bench_compiled 300 python3 -m diffloss_fast bench "${quick[@]}" --compile regional \
-    --variants reference fast fast-compiled --terms both semantic --json "$OUT/bench_compiled.json"
-  step memory 150 python3 -m diffloss_fast memory --cap-gib 24 --json "$OUT/memory.json" \
-    --plot "$OUT/memory.png"
+    --variants reference fast fast-compiled --terms both semantic --json "$raw/bench_compiled.json"
+  step memory 150 python3 -m diffloss_fast memory --cap-gib 24 --json "$raw/memory.json" \
+    --plot "$raw/memory.png"
   step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
     --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
   wait $build
@@ -104,10 +116,10 @@ fi
 
 if [[ $part == graph ]]; then  # whole-graph compilation of both terms: minutes to compile
   step bench_graph 450 python3 -m diffloss_fast bench "${quick[@]}" \
-    --variants reference fast-compiled --terms both --compile graph --json "$OUT/bench_graph.json"
+    --variants reference fast-compiled --terms both --compile graph --json "$raw/bench_graph.json"
 fi
 
-tar -czf "$OUT/device_check.tar.gz" -C "$OUT" raw
+pack
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
 for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; }; done
