@@ -18,3 +18,13 @@ from random_unets import randomized_unet  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_unet():
     return randomized_unet()
+
+
+@pytest.fixture
+def true_fp32():
+    """fp32 comparisons on CUDA run their convolutions and matmuls in real fp32, not TF32 (cuDNN
+    allows TF32 by default): a TF32 twin differs from the reference by ~1e-4, not rounding."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -30,10 +30,9 @@ def prior(tiny_unet):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("target", ["eps", "x_prev"])
-def test_cuda_fast_matches_reference(prior, precision, target):
+def test_cuda_fast_matches_reference(prior, precision, target, true_fp32):
     kw = dict(natural_weight=1.0, semantic_weight=0.1, target=target)
     x, y, t, noise = batch((4, 3, 32, 64))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ref, ref_grad = loss_and_grad(dl.ReferenceDiffLoss(prior, **kw), x, y, t, noise)
     got, grad = loss_and_grad(dl.DiffLoss(prior, precision=precision, **kw), x, y, t, noise)
     tol = 1e-4 if precision == "fp32" else 5e-2

@@ -41,6 +41,26 @@ def test_matches_autograd_convolution(kind, channels_last, dtype, tol):
     assert cosine > 0.9999
 
 
+@pytest.mark.parametrize("kind", CONVS)
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_channels_last_input_gets_a_channels_last_gradient(kind, weight_layout):
+    """The backward has no input to take the layout from, only the weight; a 1x1 weight is
+    contiguous in both layouts, so its gradient came back NCHW. A gradient in the other layout
+    than the activations costs a transposing copy or a strided add at every use."""
+    torch.manual_seed(1)
+    conv = frozen(CONVS[kind](), torch.float32)
+    if weight_layout == "channels_last":
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref_x = x.detach().double().requires_grad_()
+    ref = F.conv2d(ref_x, conv.weight.double(), conv.bias.double(), conv.stride, conv.padding)
+    dy = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad(frozen_conv2d(conv, x), x, dy.float())
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_double_precision_gradient_passes_gradcheck():
     conv = frozen(nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.float64)
     x = torch.randn(1, 3, 7, 7, dtype=torch.float64, requires_grad=True)

@@ -37,7 +37,7 @@ def loss_and_grad(fn, x, y, t, noise):
     return loss.detach(), grad, fn.last_terms
 
 
-def test_fp32_matches_reference(micro_unet):
+def test_fp32_matches_reference(micro_unet, true_fp32):
     """channels_last activations, the layout the fused kernels are for; both terms, with
     per-sample FiLM (two samples, two timesteps)."""
     kw = dict(natural_weight=1.0, semantic_weight=0.5, precision="fp32")

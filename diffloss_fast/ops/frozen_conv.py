@@ -7,7 +7,7 @@ is read only for the weight's gradient, which a frozen prior never asks for. In 
 activation per ResBlock alive until the backward pass (0.74 GiB per 256x256 image of ADM-256,
 a third of what the restored branch keeps). Here the forward keeps the weight and the input's
 shape, and the backward computes the input's gradient with the same ATen kernel
-(``torch.nn.grad.conv2d_input``).
+(``torch.nn.grad.conv2d_input``), in the input's layout.
 """
 from __future__ import annotations
 
@@ -17,11 +17,30 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _channels_last_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight with channels_last strides, so that the input's gradient comes back
+    channels_last: the backward has no input to take the layout from, only the weight. A 1x1
+    kernel is contiguous in both layouts but keeps NCHW strides; a view gives it the other
+    strides over the same memory, so no copy is made."""
+    if _is_channels_last(weight):
+        return weight
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        c_out, c_in, kh, kw = weight.shape
+        return weight.as_strided(weight.shape, (c_in * kh * kw, 1, kw * c_in, c_in),
+                                 weight.storage_offset())
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)
         ctx.config = (x.shape, stride, padding, dilation, groups)
+        ctx.channels_last = _is_channels_last(x)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -29,6 +48,8 @@ class _FrozenConv2d(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.config
+        if ctx.channels_last:
+            weight = _channels_last_weight(weight)
         grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation,
                                             groups)
         return grad_x, None, None, None, None, None, None
