@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .ops.avg_pool_2x2 import avg_pool_2x2
 from .ops.frozen_conv import frozen_conv2d
 from .ops.group_norm_silu import group_norm_silu_torch
 from .prior import UNetModel
@@ -136,7 +137,7 @@ class FastUNet(nn.Module):
     @staticmethod
     def _resample(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
-            return frozen_conv2d(layer.op, h) if layer.use_conv else F.avg_pool2d(h, 2)
+            return frozen_conv2d(layer.op, h) if layer.use_conv else avg_pool_2x2(h)
         if isinstance(layer, Upsample):
             h = F.interpolate(h, scale_factor=2, mode="nearest")
             return frozen_conv2d(layer.conv, h) if layer.use_conv else h
