@@ -10,9 +10,15 @@ pass; here the forward reads x twice (statistics, then output) and writes y once
 reads x and dy twice and writes dx once, and only x and two floats per group are saved.
 
 The prior is frozen, so only x is differentiable: weight, bias, scale and shift must not
-require grad. Statistics and arithmetic are fp32 whatever the storage dtype; NCHW and
-channels_last tensors are read in place. Each (sample, group) is split over several programs
-so that small batches still fill the GPU; the partial sums are combined by the next kernel.
+require grad. Statistics and arithmetic are fp32 whatever the storage dtype.
+
+Two kernel families, by layout. NCHW (and strided) tensors: a group's channels are one
+contiguous run per sample, so each (sample, group) is split over several programs and the
+partial sums are combined by the next kernel. channels_last tensors: a group's channels are a
+few elements of every pixel's row of C (16 bytes at ADM-256's 256-channel levels), so reading
+them group by group leaves most of each memory transaction unused (3.1x slower than NCHW on an
+H200). There each program reads whole pixel rows of one sample, all groups at once, and keeps
+per-channel partial sums; a small kernel folds them into per-group statistics.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ except ImportError:  # pragma: no cover - the torch twin still works
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048          # elements per loop step of one program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM several times
+_ROW_TILE = 4096      # elements per loop step of a channels_last program (whole pixel rows)
+_MAX_ROW_CHANNELS = 4096  # wider channels_last tensors take the group-wise kernels
 
 
 if triton is not None:
@@ -75,12 +83,20 @@ if triton is not None:
     @triton.jit
     def _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
                 BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
-        """Per-channel (mul, add) with u = x * mul + add, and the FiLM gain (1 + scale)."""
+        """Per-channel (mul, add) with u = x * mul + add, and the FiLM gain (1 + scale), for
+        the channels of group g."""
         c = g * Cg + tl.arange(0, BLOCK_C)
         cm = tl.arange(0, BLOCK_C) < Cg
+        return _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd, HAS_FILM)
+
+    @triton.jit
+    def _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd,
+                   HAS_FILM: tl.constexpr):
+        """(mul, add, gain) at channels c (masked by cm); mean and rstd are scalars or
+        per-channel vectors."""
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
-        gain = tl.full([BLOCK_C], 1.0, tl.float32)
+        gain = tl.zeros_like(w) + 1.0
         add = b - mean * w * rstd
         if HAS_FILM:
             gain += tl.load(sc_ptr + n.to(tl.int64) * scN + c, mask=cm, other=0.0).to(tl.float32)
@@ -201,6 +217,148 @@ if triton is not None:
             tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    # --- channels_last: whole pixel rows of one sample per program -----------------------
+
+    @triton.jit
+    def _rows(n, start, HW, C, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """Offsets and mask of pixels [start, start + BLOCK_S) of sample n, all channels, in a
+        channels_last-contiguous tensor (pixel p's channels at (n * HW + p) * C)."""
+        s = start + tl.arange(0, BLOCK_S)
+        c = tl.arange(0, BLOCK_CC)
+        mask = (s < HW)[:, None] & (c < C)[None, :]
+        return (n.to(tl.int64) * HW + s[:, None]) * C + c[None, :], mask
+
+    @triton.jit
+    def _row_channels(n, G, C, Cg: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """The channels of a row, their mask, and the index of their (sample, group)."""
+        c = tl.arange(0, BLOCK_CC)
+        cm = c < C
+        return c, cm, n * G + c // Cg
+
+    @triton.jit
+    def _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b):
+        """This program's per-channel sums of the tiles a and b: part[n, sp, 0 | 1, c]."""
+        p = part_ptr + (n * SPLIT + sp).to(tl.int64) * 2 * C + c
+        tl.store(p, tl.sum(a, axis=0), mask=cm)
+        tl.store(p + C, tl.sum(b, axis=0), mask=cm)
+
+    @triton.jit
+    def _gn_rows_stats_kernel(x_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER, SPLIT,
+                              BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """Per-channel partial sums of (x - k) and (x - k)^2 over a slice of pixels, k the
+        first element of the channel's group (as in ``_gn_stats_kernel``)."""
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        c, cm, _ = _row_channels(n, G, C, Cg, BLOCK_CC)
+        k = tl.load(x_ptr + n.to(tl.int64) * HW * C + (c // Cg) * Cg, mask=cm,
+                    other=0.0).to(tl.float32)
+        s1 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        s2 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            v = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                         - k[None, :], 0.0)
+            s1 += v
+            s2 += v * v
+        _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, s1, s2)
+
+    @triton.jit
+    def _gn_rows_group_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, HW, G, C, Cg: tl.constexpr,
+                              SPLIT, eps, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
+                              FORWARD: tl.constexpr):
+        """One (sample, group): fold its channels' partial sums into the group's statistics.
+        Forward: mean and 1/std. Backward: the means of dxhat and of dxhat * xhat."""
+        ng = tl.program_id(0)
+        n = ng // G
+        g = ng % G
+        j = tl.arange(0, BLOCK_G)
+        a = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        b = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        for p0 in range(0, SPLIT, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < SPLIT)[:, None] & (j < Cg)[None, :]
+            off = (n * SPLIT + p[:, None]).to(tl.int64) * 2 * C + g * Cg + j[None, :]
+            a += tl.load(part_ptr + off, mask=m, other=0.0)
+            b += tl.load(part_ptr + off + C, mask=m, other=0.0)
+        count = HW * Cg * 1.0
+        sa = tl.sum(tl.sum(a, axis=1), axis=0) / count
+        sb = tl.sum(tl.sum(b, axis=1), axis=0) / count
+        if FORWARD:
+            k = tl.load(x_ptr + n.to(tl.int64) * HW * C + g * Cg).to(tl.float32)
+            tl.store(out1_ptr + ng, k + sa)
+            tl.store(out2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(sb - sa * sa, 0.0) + eps))
+        else:
+            tl.store(out1_ptr + ng, sa)
+            tl.store(out2_ptr + ng, sb)
+
+    @triton.jit
+    def _row_affine(n, G, C, Cg: tl.constexpr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
+                    scN, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr):
+        """Per-channel statistics of the channel's group and the affine terms of a row."""
+        c, cm, grp = _row_channels(n, G, C, Cg, BLOCK_CC)
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        mul, add, dgain = _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd,
+                                     HAS_FILM)
+        return c, cm, grp, mean, rstd, mul, add, dgain
+
+    @triton.jit
+    def _gn_rows_silu_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
+                                 sh_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
+                                 BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                                 HAS_FILM: tl.constexpr):
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        _, _, _, _, _, mul, add, _ = _row_affine(n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                                                 sc_ptr, sh_ptr, scN, BLOCK_CC, HAS_FILM)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
+                + add[None, :]
+            tl.store(y_ptr + off, (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gn_rows_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
+                                       b_ptr, sc_ptr, sh_ptr, HW, G, C, Cg: tl.constexpr, scN,
+                                       S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                                       BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr):
+        """Per-channel partial sums of dxhat and dxhat * xhat over a slice of pixels."""
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        c, cm, _, mean, rstd, mul, add, dgain = _row_affine(
+            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, scN, BLOCK_CC,
+            HAS_FILM)
+        a = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        b = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
+                                 mean[None, :], rstd[None, :])
+            a += dxhat
+            b += dxhat * xhat
+        _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
+
+    @triton.jit
+    def _gn_rows_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, ma_ptr, mb_ptr,
+                                 w_ptr, b_ptr, sc_ptr, sh_ptr, HW, G, C, Cg: tl.constexpr, scN,
+                                 S_PER, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                                 HAS_FILM: tl.constexpr):
+        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group."""
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        _, cm, grp, mean, rstd, mul, add, dgain = _row_affine(
+            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, scN, BLOCK_CC,
+            HAS_FILM)
+        ma = tl.load(ma_ptr + grp, mask=cm, other=0.0)
+        mb = tl.load(mb_ptr + grp, mask=cm, other=0.0)
+        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
+                                 mean[None, :], rstd[None, :])
+            dx = rstd[None, :] * (dxhat - ma[None, :] - xhat * mb[None, :])
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _spatial_stride(t: torch.Tensor) -> int | None:
     """The stride s with element (h, w) at offset (h * W + w) * s, if H and W flatten."""
     _, _, H, W = t.shape
@@ -238,21 +396,56 @@ def _launch(N, G, HW, Cg):
     split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N * G), triton.cdiv(HW, block_s)))
     s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
     split = triton.cdiv(HW, s_per)
-    return dict(block_s=block_s, block_c=block_c, block_p=max(2, triton.next_power_of_2(split)),
-                split=split, s_per=s_per)
+    return dict(rows=False, block_s=block_s, block_c=block_c,
+                block_p=max(2, triton.next_power_of_2(split)), split=split, s_per=s_per)
+
+
+def _by_rows(x: torch.Tensor) -> bool:
+    """Whether x takes the pixel-row kernels: channels_last (and not also NCHW-contiguous, as
+    a 1x1 map is), with a row of channels that fits a tile."""
+    return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and x.shape[1] <= _MAX_ROW_CHANNELS)
+
+
+def _launch_rows(N, G, HW, C):
+    """Tile of whole pixel rows, and the split of each sample's pixels over programs."""
+    block_cc = max(2, triton.next_power_of_2(C))
+    block_s = max(2, min(triton.next_power_of_2(HW), _ROW_TILE // block_cc))
+    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N), triton.cdiv(HW, block_s)))
+    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
+    split = triton.cdiv(HW, s_per)
+    return dict(rows=True, block_s=block_s, block_cc=block_cc, split=split, s_per=s_per,
+                block_p=max(2, min(64, triton.next_power_of_2(split))),
+                block_g=max(2, triton.next_power_of_2(C // G)),
+                num_warps=8 if block_s * block_cc >= _ROW_TILE else 4)
 
 
 def _forward(x, G, weight, bias, eps, scale, shift):
     """y, the per-group mean and 1/std, and the launch shape (reused by the backward pass)."""
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
-    k = _launch(N, G, HW, Cg)
     film = scale is not None
     sc, sh = (scale, shift) if film else (weight, weight)  # never read without FiLM
-    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
     mean = torch.empty(N * G, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
+    if _by_rows(x):
+        k = _launch_rows(N, G, HW, C)
+        part = torch.empty(N * k["split"] * 2 * C, dtype=torch.float32, device=x.device)
+        grid = (N, k["split"])
+        _gn_rows_stats_kernel[grid](x, part, HW, G, C, Cg, k["s_per"], k["split"],
+                                    BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"],
+                                    num_warps=k["num_warps"])
+        _gn_rows_group_kernel[(N * G,)](part, x, mean, rstd, HW, G, C, Cg, k["split"],
+                                        float(eps), BLOCK_P=k["block_p"],
+                                        BLOCK_G=k["block_g"], FORWARD=True, num_warps=4)
+        _gn_rows_silu_fwd_kernel[grid](x, y, mean, rstd, weight, bias, sc, sh, HW, G, C, Cg,
+                                       sc.stride(0), k["s_per"], BLOCK_S=k["block_s"],
+                                       BLOCK_CC=k["block_cc"], HAS_FILM=film,
+                                       num_warps=k["num_warps"])
+        return y, mean, rstd, k
+    k = _launch(N, G, HW, Cg)
+    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
     grid = (N * G, k["split"])
     _gn_stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
                            BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
@@ -261,6 +454,28 @@ def _forward(x, G, weight, bias, eps, scale, shift):
                               float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
                               BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
     return y, mean, rstd, k
+
+
+def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, G, film, k):
+    N, C, H, W = x.shape
+    HW, Cg = H * W, C // G
+    dy = dy.contiguous(memory_format=torch.channels_last)  # x's strides: one offset for both
+    dx = torch.empty_like(x)
+    part = torch.empty(N * k["split"] * 2 * C, dtype=torch.float32, device=x.device)
+    ma, mb = torch.empty_like(mean), torch.empty_like(mean)
+    grid = (N, k["split"])
+    _gn_rows_silu_bwd_stats_kernel[grid](
+        x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, C, Cg, sc.stride(0), k["s_per"],
+        k["split"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
+        num_warps=k["num_warps"])
+    _gn_rows_group_kernel[(N * G,)](part, x, ma, mb, HW, G, C, Cg, k["split"], 0.0,
+                                    BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
+                                    FORWARD=False, num_warps=4)
+    _gn_rows_silu_bwd_kernel[grid](
+        x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, HW, G, C, Cg, sc.stride(0),
+        k["s_per"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
+        num_warps=k["num_warps"])
+    return dx
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -277,9 +492,12 @@ class _GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, dy):
         x, mean, rstd, weight, bias, *film = ctx.saved_tensors
         sc, sh = film if ctx.film else (weight, weight)
+        G, k = ctx.num_groups, ctx.launch
+        if k["rows"]:
+            dx = _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, G, ctx.film, k)
+            return dx, None, None, None, None, None, None
         N, C, H, W = x.shape
-        G, HW, k = ctx.num_groups, H * W, ctx.launch
-        Cg = C // G
+        HW, Cg = H * W, C // G
         dy = _flat(dy, x)
         dx = torch.empty_like(x)
         part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
