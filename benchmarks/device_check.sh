@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
-#   benchmarks/device_check.sh tune     fused-norm kernels: CUDA tests, then the eager bench with
-#                                       them against reference and plain eager, kernel-time
-#                                       profiles, the step's convolutions timed alone (NCHW,
-#                                       NHWC), cuDNN autotuning, the largest batch under 24 GiB
-#                                       with and without them, their op suite (about 7 min)
+#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, frozen convolutions,
+#                                       pooling and the whole loss; the norm op in both layouts;
+#                                       reference / fast / fast-fused at batch 8, both terms and
+#                                       semantic; a kernel-time profile of the fused step (~4 min)
+#   benchmarks/device_check.sh tune-more  profiles of the fused semantic and the plain eager
+#                                       step, batches 1 and 4, the largest batch under 24 GiB
+#                                       with and without the fused norms (~3 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -58,30 +60,31 @@ head -n 20 "$raw/env.txt"
 
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
-  # In order of what the open goals need most, should the lease run out: the kernel tests at
-  # the prior's sizes and in half precision, and the whole loss (every other case compiles its
-  # own kernel variant: minutes of Triton compilation on a bare machine); the fused norms
-  # timed; how fast the convolutions run alone (the ceiling of the MFU goal); where the step's
-  # time goes; cuDNN autotuning; the largest batch under 24 GiB; the norm op suite.
-  step tests_fused 60 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
-    -q -x -p no:cacheprovider -k "prior_sized or half_precision or another_layout or fused_norm"
+  # The changes since run 4 checked and timed first, in order of what the open goals need,
+  # should the lease run out: the CUDA tests of the fused norms, frozen convolutions, pooling
+  # and the whole loss with and without the fused norms; the norm op in both layouts; the
+  # step with them; where the fused step's time goes now.
+  step tests_gpu 90 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
+    tests/test_cuda.py tests/test_frozen_conv.py tests/test_avg_pool_2x2.py -q -x \
+    -p no:cacheprovider -k "not native and not compiled"
+  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
   step bench_fused 110 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
-  step convs_nchw 30 python3 -m diffloss_fast roofline --terms both --time-convolutions \
-    --json "$raw/roofline_convs_nchw.json"
-  step convs_nhwc 30 python3 -m diffloss_fast roofline --terms both --time-convolutions \
-    --channels-last --json "$raw/roofline_convs_nhwc.json"
-  for cfg in "fast both" "fast-fused both" "fast semantic"; do
+  step profile_fast-fused_both 30 python3 -m diffloss_fast profile --variant fast-fused \
+    --terms both --json "$raw/profile_fast-fused_both.json"
+fi
+
+if [[ $part == tune-more ]]; then  # the rest of the picture, same machine kind
+  for cfg in "fast-fused semantic" "fast both"; do
     set -- $cfg
     step "profile_$1_$2" 30 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
       --json "$raw/profile_$1_$2.json"
   done
-  step bench_cudnn_benchmark 50 python3 -m diffloss_fast bench "${quick[@]}" --cudnn-benchmark \
-    --variants fast fast-fused --terms both --json "$raw/bench_cudnn_benchmark.json"
+  step bench_small 80 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
+    --variants reference fast fast-fused --terms both --json "$raw/bench_small.json"
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
-  step suite_norm 40 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
 fi
 
 if [[ $part == core || $part == all ]]; then

@@ -30,11 +30,13 @@ def prior(tiny_unet):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("target", ["eps", "x_prev"])
-def test_cuda_fast_matches_reference(prior, precision, target, true_fp32):
+@pytest.mark.parametrize("fused_norm", [False, True], ids=["eager_norm", "fused_norm"])
+def test_cuda_fast_matches_reference(prior, precision, target, fused_norm, true_fp32):
     kw = dict(natural_weight=1.0, semantic_weight=0.1, target=target)
     x, y, t, noise = batch((4, 3, 32, 64))
     ref, ref_grad = loss_and_grad(dl.ReferenceDiffLoss(prior, **kw), x, y, t, noise)
-    got, grad = loss_and_grad(dl.DiffLoss(prior, precision=precision, **kw), x, y, t, noise)
+    fast = dl.DiffLoss(prior, precision=precision, fused_norm=fused_norm, **kw)
+    got, grad = loss_and_grad(fast, x, y, t, noise)
     tol = 1e-4 if precision == "fp32" else 5e-2
     assert abs(float(got - ref)) / float(ref) < tol
     assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
