@@ -93,6 +93,48 @@ def summarize(times: dict[str, tuple[float, int]], steps: int, wall_ms: float,
     }
 
 
+def _launch_chain(event, depth: int) -> str:
+    """The operator that launched a kernel and the operators it ran inside, innermost first."""
+    names = []
+    while event is not None and len(names) < depth:
+        names.append(event.name)
+        event = event.cpu_parent
+    return " < ".join(names)
+
+
+def kernel_sources(prof, categories, steps: int, cuda: bool, *, depth: int = 6,
+                   top: int = 8) -> dict[str, list[dict]]:
+    """For each category, where its kernels were launched from: the chain of operators around
+    each launch (on the CPU: around each operator of the category), by device time per step.
+    It names the op behind a copy, e.g. the ``contiguous`` inside a convolution's backward."""
+    found = {c: defaultdict(lambda: [0.0, 0]) for c in categories}
+    for event in prof.events():
+        if cuda:
+            launched = [(k.name, k.duration) for k in getattr(event, "kernels", ())]
+        elif event.name.startswith("aten::"):
+            launched = [(event.name, _self_time_us(event, False))]
+        else:
+            launched = []
+        for name, us in launched:
+            tally = found.get(categorize(name))
+            if tally is not None and us > 0:
+                entry = tally[_launch_chain(event, depth)]
+                entry[0] += us
+                entry[1] += 1
+    return {c: [{"chain": chain, "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+                for chain, (us, n) in sorted(tally.items(), key=lambda kv: -kv[1][0])[:top]]
+            for c, tally in found.items()}
+
+
+def format_sources(sources: dict[str, list[dict]]) -> str:
+    lines = []
+    for category, rows in sources.items():
+        lines += ["", f"{category}: launched from (innermost operator first)"]
+        lines += [f"{r['ms_per_step']:>9.3f}{r['calls_per_step']:>7.0f}  {r['chain'][:150]}"
+                  for r in rows]
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict, what: str) -> str:
     lines = [f"{what}: device busy {summary['busy_ms_per_step']:.2f} ms of "
              f"{summary['wall_ms_per_step']:.2f} ms wall per step "
@@ -135,6 +177,9 @@ def run(args: argparse.Namespace) -> dict:
             f" on {hardware.device_name(device)}")
     summary = summarize(kernel_times(prof, cuda), args.steps, wall_ms)
     print(format_summary(summary, what))
+    if args.sources:
+        summary["sources"] = kernel_sources(prof, args.sources, args.steps, cuda)
+        print(format_sources(summary["sources"]))
     result = {"what": what, "variant": args.variant, "terms": args.terms, "batch": batch,
               "resolution": resolution, "precision": precision, "prior": config,
               "torch": torch.__version__,
@@ -168,6 +213,10 @@ def add_parser(subparsers) -> None:
                    help="let cuDNN time its convolution algorithms (as in bench)")
     p.add_argument("--warmup", type=positive_int, default=2)
     p.add_argument("--steps", type=positive_int, default=3, help="profiled steps")
+    p.add_argument("--sources", nargs="+", default=[], metavar="CATEGORY",
+                   choices=[c for c, _ in CATEGORIES] + ["other"],
+                   help="also list where these categories' kernels were launched from, e.g. "
+                        "--sources copy elementwise")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
     p.set_defaults(func=run)

@@ -69,3 +69,20 @@ def test_cpu_run_writes_json(tmp_path, capsys):
     assert 0 < saved["busy_ms_per_step"] <= saved["wall_ms_per_step"] * 1.05
     assert result["categories"] == saved["categories"]
     assert "device busy" in capsys.readouterr().out
+
+
+def test_sources_name_the_operators_around_each_launch():
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = torch.randn(256, 256)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("outer_op"):
+            x.t().contiguous()
+        x + 1
+    sources = profile.kernel_sources(prof, ["copy", "elementwise"], steps=1, cuda=False)
+    copies = [r["chain"].split(" < ") for r in sources["copy"]]
+    assert ["aten::copy_", "aten::clone", "aten::contiguous", "outer_op"] in copies
+    assert [r["chain"] for r in sources["elementwise"]] == ["aten::add"]
+    assert sources["elementwise"][0]["calls_per_step"] == 1
