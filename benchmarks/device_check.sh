@@ -5,9 +5,11 @@
 #                                       pooling and the whole loss; the norm op in both layouts;
 #                                       reference / fast / fast-fused at batch 8, both terms and
 #                                       semantic; a kernel-time profile of the fused step (~4 min)
-#   benchmarks/device_check.sh tune-more  profiles of the fused semantic and the plain eager
-#                                       step, batches 1 and 4, the largest batch under 24 GiB
-#                                       with and without the fused norms (~3 min)
+#   benchmarks/device_check.sh tune-more  CUDA-graph tests; reference / fast / fast-fused /
+#                                       fast-graphed at batch 8, both terms and semantic; profiles
+#                                       of the fused step naming where its copies, elementwise and
+#                                       other kernels come from; batches 1 and 4; the largest
+#                                       batch under 24 GiB (~6 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -75,14 +77,18 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     --terms both --json "$raw/profile_fast-fused_both.json"
 fi
 
-if [[ $part == tune-more ]]; then  # the rest of the picture, same machine kind
-  for cfg in "fast-fused semantic" "fast both"; do
-    set -- $cfg
-    step "profile_$1_$2" 30 python3 -m diffloss_fast profile --variant "$1" --terms "$2" \
-      --json "$raw/profile_$1_$2.json"
+if [[ $part == tune-more ]]; then  # after tune: CUDA graphs, where the copies come from, sizes
+  step tests_graph 60 python3 -m pytest tests/test_cuda_graph.py tests/test_group_norm_silu.py \
+    -q -x -p no:cacheprovider -k "not group_norm_silu or prior_sized"
+  step bench_graphed 120 python3 -m diffloss_fast bench "${quick[@]}" \
+    --variants reference fast fast-fused fast-graphed --terms both semantic \
+    --json "$raw/bench_graphed.json"
+  for terms in both semantic; do
+    step "profile_fast-fused_$terms" 40 python3 -m diffloss_fast profile --variant fast-fused \
+      --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
   done
-  step bench_small 80 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
-    --variants reference fast fast-fused --terms both --json "$raw/bench_small.json"
+  step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
+    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
 fi
@@ -125,7 +131,7 @@ fi
 pack
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
-for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; }; done
+for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; grep -A 5 "launched from" "$f" | cut -c1-200; }; done
 for f in "$raw"/convs*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 8 "convolutions alone" "$f"; }; done
 for f in "$raw"/memory*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; tail -n 12 "$f"; }; done
 exit 0

@@ -36,7 +36,7 @@ def merge(raw: Path) -> dict:
         for r in b["rows"]:
             if r.get("status", "ok") != "ok":
                 continue
-            norms = "fused" if r["variant"] == "fast-fused" else "plain"
+            norms = "fused" if r["variant"] in ("fast-fused", "fast-graphed") else "plain"
             tuned = b.get("cudnn_benchmark", False)
             key = (r["variant"], r["precision"], r["terms"], r["batch"], r["resolution"],
                    r.get("channels_last"), r.get("compile_mode"), tuned)
@@ -47,6 +47,7 @@ def merge(raw: Path) -> dict:
             row["channels_last"] = r.get("channels_last", "auto")
             row["variant"] = "reference" if r["variant"] == "reference" else "fast"
             row["norms"] = norms
+            row["cuda_graph"] = r["variant"] == "fast-graphed"
             row["cudnn_benchmark"] = tuned
             row["compile_mode"] = r.get("compile_mode")
             row["compile_s"] = r.get("compile_s")
@@ -108,9 +109,10 @@ def add_roofline(result: dict) -> None:
                                         r["precision"], r.get("norms") == "fused"), card)
         r["roofline_ms"] = floors["fused" if r["compiled"] else "eager"]
     for p in result.get("profiles", []):
-        if p["variant"] in ("fast", "fast-fused") and p.get("prior") and p["precision"] != "fp32":
+        fused = p["variant"] in ("fast-fused", "fast-graphed")
+        if (p["variant"] == "fast" or fused) and p.get("prior") and p["precision"] != "fp32":
             traced = ops(p["prior"], p["terms"], p["batch"], p["resolution"], p["precision"],
-                         p["variant"] == "fast-fused")
+                         fused)
             floors = {c["category"]: c["eager_ms"] for c in roofline.by_category(traced, card)}
             for c in p["categories"]:
                 c["roofline_ms"] = floors.get(c["category"], 0.0)
@@ -142,13 +144,14 @@ def markdown(result: dict) -> str:
            "Speedup is against the strict-fp32 reference at the same batch size (the reference always "
            "runs the full UNet, so it costs the same whatever the terms).",
            "",
-           "| variant | precision | compiled | norms | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | of roofline | peak GiB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| variant | precision | compiled | norms | CUDA graph | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | of roofline | peak GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
+        graph = "yes" if r.get("cuda_graph") else "no"
         out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {r.get('norms', 'plain')} | "
-                   f"{layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
+                   f"{graph} | {layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
                    f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                    f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
                    f"{r['mfu']:.1%} | {of_roofline(r)} | {fmt(r['peak_mem_gib'])} |")
@@ -213,13 +216,13 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     key = lambda r: (r["variant"], r["precision"], r["compiled"], r["terms"],  # noqa: E731
                      str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"),
-                     bool(r.get("cudnn_benchmark")))
+                     bool(r.get("cudnn_benchmark")), bool(r.get("cuda_graph")))
     labels = sorted({key(r) for r in rows}, key=lambda k: (k[3], k[0] != "reference", k[2], k[1], k[4]))
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        variant, precision, compiled, terms, layout, norms, mode, tuned = label
+        variant, precision, compiled, terms, layout, norms, mode, tuned, graphed = label
         ys = []
         for b in batches:
             match = [r for r in rows if key(r) == label and r["batch"] == b]
@@ -228,7 +231,8 @@ def plot(result: dict, path: Path) -> None:
         how = f" compiled ({mode})" if compiled and mode else " compiled" if compiled else ""
         fused = ", fused norms" if norms == "fused" else ""
         tuned = ", cuDNN autotuned" if tuned else ""
-        name = f"{variant} {precision}{how}{fused}{layout}{tuned} ({terms})"
+        graphed = ", CUDA graphs" if graphed else ""
+        name = f"{variant} {precision}{how}{fused}{graphed}{layout}{tuned} ({terms})"
         ax.bar([j + i * width for j in range(len(batches))], ys, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [str(b) for b in batches])
     ax.set_xlabel("batch size")

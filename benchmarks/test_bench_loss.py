@@ -20,6 +20,7 @@ FAST = [
     ("fast", "bf16", "torch"),
     ("fast", "bf16", "native"),
     ("fast-fused", "bf16", "auto"),
+    ("fast-graphed", "bf16", "auto"),
     ("fast-compiled", "bf16", "auto"),
     ("fast-compiled", "fp16", "auto"),
 ]
@@ -46,9 +47,9 @@ def test_reference(benchmark, bench_prior, bench_shape, terms):
 def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, terms):
     if variant == "fast-compiled" and not CUDA:
         pytest.skip("torch.compile is timed on CUDA only (compiling on 2 CPU cores takes minutes)")
-    if variant == "fast-fused" and not CUDA:
-        pytest.skip("the fused norm kernels are timed on CUDA only (on the CPU they run "
-                    "interpreted)")
+    if variant in ("fast-fused", "fast-graphed") and not CUDA:
+        pytest.skip("the fused norm kernels and CUDA graphs are timed on CUDA only (on the "
+                    "CPU the kernels run interpreted)")
     if precision == "bf16" and CUDA and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     if backend == "native":

@@ -19,7 +19,8 @@ from .prior import build_prior, load_prior
 
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
 # fast-fused: eager with the fused GroupNorm + SiLU kernels (DiffLoss(fused_norm=True))
-VARIANTS = ("reference", "fast", "fast-fused", "fast-compiled")
+# fast-graphed: fast-fused with both branches replayed as CUDA graphs (cuda_graph=True)
+VARIANTS = ("reference", "fast", "fast-fused", "fast-graphed", "fast-compiled")
 # --compile: how fast-compiled compiles; "graph" is torch.compile's default mode on the whole
 # truncated UNet, the others are DiffLoss compile modes (reduce-overhead adds CUDA graphs)
 COMPILE_CHOICES = ("graph", "regional", "reduce-overhead", "max-autotune",
@@ -75,7 +76,9 @@ def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
                                  semantic_weight=semantic_weight, precision="fp32")
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
-                    channels_last=channels_last, fused_norm=variant == "fast-fused",
+                    channels_last=channels_last,
+                    fused_norm=variant in ("fast-fused", "fast-graphed"),
+                    cuda_graph=variant == "fast-graphed",
                     compile=compile_mode if variant == "fast-compiled" else False)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, validation
+from .cuda_graph import PriorGraphs
 from .fast_unet import ATTENTION_BACKENDS, FastUNet
 from .prior import UNetModel, downsampling_factor
 from .schedule import LinearSchedule
@@ -47,7 +48,7 @@ class _DiffLossBase(nn.Module):
                  timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  check_finite: bool = True, channels_last: bool | str = "auto",
                  attention: str = "sdpa", checkpoint: bool = False, fused_norm: bool = False,
-                 schedule: LinearSchedule | None = None):
+                 cuda_graph: bool = False, schedule: LinearSchedule | None = None):
         super().__init__()
         if not isinstance(prior, UNetModel):
             raise TypeError(f"prior must be a guided-diffusion UNetModel (from load_prior or "
@@ -66,6 +67,12 @@ class _DiffLossBase(nn.Module):
         if fused_norm and compile:
             raise ValueError("fused_norm=True is for the eager path: with compile, torch.compile "
                              "fuses the norms itself")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph and (compile or checkpoint):
+            raise ValueError("cuda_graph=True replays the eager path; it is not combined with "
+                             "compile (compile='reduce-overhead' captures graphs itself) or "
+                             "checkpoint")
         if timestep_weight is not None and not callable(timestep_weight):
             raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
         prior.eval().requires_grad_(False)
@@ -74,7 +81,7 @@ class _DiffLossBase(nn.Module):
         self.target, self.precision, self.backend = target, precision, backend
         self.compile, self.check_finite = compile, check_finite
         self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
-        self.fused_norm = fused_norm
+        self.fused_norm, self.cuda_graph = fused_norm, cuda_graph
         self.timestep_weight = timestep_weight
         self.schedule = schedule or LinearSchedule()
         low, high = float(input_range[0]), float(input_range[1])
@@ -124,9 +131,9 @@ class ReferenceDiffLoss(_DiffLossBase):
     It is what a careful user writes from the paper, and what every speed number is measured
     against. It always runs the full UNet and reports both terms; the options that steer only
     the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``,
-    ``fused_norm``)
-    are accepted so that both classes share keyword arguments, and ignored. ``precision``
-    defaults to fp32 here; bf16/fp16 run the same code under ``torch.autocast``.
+    ``fused_norm``, ``cuda_graph``) are accepted so that both classes share keyword arguments,
+    and ignored. ``precision`` defaults to fp32 here; bf16/fp16 run the same code under
+    ``torch.autocast``.
     """
 
     def __init__(self, prior: UNetModel, *, precision: str = "fp32", **kwargs):
@@ -190,7 +197,10 @@ class DiffLoss(_DiffLossBase):
     - ``fused_norm=True`` (eager, CUDA) runs each GroupNorm (+ FiLM) + SiLU as one Triton
       kernel in the forward pass and one in the backward pass;
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
-      to fit larger batches.
+      to fit larger batches;
+    - ``cuda_graph=True`` (CUDA) replays both branches as CUDA graphs, captured on the first
+      call per input shape: one launch instead of thousands. Call backward after each
+      forward; a loss whose graph was replayed since refuses its backward.
     A term whose weight is 0 is skipped, and reported as None in ``last_terms``.
 
     The truncated copy is built on the images' device, wherever the prior is: a prior left
@@ -201,6 +211,7 @@ class DiffLoss(_DiffLossBase):
     def __init__(self, prior: UNetModel, **kwargs):
         super().__init__(prior, **kwargs)
         self._nets: dict[tuple, nn.Module] = {}
+        self._graphs: dict[tuple, PriorGraphs] = {}
 
     def _check_prior_device(self, prior: torch.device, images: torch.device) -> None:
         """Any device with data will do: the truncated copy is built on the images' device."""
@@ -240,6 +251,19 @@ class DiffLoss(_DiffLossBase):
             self._nets[key] = net
         return self._nets[key]
 
+    def _replay(self, net: nn.Module, xt_gt, xt_res, t):
+        """Both branches replayed as CUDA graphs, captured once per network and input shape."""
+        if xt_res.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {xt_res.device}")
+        key = (id(net), tuple(xt_res.shape), xt_res.stride(), xt_res.dtype, tuple(t.shape))
+        if key not in self._graphs:
+            self._graphs[key] = PriorGraphs(net, xt_res, t)
+        graphs = self._graphs[key]
+        eps_gt, h_gt = graphs.no_grad(xt_gt, t)
+        if torch.is_grad_enabled() and xt_res.requires_grad:
+            return (eps_gt, h_gt, *graphs.differentiable(xt_res, t))
+        return (eps_gt, h_gt, *graphs.no_grad(xt_res, t))
+
     def forward(self, restored, gt, *, t=None, noise=None, generator=None):
         t, noise, c = self._prepare(restored, gt, t, noise, generator)
         want_natural, want_semantic = self.natural_weight > 0, self.semantic_weight > 0
@@ -258,9 +282,12 @@ class DiffLoss(_DiffLossBase):
             restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
             scale=self.scale, offset=self.offset, out_dtype=dtype,
             channels_last=self._channels_last(device, dtype), backend=backend)
-        with torch.no_grad():
-            eps_gt, h_gt = net(xt_gt, t)
-        eps_res, h_res = net(xt_res, t)
+        if self.cuda_graph:
+            eps_gt, h_gt, eps_res, h_res = self._replay(net, xt_gt, xt_res, t)
+        else:
+            with torch.no_grad():
+                eps_gt, h_gt = net(xt_gt, t)
+            eps_res, h_res = net(xt_res, t)
 
         natural = semantic = None
         loss = 0.0
