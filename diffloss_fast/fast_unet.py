@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,6 @@ from .ops.avg_pool_2x2 import avg_pool_2x2
 from .ops.frozen_conv import frozen_conv2d
 from .ops.group_norm_silu import group_norm_silu_torch
 from .prior import UNetModel
-from guided_diffusion.nn import timestep_embedding
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
@@ -97,6 +97,12 @@ class FastUNet(nn.Module):
         self.model_channels = unet.model_channels
         device = torch.device(device) if device is not None else next(unet.parameters()).device
         cast = lambda m: _cast_copy(m, dtype, channels_last, device)  # noqa: E731
+        # guided-diffusion's sinusoid frequencies, computed as it computes them (fp32, on the
+        # CPU) and kept on the device: its timestep_embedding copies them over on every call,
+        # which a CUDA graph cannot capture.
+        half = self.model_channels // 2
+        self._time_freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32)
+                                     / half).to(device)
         self.time_embed = cast(unet.time_embed)  # fp32 and small: shared when on device
         self.input_blocks = cast(unet.input_blocks)
         self.middle_block = cast(unet.middle_block)
@@ -104,6 +110,15 @@ class FastUNet(nn.Module):
             self.output_blocks = cast(unet.output_blocks)
             out = cast(unet.out)
             self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
+
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``guided_diffusion.nn.timestep_embedding(t, model_channels)``, from device-resident
+        frequencies."""
+        args = t[:, None].float() * self._time_freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.model_channels % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
 
     # --- layers -------------------------------------------------------------------------
     @staticmethod
@@ -185,7 +200,7 @@ class FastUNet(nn.Module):
     # --- the truncated forward ---------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor):
         emb_dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(emb_dtype))
+        emb = self.time_embed(self.timestep_embedding(t).to(emb_dtype))
         h = x.to(self.dtype)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)

@@ -26,3 +26,12 @@ def test_fp32_projections_shared_on_the_same_device(tiny_unet):
               for p in m.parameters(recurse=False)]
     assert linear and all(id(p) in prior_ids for p in linear)
     assert others and not any(id(p) in prior_ids for p in others)
+
+
+def test_timestep_embedding_is_guided_diffusions(tiny_unet):
+    """The same sinusoids, bit for bit, from frequencies that stay on the device."""
+    from guided_diffusion.nn import timestep_embedding
+
+    net = FastUNet(tiny_unet, dtype=torch.float32, decoder=True)
+    t = torch.tensor([0, 1, 17, 500, 999])
+    assert torch.equal(net.timestep_embedding(t), timestep_embedding(t, net.model_channels))
