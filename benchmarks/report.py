@@ -180,6 +180,11 @@ def markdown(result: dict) -> str:
         out += [f"| {c['category']} | {c['ms_per_step']:.1f} | {c['share']:.1%} | "
                 + (f"{c['roofline_ms']:.2f} |" if "roofline_ms" in c else "- |")
                 for c in p["categories"]]
+        for category, chains in p.get("sources", {}).items():
+            out += ["", f"Where its {category} kernels were launched from (innermost operator "
+                    "first):", "", "| ms/step | calls | operators |", "| ---: | ---: | --- |"]
+            out += [f"| {r['ms_per_step']:.1f} | {r['calls_per_step']:.0f} | "
+                    f"{r['chain'].replace('|', '/')} |" for r in chains[:5]]
     for c in result.get("convolutions", []):
         layout = "channels_last" if c["channels_last"] else "NCHW"
         tuned = ", cuDNN autotuned" if c["cudnn_benchmark"] else ""
