@@ -94,3 +94,38 @@ def test_refused_off_cuda_and_with_compile_or_checkpointing(tiny_unet):
         loss_fn = dl.DiffLoss(tiny_unet, cuda_graph=True)
         with pytest.raises(ValueError, match="needs a CUDA device"):
             loss_fn(torch.rand(1, 3, 32, 32, requires_grad=True), torch.rand(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("decoder", [True, False], ids=["both", "semantic"])
+def test_prior_step_moves_nothing_from_the_host(decoder):
+    """What a CUDA graph cannot capture, looked for without a GPU: the prior's forward and
+    backward run on the meta device, and no op may read a CPU tensor (a host-to-device copy,
+    as guided-diffusion's timestep embedding made) or read a value back (``.item()``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from diffloss_fast.fast_unet import FastUNet
+    from diffloss_fast.prior import prior_architecture
+
+    class HostTraffic(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            devices = {t.device.type for t in tree_leaves((args, kwargs or {}))
+                       if isinstance(t, torch.Tensor) and t.dim() > 0}
+            if "cpu" in devices or func is torch.ops.aten._local_scalar_dense.default:
+                self.found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    net = FastUNet(prior_architecture("tiny"), dtype=torch.bfloat16, decoder=decoder,
+                   device="meta", channels_last=True)
+    x = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.zeros(2, dtype=torch.long, device="meta")
+    with HostTraffic() as mode:
+        with torch.no_grad():
+            net(x.detach(), t)
+        outs = [o for o in net(x, t) if o is not None]
+        torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+    assert mode.found == []
