@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
-#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, frozen convolutions,
-#                                       pooling and the whole loss; the norm op in both layouts;
-#                                       reference / fast / fast-fused at batch 8, both terms and
-#                                       semantic; a kernel-time profile of the fused step (~4 min)
-#   benchmarks/device_check.sh tune-more  CUDA-graph tests; reference / fast / fast-fused /
+#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, frozen convolutions, CUDA
+#                                       graphs and the whole loss; reference / fast / fast-fused /
 #                                       fast-graphed at batch 8, both terms and semantic; profiles
-#                                       of the fused step naming where its copies, elementwise and
-#                                       other kernels come from; batches 1 and 4; the largest
-#                                       batch under 24 GiB (~6 min)
+#                                       of the fused step naming what launched its copies,
+#                                       elementwise and other kernels; batches 1 and 4; the
+#                                       largest batch under 24 GiB; the norm op (~7 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -62,27 +59,16 @@ head -n 20 "$raw/env.txt"
 
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
-  # The changes since run 4 checked and timed first, in order of what the open goals need,
-  # should the lease run out: the CUDA tests of the fused norms, frozen convolutions, pooling
-  # and the whole loss with and without the fused norms; the norm op in both layouts; the
-  # step with them; where the fused step's time goes now.
-  step tests_gpu 90 python3 -m pytest tests/test_group_norm_silu.py tests/test_fused_norm.py \
-    tests/test_cuda.py tests/test_frozen_conv.py tests/test_avg_pool_2x2.py -q -x \
-    -p no:cacheprovider -k "not native and not compiled"
-  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
-  step bench_fused 110 python3 -m diffloss_fast bench "${quick[@]}" \
-    --variants reference fast fast-fused --terms both semantic --json "$raw/bench_fused.json"
-  step profile_fast-fused_both 30 python3 -m diffloss_fast profile --variant fast-fused \
-    --terms both --json "$raw/profile_fast-fused_both.json"
-fi
-
-if [[ $part == tune-more ]]; then  # after tune: CUDA graphs, where the copies come from, sizes
-  step tests_graph 60 python3 -m pytest tests/test_cuda_graph.py tests/test_group_norm_silu.py \
-    -q -x -p no:cacheprovider -k "not group_norm_silu or prior_sized"
-  step bench_graphed 120 python3 -m diffloss_fast bench "${quick[@]}" \
+  # In order of what the open goals need, should the lease run out: the CUDA tests of the fused
+  # norms, frozen convolutions, CUDA graphs and the whole loss; the step with and without the
+  # fused norms and CUDA graphs; where the fused step's time goes and what launched it;
+  # batches 1 and 4; the largest batch under 24 GiB.
+  step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
+    tests/test_cuda.py tests/test_group_norm_silu.py -q -x -p no:cacheprovider \
+    -k "graph or fused_norm or fast_matches_reference or prior_sized"
+  step bench 130 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused fast-graphed --terms both semantic \
-    --json "$raw/bench_graphed.json"
+    --json "$raw/bench.json"
   for terms in both semantic; do
     step "profile_fast-fused_$terms" 40 python3 -m diffloss_fast profile --variant fast-fused \
       --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
@@ -91,6 +77,8 @@ if [[ $part == tune-more ]]; then  # after tune: CUDA graphs, where the copies c
     --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
+  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k group_norm_silu --benchmark-json "$raw/suite_norm.json"
 fi
 
 if [[ $part == core || $part == all ]]; then
