@@ -257,6 +257,9 @@ class DiffLoss(_DiffLossBase):
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {xt_res.device}")
         key = (id(net), tuple(xt_res.shape), xt_res.stride(), xt_res.dtype, tuple(t.shape))
         if key not in self._graphs:
+            live = list(self._nets.values())  # graphs of a dropped network go with it
+            self._graphs = {k: g for k, g in self._graphs.items()
+                            if any(g.net is n for n in live)}
             self._graphs[key] = PriorGraphs(net, xt_res, t)
         graphs = self._graphs[key]
         eps_gt, h_gt = graphs.no_grad(xt_gt, t)
