@@ -49,8 +49,9 @@ def _thaw(value, device: torch.device, gen: torch.Generator, channels_last: bool
 def describe(call) -> str:
     """``forward x(8, 256, 64, 64) w(256, 256, 3, 3) stride 1`` and the like."""
     func, args = call
-    if func is torch.ops.aten.convolution.default:
-        what, w, stride = f"forward x{args[0].shape}", args[1], args[3]
+    if func is torch.ops.aten.convolution.default:  # transposed (args[6]): a frozen dgrad
+        side = "input grad dy" if args[6] else "forward x"
+        what, w, stride = f"{side}{args[0].shape}", args[1], args[3]
     else:  # convolution_backward: grad_output, input, weight, ..., stride at 4
         what, w, stride = f"input grad dy{args[0].shape}", args[2], args[4]
     return f"{what} w{w.shape} stride {max(stride)}"
