@@ -1,4 +1,5 @@
-"""Input checks of ``q_sample_pair`` shared by its fused backends.
+"""Input checks of ``q_sample_pair`` shared by its fused backends, and the layout test the
+fused ops share.
 
 The Triton and native wrappers take the same shapes and devices but different dtypes, so the
 dtypes are parameters; every message names ``q_sample_pair`` and what came.
@@ -6,6 +7,13 @@ dtypes are parameters; every message names ``q_sample_pair`` and what came.
 from __future__ import annotations
 
 import torch
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor dense in channels_last and not also NCHW-contiguous (as a 1x1 map or a
+    single channel is): the layouts differ, and the channels_last one is in use."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 class DtypeError(TypeError, ValueError):

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+from .checks import is_channels_last
 
 
 def _channels_last_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -30,7 +28,7 @@ def _channels_last_weight(weight: torch.Tensor) -> torch.Tensor:
     channels_last: the backward has no input to take the layout from, only the weight. A 1x1
     kernel is contiguous in both layouts but keeps NCHW strides; a view gives it the other
     strides over the same memory, so no copy is made."""
-    if _is_channels_last(weight):
+    if is_channels_last(weight):
         return weight
     if weight.is_contiguous(memory_format=torch.channels_last):
         c_out, c_in, kh, kw = weight.shape
@@ -52,7 +50,7 @@ class _FrozenConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)
         ctx.config = (x.shape, stride, padding, dilation, groups)
-        ctx.channels_last = _is_channels_last(x)
+        ctx.channels_last = is_channels_last(x)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod

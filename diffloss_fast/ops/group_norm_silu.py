@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .checks import is_channels_last
+
 
 def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None):
     """Plain-PyTorch twin: the definition the fused kernels are tested against, and what the
@@ -372,8 +374,8 @@ def _flat(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     copy in ``x``'s memory format."""
     if _spatial_stride(dy) is not None:
         return dy
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return dy.contiguous(memory_format=layout)
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -388,32 +390,35 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), _spatial_stride(t)
 
 
+def _split(HW: int, block_s: int, units: int) -> tuple[int, int]:
+    """Programs per unit (a sample's group, or a sample) and the pixels each covers, a whole
+    number of tiles: enough programs over all units to fill the GPU several times."""
+    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, units), triton.cdiv(HW, block_s)))
+    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
+    return triton.cdiv(HW, s_per), s_per
+
+
 def _launch(N, G, HW, Cg):
     """Block shape and the split of each group over programs. Every block dim is at least 2
     (masked): one-element aranges are where Triton's code generation is least exercised."""
     block_c = max(2, triton.next_power_of_2(Cg))
     block_s = max(2, min(triton.next_power_of_2(HW), _TILE // block_c))
-    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N * G), triton.cdiv(HW, block_s)))
-    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
-    split = triton.cdiv(HW, s_per)
+    split, s_per = _split(HW, block_s, N * G)
     return dict(rows=False, block_s=block_s, block_c=block_c,
                 block_p=max(2, triton.next_power_of_2(split)), split=split, s_per=s_per)
 
 
 def _by_rows(x: torch.Tensor) -> bool:
-    """Whether x takes the pixel-row kernels: channels_last (and not also NCHW-contiguous, as
-    a 1x1 map is), with a row of channels that fits a tile."""
-    return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            and x.shape[1] <= _MAX_ROW_CHANNELS)
+    """Whether x takes the pixel-row kernels: channels_last, with a row of channels that fits
+    a tile."""
+    return is_channels_last(x) and x.shape[1] <= _MAX_ROW_CHANNELS
 
 
 def _launch_rows(N, G, HW, C):
     """Tile of whole pixel rows, and the split of each sample's pixels over programs."""
     block_cc = max(2, triton.next_power_of_2(C))
     block_s = max(2, min(triton.next_power_of_2(HW), _ROW_TILE // block_cc))
-    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, N), triton.cdiv(HW, block_s)))
-    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
-    split = triton.cdiv(HW, s_per)
+    split, s_per = _split(HW, block_s, N)
     return dict(rows=True, block_s=block_s, block_cc=block_cc, split=split, s_per=s_per,
                 block_p=max(2, min(64, triton.next_power_of_2(split))),
                 block_g=max(2, triton.next_power_of_2(C // G)),

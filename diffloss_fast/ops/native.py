@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import check_q_sample_pair
+from .checks import check_q_sample_pair, is_channels_last
 from .weighted_l2 import _check
 
 __all__ = ["native_available", "load_extension", "q_sample_pair_native", "weighted_l2_native"]
@@ -166,11 +166,6 @@ def _coef(c, n: int, like: torch.Tensor, dtype: torch.dtype, name: str) -> torch
     return c.contiguous()
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return (t.dim() == 4 and not t.is_contiguous()
-            and t.is_contiguous(memory_format=torch.channels_last))
-
-
 # ------------------------------------------------------------------------------------------------
 # q_sample_pair
 
@@ -192,7 +187,7 @@ class _QSamplePair(torch.autograd.Function):
         ctx.save_for_backward(cs)
         ctx.scale = float(scale)
         ctx.in_dtype = restored.dtype
-        ctx.grad_channels_last = _is_channels_last(restored)
+        ctx.grad_channels_last = is_channels_last(restored)
         ctx.mark_non_differentiable(xt_gt)
         return xt_res, xt_gt
 
