@@ -7,7 +7,10 @@ statistics and the timestep MLP stay fp32), attention runs through
 noise channels, and without the natural term the decoder is not built at all. Each
 GroupNorm (+ FiLM) + SiLU runs as plain PyTorch ops or, with ``fused_norm``, as fused Triton
 kernels (:mod:`diffloss_fast.ops.group_norm_silu`); each convolution keeps only its weight for
-the backward pass (:mod:`diffloss_fast.ops.frozen_conv`).
+the backward pass (:mod:`diffloss_fast.ops.frozen_conv`). With ``fused_norm`` the ResBlocks'
+convolutions also leave their biases to the kernels after them: the first one's to the fused
+norm that reads its output, the last one's (and a 1x1 skip convolution's) to the residual sum
+(:mod:`diffloss_fast.ops.residual_bias_add`), instead of a pass of their own over the output.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from .ops.avg_pool_2x2 import avg_pool_2x2
 from .ops.frozen_conv import frozen_conv2d
 from .ops.group_norm_silu import group_norm_silu_torch
+from .ops.residual_bias_add import residual_bias_add_torch
 from .prior import UNetModel
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
@@ -86,11 +90,15 @@ class FastUNet(nn.Module):
             raise ValueError("class-conditional priors are not supported")
         self.dtype, self.decoder, self.attention = dtype, decoder, attention
         self.channels_last, self.checkpoint = channels_last, checkpoint
+        self.fold_bias = fused_norm
         if fused_norm:
             from .ops.group_norm_silu import group_norm_silu_triton
+            from .ops.residual_bias_add import residual_bias_add_triton
             self._norm_silu_impl = group_norm_silu_triton
+            self._residual_impl = residual_bias_add_triton
         else:
             self._norm_silu_impl = group_norm_silu_torch
+            self._residual_impl = residual_bias_add_torch
         # Regional compilation: one compiled function for all blocks, so blocks of the same
         # structure and input shape share one compiled graph instead of being compiled again.
         self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
@@ -110,6 +118,20 @@ class FastUNet(nn.Module):
             self.output_blocks = cast(unet.output_blocks)
             out = cast(unet.out)
             self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
+        if self.fold_bias:
+            for blk in self.modules():
+                if isinstance(blk, ResBlock):
+                    blk.register_buffer("residual_bias", self._residual_bias(blk),
+                                        persistent=False)
+
+    @staticmethod
+    def _residual_bias(blk: ResBlock) -> torch.Tensor:
+        """The bias the residual sum adds: the last convolution's, plus the skip
+        convolution's when the skip path has one."""
+        bias = blk.out_layers[3].bias.detach()
+        if isinstance(blk.skip_connection, nn.Conv2d):
+            bias = bias + blk.skip_connection.bias.detach()
+        return bias
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """``guided_diffusion.nn.timestep_embedding(t, model_channels)``, from device-resident
@@ -128,25 +150,34 @@ class FastUNet(nn.Module):
         # for the backward pass).
         return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
-    def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None):
-        """silu(GroupNorm(h), FiLM'd by scale/shift if given): fused kernels or the twin."""
+    def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None,
+                   x_bias=None):
+        """silu(GroupNorm(h + x_bias), FiLM'd by scale/shift if given): fused kernels or the
+        twin."""
         return self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                    scale, shift)
+                                    scale, shift, x_bias)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
         h = self._norm_silu(norm, x)
         if blk.updown:
             h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
-        h = frozen_conv2d(conv, h)
+        # The first convolution's bias rides in the FiLM'd norm after it.
+        fold_in = self.fold_bias and blk.use_scale_shift_norm
+        h = frozen_conv2d(conv, h, bias=not fold_in)
         emb_out = blk.emb_layers[1](F.silu(emb)).to(h.dtype)[..., None, None]
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
         if blk.use_scale_shift_norm:
-            h = self._norm_silu(out_norm, h, *emb_out.chunk(2, dim=1))
+            h = self._norm_silu(out_norm, h, *emb_out.chunk(2, dim=1),
+                                x_bias=conv.bias if fold_in else None)
         else:
             h = self._norm_silu(out_norm, h + emb_out)
-        h = frozen_conv2d(out_conv, h)
         skip = blk.skip_connection
+        if self.fold_bias:  # the last (and skip) convolutions' biases ride in the residual sum
+            h = frozen_conv2d(out_conv, h, bias=False)
+            x = frozen_conv2d(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else skip(x)
+            return self._residual_impl(x, h, blk.residual_bias)
+        h = frozen_conv2d(out_conv, h)
         return (frozen_conv2d(skip, x) if isinstance(skip, nn.Conv2d) else skip(x)) + h
 
     @staticmethod

@@ -171,7 +171,8 @@ def _fused_norm_silu(ops: list[Op]):
     then output) and y written; backward, x and dy read twice and dx written."""
     class FusedNormSiLU(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None):
+        def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None,
+                    x_bias=None):
             ctx.save_for_backward(x)  # all the kernels keep, with two floats per group
             ops.append(Op("group_norm_silu (fused forward)", "norm", 0, 3 * _nbytes(x),
                           _nbytes(x)))
@@ -181,21 +182,38 @@ def _fused_norm_silu(ops: list[Op]):
         def backward(ctx, dy):
             ops.append(Op("group_norm_silu (fused backward)", "norm", 0, 5 * _nbytes(dy),
                           2 * _nbytes(dy)))
-            return (torch.empty_like(ctx.saved_tensors[0]),) + (None,) * 6
+            return (torch.empty_like(ctx.saved_tensors[0]),) + (None,) * 7
     return FusedNormSiLU.apply
+
+
+def _fused_residual(ops: list[Op]):
+    """``residual_bias_add_triton`` as its kernel moves memory: x and y read, the sum written;
+    its backward hands the gradient on and runs no kernel."""
+    class FusedResidual(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y, bias):
+            ops.append(Op("residual_bias_add (fused)", "elementwise", 0, 3 * _nbytes(x)))
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, grad, None
+    return FusedResidual.apply
 
 
 def _traced_network(config, terms: str, precision: str, checkpoint: bool, fused_norm: bool,
                     ops: list[Op]):
     """The network DiffLoss itself runs for these options, on the meta device; with
-    ``fused_norm`` its norms record their kernels' traffic into ``ops``."""
+    ``fused_norm`` its Triton kernels (norms, residual sums) record their traffic into
+    ``ops``."""
     natural = terms in ("both", "natural")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
                        semantic_weight=float(terms in ("both", "semantic")),
-                       precision=precision, checkpoint=checkpoint)
+                       precision=precision, checkpoint=checkpoint, fused_norm=fused_norm)
     net = loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
     if fused_norm:
         net._norm_silu_impl = _fused_norm_silu(ops)
+        net._residual_impl = _fused_residual(ops)
     return net
 
 

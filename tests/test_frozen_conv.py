@@ -89,6 +89,22 @@ def test_without_grad_it_is_a_plain_convolution():
     torch.testing.assert_close(y, conv(x))
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_bias_left_out_for_a_later_kernel(grad):
+    """``bias=False``: the convolution without its bias, with or without autograd; the
+    gradient is the same, since the bias only shifts the output."""
+    conv = frozen(nn.Conv2d(8, 8, 3, padding=1), torch.float32)
+    x = torch.randn(2, 8, 6, 6, requires_grad=grad)
+    y = frozen_conv2d(conv, x, bias=False)
+    want = F.conv2d(x, conv.weight, None, padding=1)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y + conv.bias[:, None, None], conv(x))
+    if grad:
+        dy = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0],
+                                   torch.autograd.grad(conv(x), x, dy)[0])
+
+
 def test_refuses_a_trainable_or_padded_by_name_convolution():
     with pytest.raises(ValueError, match="must not require grad"):
         frozen_conv2d(nn.Conv2d(2, 2, 3), torch.randn(1, 2, 5, 5))

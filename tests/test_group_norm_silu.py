@@ -42,9 +42,9 @@ def inputs(shape, dtype, film, x_layout="nchw"):
     return x, G, weight, bias, scale, shift
 
 
-def run(fn, x, G, weight, bias, scale, shift, dy):
+def run(fn, x, G, weight, bias, scale, shift, dy, x_bias=None):
     x = x.detach().requires_grad_(True)
-    y = fn(x, G, weight, bias, 1e-5, scale, shift)
+    y = fn(x, G, weight, bias, 1e-5, scale, shift, x_bias)
     (dx,) = torch.autograd.grad(y, x, dy)
     return y, dx
 
@@ -61,6 +61,23 @@ def test_fp32_matches_twin(shape, film, x_layout):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
     if x_layout != "strided":  # the output keeps the input's memory format
         assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], (1, 64, 56, 80, 8)], ids=str)
+@pytest.mark.parametrize("x_layout", ["nchw", "cl", "strided"])
+def test_x_bias_matches_twin(shape, x_layout):
+    """A preceding convolution's bias, added to x inside the kernels (every statistic, output
+    and gradient is of x + x_bias), against the twin that adds it first; one group split over
+    several programs in both layouts."""
+    x, G, w, b, sc, sh = inputs(shape, torch.float32, True, x_layout)
+    x_bias = torch.randn(shape[1], device=DEVICE) * 2
+    dy = torch.randn(x.shape, device=DEVICE)
+    y, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy, x_bias)
+    y_ref, dx_ref = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy, x_bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
+    y_plain = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy)[0]
+    assert (y_plain - y_ref).abs().max() > 0.1  # the bias is not a no-op on these inputs
 
 
 @pytest.mark.parametrize("dy_layout", ["cl", "strided"])
@@ -87,6 +104,11 @@ def test_half_precision_against_fp64(dtype, film):
                     wide(sh), dy.double())
     y_tw, dx_tw = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy)
     rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    x_bias = torch.randn(x.shape[1], device=DEVICE).to(x.dtype)
+    y_xb, dx_xb = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy, x_bias)
+    y64_xb, dx64_xb = run(group_norm_silu_torch, x.double(), G, w.double(), b.double(),
+                          wide(sc), wide(sh), dy.double(), x_bias.double())
+    assert rel(y_xb, y64_xb) < 1e-2 and rel(dx_xb, dx64_xb) < 2e-2
     assert y.dtype == dx.dtype == x.dtype
     assert rel(y, y64) < 1e-2 and rel(dx, dx64) < 2e-2
     assert rel(y, y64) <= 1.5 * rel(y_tw, y64) + 1e-4
@@ -101,6 +123,12 @@ def test_variance_when_the_mean_dwarfs_the_spread(x_layout):
     w, b = torch.ones(C, device=DEVICE), torch.zeros(C, device=DEVICE)
     y = group_norm_silu_triton(x, G, w, b, 1e-5)
     y64 = group_norm_silu_torch(x.double(), G, w.double(), b.double(), 1e-5)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-3, atol=1e-3)
+    # The same offset carried by a preceding convolution's bias instead of by x.
+    x_bias = torch.full((C,), 1e3, device=DEVICE) + torch.arange(C, device=DEVICE) * 1e-2
+    y = group_norm_silu_triton(x - 1e3, G, w, b, 1e-5, x_bias=x_bias)
+    y64 = group_norm_silu_torch((x - 1e3).double(), G, w.double(), b.double(), 1e-5,
+                                x_bias=x_bias.double())
     torch.testing.assert_close(y.double(), y64, rtol=1e-3, atol=1e-3)
 
 
@@ -119,9 +147,9 @@ def test_channels_last_sample_split_over_many_programs():
 def test_without_autograd_saves_nothing_and_matches():
     x, G, w, b, sc, sh = inputs(SHAPES[0], torch.float32, True)
     with torch.no_grad():
-        y = group_norm_silu_triton(x.requires_grad_(True), G, w, b, 1e-5, sc, sh)
+        y = group_norm_silu_triton(x.requires_grad_(True), G, w, b, 1e-5, sc, sh, b)
     assert y.grad_fn is None
-    torch.testing.assert_close(y, group_norm_silu_torch(x.detach(), G, w, b, 1e-5, sc, sh),
+    torch.testing.assert_close(y, group_norm_silu_torch(x.detach(), G, w, b, 1e-5, sc, sh, b),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -145,6 +173,8 @@ def test_bad_inputs():
         group_norm_silu_triton(x.double(), G, w.double(), b.double(), 1e-5)
     with pytest.raises(ValueError, match="4-D"):
         group_norm_silu_triton(x[0], G, w, b, 1e-5)
+    with pytest.raises(ValueError, match="one value per channel"):
+        group_norm_silu_triton(x, G, w, b, 1e-5, x_bias=b[:-1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="prior-sized tensors: CUDA only")

@@ -67,16 +67,18 @@ class _FrozenConv2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
-def frozen_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, differentiable to ``x`` only, keeping only the weight for the backward."""
+def frozen_conv2d(conv: nn.Conv2d, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
+    """``conv(x)``, differentiable to ``x`` only, keeping only the weight for the backward.
+    ``bias=False`` leaves the convolution's bias out, for a later kernel to add."""
     if conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad):
         raise ValueError("frozen_conv2d: the convolution's weight and bias must not require "
                          "grad (the prior is frozen)")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"frozen_conv2d: numeric zero padding only, got "
                          f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    b = conv.bias if bias else None
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+        return F.conv2d(x, conv.weight, b, conv.stride, conv.padding, conv.dilation,
                         conv.groups)
-    return _FrozenConv2d.apply(x, conv.weight, conv.bias, conv.stride, conv.padding,
-                               conv.dilation, conv.groups)
+    return _FrozenConv2d.apply(x, conv.weight, b, conv.stride, conv.padding, conv.dilation,
+                               conv.groups)

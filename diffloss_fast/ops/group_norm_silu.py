@@ -2,9 +2,11 @@
 
 The prior applies, before each 3x3 convolution of a ResBlock,
 
-    y = silu((group_norm(x) * weight + bias) * (1 + scale[n, c]) + shift[n, c])
+    y = silu((group_norm(x + x_bias[c]) * weight + bias) * (1 + scale[n, c]) + shift[n, c])
 
-(``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU). Eager
+(``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU;
+``x_bias``, if given, the bias of the convolution that made x, which then need not add it in a
+pass of its own). Eager
 PyTorch runs this as three or four memory-bound kernels and keeps their outputs for the backward
 pass; here the forward reads x twice (statistics, then output) and writes y once, the backward
 reads x and dy twice and writes dx once, and only x and two floats per group are saved.
@@ -29,9 +31,13 @@ from torch.autograd.function import once_differentiable
 from .checks import is_channels_last
 
 
-def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None):
+def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None,
+                         x_bias=None):
     """Plain-PyTorch twin: the definition the fused kernels are tested against, and what the
-    prior runs without them. ``scale``/``shift``: (N, C) or broadcastable to x, or None."""
+    prior runs without them. ``scale``/``shift``: (N, C) or broadcastable to x, or None;
+    ``x_bias``: (C,), added to x before the norm, or None."""
+    if x_bias is not None:
+        x = x + x_bias.reshape(1, -1, 1, 1)
     h = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
         view = lambda v: v.reshape(x.shape[0], x.shape[1], 1, 1)  # noqa: E731
@@ -83,43 +89,66 @@ if triton is not None:
         return a, b
 
     @triton.jit
-    def _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
-                BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
-        """Per-channel (mul, add) with u = x * mul + add, and the FiLM gain (1 + scale), for
-        the channels of group g."""
-        c = g * Cg + tl.arange(0, BLOCK_C)
-        cm = tl.arange(0, BLOCK_C) < Cg
-        return _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd, HAS_FILM)
+    def _x_bias(xb_ptr, c, cm, HAS_XB: tl.constexpr):
+        """The bias added to x at channels c (masked by cm): x_bias, or zeros."""
+        xb = tl.zeros(c.shape, tl.float32)
+        if HAS_XB:
+            xb = tl.load(xb_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        return xb
 
     @triton.jit
-    def _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd,
-                   HAS_FILM: tl.constexpr):
-        """(mul, add, gain) at channels c (masked by cm); mean and rstd are scalars or
-        per-channel vectors."""
+    def _shift(x_ptr, off, xb_ptr, c0, m, HAS_XB: tl.constexpr):
+        """The shift k of a group's sums: its first element of x + x_bias (at offset off of x
+        and channel c0; scalars, or vectors masked by m)."""
+        k = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_XB:
+            k += tl.load(xb_ptr + c0, mask=m, other=0.0).to(tl.float32)
+        return k
+
+    @triton.jit
+    def _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN, mean, rstd,
+                BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
+        """``_affine_at`` for the channels of group g."""
+        c = g * Cg + tl.arange(0, BLOCK_C)
+        cm = tl.arange(0, BLOCK_C) < Cg
+        return _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN, mean, rstd,
+                          HAS_FILM, HAS_XB)
+
+    @triton.jit
+    def _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN, mean, rstd,
+                   HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
+        """At channels c (masked by cm): (mul, add) with u = x * mul + add, the FiLM'd weight
+        w * (1 + scale), and the centre, the x of zero xhat (mean - x_bias). mean and rstd are
+        scalars or per-channel vectors."""
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        centre = mean - _x_bias(xb_ptr, c, cm, HAS_XB)
         gain = tl.zeros_like(w) + 1.0
-        add = b - mean * w * rstd
+        add = b - centre * w * rstd
         if HAS_FILM:
             gain += tl.load(sc_ptr + n.to(tl.int64) * scN + c, mask=cm, other=0.0).to(tl.float32)
             sh = tl.load(sh_ptr + n.to(tl.int64) * scN + c, mask=cm, other=0.0).to(tl.float32)
             add = add * gain + sh
-        return w * rstd * gain, add, w * gain
+        return w * rstd * gain, add, w * gain, centre
 
     @triton.jit
-    def _gn_stats_kernel(x_ptr, part_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, S_PER, SPLIT,
-                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Partial sums of (x - k) and (x - k)^2 over one slice of a group, k the group's first
-        element: shifted sums keep the variance accurate when |mean| >> std."""
+    def _gn_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, S_PER,
+                         SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                         HAS_XB: tl.constexpr):
+        """Partial sums of (x + x_bias - k) and its square over one slice of a group, k the
+        group's first element of x + x_bias: shifted sums keep the variance accurate when
+        |mean| >> std."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         n, g, base = _group_base(ng, G, Cg, sN, sC)
-        k = tl.load(x_ptr + base).to(tl.float32)
+        k = _shift(x_ptr, base, xb_ptr, g * Cg, True, HAS_XB)
+        k = k - _x_bias(xb_ptr, g * Cg + tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_C) < Cg,
+                        HAS_XB)  # subtracted from x: (x + x_bias) - k
         s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            v = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k
+            v = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k[None, :]
             v = tl.where(mask, v, 0.0)
             s1 += v
             s2 += v * v
@@ -127,13 +156,14 @@ if triton is not None:
 
     @triton.jit
     def _gn_silu_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                            sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, scN, S_PER, SPLIT, eps,
-                            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                            HAS_FILM: tl.constexpr):
+                            sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, scN, S_PER,
+                            SPLIT, eps, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                            BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr,
+                            HAS_XB: tl.constexpr):
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         n, g, base = _group_base(ng, G, Cg, sN, sC)
-        k = tl.load(x_ptr + base).to(tl.float32)
+        k = _shift(x_ptr, base, xb_ptr, g * Cg, True, HAS_XB)
         s1, s2 = _combine(part_ptr, ng, SPLIT, BLOCK_P)
         count = HW * Cg * 1.0
         d = s1 / count
@@ -142,8 +172,8 @@ if triton is not None:
         if sp == 0:
             tl.store(mean_ptr + ng, mean)
             tl.store(rstd_ptr + ng, rstd)
-        mul, add, _ = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
-                              BLOCK_C, HAS_FILM)
+        mul, add, _, _ = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN, mean, rstd,
+                                 BLOCK_C, HAS_FILM, HAS_XB)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
@@ -152,60 +182,63 @@ if triton is not None:
             tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, mean, rstd):
+    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, centre, rstd):
         """Recompute the forward for one tile: the normalized input and its gradient."""
         x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + dbase + doff, mask=mask, other=0.0).to(tl.float32)
         u = x * mul[None, :] + add[None, :]
         sig = tl.sigmoid(u)
         du = dy * sig * (1.0 + u * (1.0 - sig))
-        return (x - mean) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
+        return (x - centre) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
 
     @triton.jit
-    def _bwd_group(ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC,
-                   scN, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+    def _bwd_group(ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC,
+                   dsN, dsC, scN, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr,
+                   HAS_XB: tl.constexpr):
         """Where a group starts in x (and dx) and in dy, its statistics and affine terms."""
         n, g, base = _group_base(ng, G, Cg, sN, sC)
         _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
         mean = tl.load(mean_ptr + ng)
         rstd = tl.load(rstd_ptr + ng)
-        mul, add, dgain = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, n, g, Cg, scN, mean, rstd,
-                                  BLOCK_C, HAS_FILM)
-        return base, dbase, mean, rstd, mul, add, dgain
+        mul, add, dgain, centre = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN,
+                                          mean, rstd, BLOCK_C, HAS_FILM, HAS_XB)
+        return base, dbase, centre, rstd, mul, add, dgain
 
     @triton.jit
     def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                                  sc_ptr, sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN,
-                                  dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
-                                  BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr):
+                                  sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS,
+                                  dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr,
+                                  HAS_XB: tl.constexpr):
         """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
-        base, dbase, mean, rstd, mul, add, dgain = _bwd_group(
-            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC, scN,
-            BLOCK_C, HAS_FILM)
+        base, dbase, centre, rstd, mul, add, dgain = _bwd_group(
+            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC, dsN,
+            dsC, scN, BLOCK_C, HAS_FILM, HAS_XB)
         a = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         b = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 mean, rstd)
+                                 centre[None, :], rstd)
             a += dxhat
             b += dxhat * xhat
         _store_partials(part_ptr, ng, sp, SPLIT, a, b)
 
     @triton.jit
     def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                            sc_ptr, sh_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN, dsC, dsS,
-                            scN, S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr):
+                            sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN,
+                            dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
-        base, dbase, mean, rstd, mul, add, dgain = _bwd_group(
-            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, G, Cg, sN, sC, dsN, dsC, scN,
-            BLOCK_C, HAS_FILM)
+        base, dbase, centre, rstd, mul, add, dgain = _bwd_group(
+            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC, dsN,
+            dsC, scN, BLOCK_C, HAS_FILM, HAS_XB)
         sa, sb = _combine(part_ptr, ng, SPLIT, BLOCK_P)
         count = HW * Cg * 1.0
         ma = sa / count
@@ -214,7 +247,7 @@ if triton is not None:
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 mean, rstd)
+                                 centre[None, :], rstd)
             dx = rstd * (dxhat - ma - xhat * mb)
             tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -245,15 +278,18 @@ if triton is not None:
         tl.store(p + C, tl.sum(b, axis=0), mask=cm)
 
     @triton.jit
-    def _gn_rows_stats_kernel(x_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER, SPLIT,
-                              BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr):
-        """Per-channel partial sums of (x - k) and (x - k)^2 over a slice of pixels, k the
-        first element of the channel's group (as in ``_gn_stats_kernel``)."""
+    def _gn_rows_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER,
+                              SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                              HAS_XB: tl.constexpr):
+        """Per-channel partial sums of (x + x_bias - k) and its square over a slice of pixels,
+        k the first element of x + x_bias in the channel's group (as in
+        ``_gn_stats_kernel``)."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
         c, cm, _ = _row_channels(n, G, C, Cg, BLOCK_CC)
-        k = tl.load(x_ptr + n.to(tl.int64) * HW * C + (c // Cg) * Cg, mask=cm,
-                    other=0.0).to(tl.float32)
+        first = (c // Cg) * Cg
+        k = _shift(x_ptr, n.to(tl.int64) * HW * C + first, xb_ptr, first, cm, HAS_XB) \
+            - _x_bias(xb_ptr, c, cm, HAS_XB)
         s1 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         s2 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
@@ -265,9 +301,10 @@ if triton is not None:
         _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, s1, s2)
 
     @triton.jit
-    def _gn_rows_group_kernel(part_ptr, x_ptr, out1_ptr, out2_ptr, HW, G, C, Cg: tl.constexpr,
-                              SPLIT, eps, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
-                              FORWARD: tl.constexpr):
+    def _gn_rows_group_kernel(part_ptr, x_ptr, xb_ptr, out1_ptr, out2_ptr, HW, G, C,
+                              Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
+                              BLOCK_G: tl.constexpr, FORWARD: tl.constexpr,
+                              HAS_XB: tl.constexpr):
         """One (sample, group): fold its channels' partial sums into the group's statistics.
         Forward: mean and 1/std. Backward: the means of dxhat and of dxhat * xhat."""
         ng = tl.program_id(0)
@@ -286,7 +323,7 @@ if triton is not None:
         sa = tl.sum(tl.sum(a, axis=1), axis=0) / count
         sb = tl.sum(tl.sum(b, axis=1), axis=0) / count
         if FORWARD:
-            k = tl.load(x_ptr + n.to(tl.int64) * HW * C + g * Cg).to(tl.float32)
+            k = _shift(x_ptr, n.to(tl.int64) * HW * C + g * Cg, xb_ptr, g * Cg, True, HAS_XB)
             tl.store(out1_ptr + ng, k + sa)
             tl.store(out2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(sb - sa * sa, 0.0) + eps))
         else:
@@ -295,24 +332,26 @@ if triton is not None:
 
     @triton.jit
     def _row_affine(n, G, C, Cg: tl.constexpr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
-                    scN, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr):
+                    xb_ptr, scN, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
+                    HAS_XB: tl.constexpr):
         """Per-channel statistics of the channel's group and the affine terms of a row."""
         c, cm, grp = _row_channels(n, G, C, Cg, BLOCK_CC)
         mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
         rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
-        mul, add, dgain = _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, n, scN, mean, rstd,
-                                     HAS_FILM)
-        return c, cm, grp, mean, rstd, mul, add, dgain
+        mul, add, dgain, centre = _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN,
+                                             mean, rstd, HAS_FILM, HAS_XB)
+        return c, cm, grp, centre, rstd, mul, add, dgain
 
     @triton.jit
     def _gn_rows_silu_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                                 sh_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
+                                 sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
                                  BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                                 HAS_FILM: tl.constexpr):
+                                 HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, _, _, _, _, mul, add, _ = _row_affine(n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                                                 sc_ptr, sh_ptr, scN, BLOCK_CC, HAS_FILM)
+                                                 sc_ptr, sh_ptr, xb_ptr, scN, BLOCK_CC,
+                                                 HAS_FILM, HAS_XB)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
@@ -321,42 +360,44 @@ if triton is not None:
 
     @triton.jit
     def _gn_rows_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
-                                       b_ptr, sc_ptr, sh_ptr, HW, G, C, Cg: tl.constexpr, scN,
-                                       S_PER, SPLIT, BLOCK_S: tl.constexpr,
-                                       BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr):
+                                       b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr,
+                                       scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                                       BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
+                                       HAS_XB: tl.constexpr):
         """Per-channel partial sums of dxhat and dxhat * xhat over a slice of pixels."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
-        c, cm, _, mean, rstd, mul, add, dgain = _row_affine(
-            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, scN, BLOCK_CC,
-            HAS_FILM)
+        c, cm, _, centre, rstd, mul, add, dgain = _row_affine(
+            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, scN, BLOCK_CC,
+            HAS_FILM, HAS_XB)
         a = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         b = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 mean[None, :], rstd[None, :])
+                                 centre[None, :], rstd[None, :])
             a += dxhat
             b += dxhat * xhat
         _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
 
     @triton.jit
     def _gn_rows_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, ma_ptr, mb_ptr,
-                                 w_ptr, b_ptr, sc_ptr, sh_ptr, HW, G, C, Cg: tl.constexpr, scN,
-                                 S_PER, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                                 HAS_FILM: tl.constexpr):
+                                 w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C,
+                                 Cg: tl.constexpr, scN, S_PER, BLOCK_S: tl.constexpr,
+                                 BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
+                                 HAS_XB: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
-        _, cm, grp, mean, rstd, mul, add, dgain = _row_affine(
-            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, scN, BLOCK_CC,
-            HAS_FILM)
+        _, cm, grp, centre, rstd, mul, add, dgain = _row_affine(
+            n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, scN, BLOCK_CC,
+            HAS_FILM, HAS_XB)
         ma = tl.load(ma_ptr + grp, mask=cm, other=0.0)
         mb = tl.load(mb_ptr + grp, mask=cm, other=0.0)
         for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 mean[None, :], rstd[None, :])
+                                 centre[None, :], rstd[None, :])
             dx = rstd[None, :] * (dxhat - ma[None, :] - xhat * mb[None, :])
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -425,12 +466,14 @@ def _launch_rows(N, G, HW, C):
                 num_warps=8 if block_s * block_cc >= _ROW_TILE else 4)
 
 
-def _forward(x, G, weight, bias, eps, scale, shift):
-    """y, the per-group mean and 1/std, and the launch shape (reused by the backward pass)."""
+def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
+    """y, the per-group mean and 1/std (of x + x_bias), and the launch shape (reused by the
+    backward pass)."""
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
-    film = scale is not None
+    film, has_xb = scale is not None, x_bias is not None
     sc, sh = (scale, shift) if film else (weight, weight)  # never read without FiLM
+    xb = x_bias if has_xb else weight  # never read without x_bias
     mean = torch.empty(N * G, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
@@ -438,30 +481,32 @@ def _forward(x, G, weight, bias, eps, scale, shift):
         k = _launch_rows(N, G, HW, C)
         part = torch.empty(N * k["split"] * 2 * C, dtype=torch.float32, device=x.device)
         grid = (N, k["split"])
-        _gn_rows_stats_kernel[grid](x, part, HW, G, C, Cg, k["s_per"], k["split"],
+        _gn_rows_stats_kernel[grid](x, xb, part, HW, G, C, Cg, k["s_per"], k["split"],
                                     BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"],
-                                    num_warps=k["num_warps"])
-        _gn_rows_group_kernel[(N * G,)](part, x, mean, rstd, HW, G, C, Cg, k["split"],
+                                    HAS_XB=has_xb, num_warps=k["num_warps"])
+        _gn_rows_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, k["split"],
                                         float(eps), BLOCK_P=k["block_p"],
-                                        BLOCK_G=k["block_g"], FORWARD=True, num_warps=4)
-        _gn_rows_silu_fwd_kernel[grid](x, y, mean, rstd, weight, bias, sc, sh, HW, G, C, Cg,
-                                       sc.stride(0), k["s_per"], BLOCK_S=k["block_s"],
-                                       BLOCK_CC=k["block_cc"], HAS_FILM=film,
+                                        BLOCK_G=k["block_g"], FORWARD=True, HAS_XB=has_xb,
+                                        num_warps=4)
+        _gn_rows_silu_fwd_kernel[grid](x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C,
+                                       Cg, sc.stride(0), k["s_per"], BLOCK_S=k["block_s"],
+                                       BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
                                        num_warps=k["num_warps"])
         return y, mean, rstd, k
     k = _launch(N, G, HW, Cg)
     part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
     grid = (N * G, k["split"])
-    _gn_stats_kernel[grid](x, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
-                           BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], num_warps=4)
-    _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg,
+    _gn_stats_kernel[grid](x, xb, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
+                           BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], HAS_XB=has_xb,
+                           num_warps=4)
+    _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg,
                               *_strides(x), sc.stride(0), k["s_per"], k["split"],
                               float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                              BLOCK_P=k["block_p"], HAS_FILM=film, num_warps=4)
+                              BLOCK_P=k["block_p"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
     return y, mean, rstd, k
 
 
-def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, G, film, k):
+def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
     dy = dy.contiguous(memory_format=torch.channels_last)  # x's strides: one offset for both
@@ -470,37 +515,39 @@ def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, G, film, k):
     ma, mb = torch.empty_like(mean), torch.empty_like(mean)
     grid = (N, k["split"])
     _gn_rows_silu_bwd_stats_kernel[grid](
-        x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, C, Cg, sc.stride(0), k["s_per"],
-        k["split"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        num_warps=k["num_warps"])
-    _gn_rows_group_kernel[(N * G,)](part, x, ma, mb, HW, G, C, Cg, k["split"], 0.0,
+        x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
+        k["s_per"], k["split"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
+        HAS_XB=has_xb, num_warps=k["num_warps"])
+    _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, k["split"], 0.0,
                                     BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
-                                    FORWARD=False, num_warps=4)
+                                    FORWARD=False, HAS_XB=has_xb, num_warps=4)
     _gn_rows_silu_bwd_kernel[grid](
-        x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, HW, G, C, Cg, sc.stride(0),
+        x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
         k["s_per"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        num_warps=k["num_warps"])
+        HAS_XB=has_xb, num_warps=k["num_warps"])
     return dx
 
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift):
-        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift)
-        film = scale is not None
-        ctx.save_for_backward(x, mean, rstd, weight, bias, *((scale, shift) if film else ()))
-        ctx.num_groups, ctx.film, ctx.launch = num_groups, film, k
+    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias):
+        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift, x_bias)
+        film, has_xb = scale is not None, x_bias is not None
+        sc, sh = (scale, shift) if film else (weight, weight)
+        ctx.save_for_backward(x, mean, rstd, weight, bias, sc, sh,
+                              x_bias if has_xb else weight)
+        ctx.num_groups, ctx.film, ctx.has_xb, ctx.launch = num_groups, film, has_xb, k
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, mean, rstd, weight, bias, *film = ctx.saved_tensors
-        sc, sh = film if ctx.film else (weight, weight)
-        G, k = ctx.num_groups, ctx.launch
+        x, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors
+        G, k, film, has_xb = ctx.num_groups, ctx.launch, ctx.film, ctx.has_xb
+        nones = (None,) * 7
         if k["rows"]:
-            dx = _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, G, ctx.film, k)
-            return dx, None, None, None, None, None, None
+            return (_backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb,
+                                   k),) + nones
         N, C, H, W = x.shape
         HW, Cg = H * W, C // G
         dy = _flat(dy, x)
@@ -508,18 +555,19 @@ class _GroupNormSiLU(torch.autograd.Function):
         part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
         grid = (N * G, k["split"])
         _gn_silu_bwd_stats_kernel[grid](
-            x, dy, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg, *_strides(x),
+            x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
             *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
-            BLOCK_C=k["block_c"], HAS_FILM=ctx.film, num_warps=4)
+            BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
         _gn_silu_bwd_kernel[grid](
-            x, dy, dx, part, mean, rstd, weight, bias, sc, sh, HW, G, Cg, *_strides(x),
+            x, dy, dx, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
             *_strides(dy), sc.stride(0), k["s_per"], k["split"],
             BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"],
-            HAS_FILM=ctx.film, num_warps=4)
-        return dx, None, None, None, None, None, None
+            HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
+        return (dx,) + nones
 
 
-def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None):
+def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None,
+                           x_bias=None):
     """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only."""
     if triton is None:
         raise ValueError("group_norm_silu_triton needs the triton package, which is not installed")
@@ -540,6 +588,11 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
     if scale is not None:
         params["scale"] = scale = scale.reshape(N, C)
         params["shift"] = shift = shift.reshape(N, C)
+    if x_bias is not None:
+        if x_bias.numel() != C:
+            raise ValueError(f"group_norm_silu: x_bias must have one value per channel ({C}), "
+                             f"got shape {tuple(x_bias.shape)}")
+        params["x_bias"] = x_bias = x_bias.reshape(C).contiguous()
     for name, t in params.items():
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"group_norm_silu: the triton backend differentiates to x only "
@@ -553,5 +606,5 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
     if x.numel() == 0:
         return torch.empty_like(x)
     if x.requires_grad and torch.is_grad_enabled():
-        return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift)
-    return _forward(x.detach(), num_groups, weight, bias, eps, scale, shift)[0]
+        return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift, x_bias)
+    return _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias)[0]
