@@ -163,3 +163,28 @@ def test_group_norm_silu(benchmark, backend, case, layout):
         return grad
 
     _run(benchmark, step, backend=backend, case=case, shape=shape, dtype=COMPUTE, layout=layout)
+
+
+# A ResBlock's residual sum at ADM-256's largest activation: the twin adds the convolution
+# bias as a pass of its own (as PyTorch's convolution does), the kernel in the same pass
+@pytest.mark.benchmark(group="op:residual_bias_add")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_residual_bias_add(benchmark, backend):
+    from diffloss_fast.ops.residual_bias_add import (residual_bias_add_torch,
+                                                     residual_bias_add_triton)
+    _use(backend)
+    torch.manual_seed(0)
+    shape = GNS_CASES["level0"]
+    fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
+    x, y = (torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(memory_format=fmt)
+            for _ in range(2))
+    bias = torch.randn(shape[1], device=DEVICE, dtype=COMPUTE)
+    fn = residual_bias_add_triton if backend == "triton" else residual_bias_add_torch
+
+    def step():
+        out = fn(x, y, bias)
+        _sync()
+        return out
+
+    _run(benchmark, step, backend=backend, shape=shape, dtype=COMPUTE,
+         channels_last=CHANNELS_LAST)
