@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
-#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums, frozen
-#                                       convolutions, CUDA graphs and the whole loss; reference /
+#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums, resampling,
+#                                       frozen convolutions, CUDA graphs and the whole loss; reference /
 #                                       fast / fast-fused / fast-graphed at batch 8, both terms and
 #                                       semantic; profiles of the fused step naming what launched
 #                                       its copies, elementwise and other kernels; batches 1 and 4;
-#                                       the largest batch under 24 GiB; the norm and residual ops
-#                                       (~7 min)
+#                                       the largest batch under 24 GiB; the norm, residual and
+#                                       resampling ops (~7 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -65,9 +65,9 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   # fused norms and CUDA graphs; where the fused step's time goes and what launched it;
   # batches 1 and 4; the largest batch under 24 GiB.
   step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
-    tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py -q -x \
-    -p no:cacheprovider \
-    -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual_bias_add"
+    tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
+    tests/test_resample_2x.py -q -x -p no:cacheprovider \
+    -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample"
   step bench 130 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused fast-graphed --terms both semantic \
     --json "$raw/bench.json"
@@ -80,7 +80,7 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
   step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k "group_norm_silu or residual_bias_add" \
+    -p no:cacheprovider -k "group_norm_silu or residual_bias_add or resample_2x" \
     --benchmark-json "$raw/suite_norm.json"
 fi
 

@@ -188,3 +188,31 @@ def test_residual_bias_add(benchmark, backend):
 
     _run(benchmark, step, backend=backend, shape=shape, dtype=COMPUTE,
          channels_last=CHANNELS_LAST)
+
+
+# ADM-256's 2x resampling at its largest activation, forward + backward (each the other's
+# backward): PyTorch's ops against the Triton kernels
+@pytest.mark.benchmark(group="op:resample_2x")
+@pytest.mark.parametrize("op", ["avg_pool_2x2", "upsample_2x"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_resample_2x(benchmark, backend, op):
+    from diffloss_fast.ops import resample_2x
+    _use(backend)
+    torch.manual_seed(0)
+    shape = GNS_CASES["level0"]
+    if op == "upsample_2x":  # upsampled to the level-0 size
+        shape = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    fmt = torch.channels_last if CHANNELS_LAST else torch.contiguous_format
+    x = torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    fn = getattr(resample_2x, f"{op}_triton" if backend == "triton" else
+                 {"avg_pool_2x2": "avg_pool_2x2", "upsample_2x": "upsample_2x_torch"}[op])
+    dy = torch.randn_like(fn(x))
+
+    def step():
+        (grad,) = torch.autograd.grad(fn(x), x, dy)
+        _sync()
+        return grad
+
+    _run(benchmark, step, backend=backend, op=op, shape=shape, dtype=COMPUTE,
+         channels_last=CHANNELS_LAST)

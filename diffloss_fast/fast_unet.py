@@ -10,7 +10,8 @@ kernels (:mod:`diffloss_fast.ops.group_norm_silu`); each convolution keeps only 
 the backward pass (:mod:`diffloss_fast.ops.frozen_conv`). With ``fused_norm`` the ResBlocks'
 convolutions also leave their biases to the kernels after them: the first one's to the fused
 norm that reads its output, the last one's (and a 1x1 skip convolution's) to the residual sum
-(:mod:`diffloss_fast.ops.residual_bias_add`), instead of a pass of their own over the output.
+(:mod:`diffloss_fast.ops.residual_bias_add`), instead of a pass of their own over the output;
+and the 2x pooling and upsampling run as Triton kernels (:mod:`diffloss_fast.ops.resample_2x`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .ops.avg_pool_2x2 import avg_pool_2x2
 from .ops.frozen_conv import frozen_conv2d
 from .ops.group_norm_silu import group_norm_silu_torch
+from .ops.resample_2x import avg_pool_2x2, upsample_2x_torch
 from .ops.residual_bias_add import residual_bias_add_torch
 from .prior import UNetModel
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
@@ -93,12 +94,15 @@ class FastUNet(nn.Module):
         self.fold_bias = fused_norm
         if fused_norm:
             from .ops.group_norm_silu import group_norm_silu_triton
+            from .ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
             from .ops.residual_bias_add import residual_bias_add_triton
             self._norm_silu_impl = group_norm_silu_triton
             self._residual_impl = residual_bias_add_triton
+            self._pool_impl, self._upsample_impl = avg_pool_2x2_triton, upsample_2x_triton
         else:
             self._norm_silu_impl = group_norm_silu_torch
             self._residual_impl = residual_bias_add_torch
+            self._pool_impl, self._upsample_impl = avg_pool_2x2, upsample_2x_torch
         # Regional compilation: one compiled function for all blocks, so blocks of the same
         # structure and input shape share one compiled graph instead of being compiled again.
         self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
@@ -180,12 +184,11 @@ class FastUNet(nn.Module):
         h = frozen_conv2d(out_conv, h)
         return (frozen_conv2d(skip, x) if isinstance(skip, nn.Conv2d) else skip(x)) + h
 
-    @staticmethod
-    def _resample(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _resample(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
-            return frozen_conv2d(layer.op, h) if layer.use_conv else avg_pool_2x2(h)
+            return frozen_conv2d(layer.op, h) if layer.use_conv else self._pool_impl(h)
         if isinstance(layer, Upsample):
-            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = self._upsample_impl(h)
             return frozen_conv2d(layer.conv, h) if layer.use_conv else h
         return h  # nn.Identity
 

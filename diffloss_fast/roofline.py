@@ -39,6 +39,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from . import hardware, replay
 from .cli import positive_int, write_json
 from .loss import DiffLoss, _DTYPES
+from .ops.resample_2x import avg_pool_2x2, upsample_2x_torch
 from .profile import categorize
 from .prior import prior_architecture
 
@@ -214,6 +215,8 @@ def _traced_network(config, terms: str, precision: str, checkpoint: bool, fused_
     if fused_norm:
         net._norm_silu_impl = _fused_norm_silu(ops)
         net._residual_impl = _fused_residual(ops)
+        # PyTorch's ops move what the resampling kernels move: x read, the result written
+        net._pool_impl, net._upsample_impl = avg_pool_2x2, upsample_2x_torch
     return net
 
 
