@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pkgutil
 import re
 import subprocess
 import sys
@@ -29,8 +30,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+import diffloss_fast.ops
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
 from diffloss_fast.ops.noising import q_sample_pair_triton
+from diffloss_fast.ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
+from diffloss_fast.ops.residual_bias_add import residual_bias_add_triton
 from diffloss_fast.ops.weighted_l2 import weighted_l2_triton
 
 META = torch.device("meta")
@@ -63,6 +67,12 @@ def drive() -> None:
                 w, b = _t(channels, dtype=dtype), _t(channels, dtype=dtype)
                 for film in ((), (_t(2, channels, dtype=dtype), _t(2, channels, dtype=dtype))):
                     group_norm_silu_triton(x, 32, w, b, 1e-5, *film).sum().backward()
+                # a ResBlock's second norm: FiLM'd, with the first convolution's bias
+                group_norm_silu_triton(x, 32, w, b, 1e-5, *film, x_bias=b).sum().backward()
+                y = _t(2, channels, 8, 8, dtype=dtype, grad=True, channels_last=channels_last)
+                residual_bias_add_triton(x, y, b).sum().backward()
+                avg_pool_2x2_triton(x).sum().backward()
+                upsample_2x_triton(x).sum().backward()
             for big in (False, True):  # 64-bit offsets past 2**31 elements
                 shape = (1, 3, 30000, 30000) if big else (2, 3, 16, 16)
                 restored = _t(*shape, grad=True)
@@ -144,9 +154,11 @@ def compile_all(archs: list[int]) -> list[dict]:
 
 
 def package_kernels() -> list[str]:
-    """Every Triton kernel the package defines (launched ones; helpers are inlined)."""
-    modules = [importlib.import_module(f"diffloss_fast.ops.{name}")  # ops.weighted_l2 is
-               for name in ("group_norm_silu", "noising", "weighted_l2")]  # also a function
+    """Every Triton kernel the package defines (launched ones; helpers are inlined), in every
+    module of ``diffloss_fast.ops`` but the native extension's."""
+    names = [m.name for m in pkgutil.iter_modules(diffloss_fast.ops.__path__)
+             if m.name != "native"]
+    modules = [importlib.import_module(f"diffloss_fast.ops.{name}") for name in names]
     return sorted(name for module in modules for name, value in vars(module).items()
                   if isinstance(value, JITFunction) and name.endswith("_kernel"))
 

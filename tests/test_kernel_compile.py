@@ -1,7 +1,7 @@
 """Every Triton kernel compiles to a cubin for Hopper (H100/H200) and Ada (RTX 4090), from
 the CPU, within the shared memory a block may have, without register spills, and with the
-GroupNorm kernels' loads vectorized: the interpreter the other tests use never lowers a
-kernel."""
+loads of the GroupNorm, residual and channels_last resampling kernels vectorized: the
+interpreter the other tests use never lowers a kernel."""
 import json
 import os
 import subprocess
@@ -43,3 +43,14 @@ def test_every_kernel_compiles_for_hopper_and_ada():
     # the 64-bit offset and strided variants were reached, not only the common ones
     assert any(k == "_q_sample_pair_fwd_kernel" and ("I64", "True") in c for k, c in variants)
     assert any(k == "_q_sample_pair_fwd_kernel" and ("DENSE", "False") in c for k, c in variants)
+    # the fused path's channels_last elementwise kernels stream vectors too: the residual sum,
+    # and the resampling wherever the channels are the unit-stride dimension
+    streaming = [r for r in results
+                 if (r["kernel"] == "_residual_bias_add_kernel"
+                     or (r["kernel"] in ("_pool_2x2_kernel", "_upsample_2x_kernel")
+                         and r["constexprs"].get("sC") == "1"))
+                 and r["constexprs"]["CHANNELS_LAST"] == "True"]
+    assert {r["kernel"] for r in streaming} == {"_residual_bias_add_kernel", "_pool_2x2_kernel",
+                                                "_upsample_2x_kernel"}
+    for r in streaming:
+        assert r["vector_loads"] > 0 and r["scalar_loads"] == 0, r
