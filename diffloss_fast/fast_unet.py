@@ -7,11 +7,12 @@ statistics and the timestep MLP stay fp32), attention runs through
 noise channels, and without the natural term the decoder is not built at all. Each
 GroupNorm (+ FiLM) + SiLU runs as plain PyTorch ops or, with ``fused_norm``, as fused Triton
 kernels (:mod:`diffloss_fast.ops.group_norm_silu`); each convolution keeps only its weight for
-the backward pass (:mod:`diffloss_fast.ops.frozen_conv`). With ``fused_norm`` the ResBlocks'
-convolutions also leave their biases to the kernels after them: the first one's to the fused
-norm that reads its output, the last one's (and a 1x1 skip convolution's) to the residual sum
-(:mod:`diffloss_fast.ops.residual_bias_add`), instead of a pass of their own over the output;
-and the 2x pooling and upsampling run as Triton kernels (:mod:`diffloss_fast.ops.resample_2x`).
+the backward pass (:mod:`diffloss_fast.ops.frozen_conv`). The ResBlocks' convolutions leave
+their biases to the ops after them: the first one's to the norm that reads its output, the last
+one's (and a 1x1 skip convolution's) to the residual sum
+(:mod:`diffloss_fast.ops.residual_bias_add`). With ``fused_norm`` those are Triton kernels that
+add the biases as they load, instead of a pass of their own over each output, and the 2x
+pooling and upsampling are Triton kernels too (:mod:`diffloss_fast.ops.resample_2x`).
 """
 from __future__ import annotations
 
@@ -91,7 +92,6 @@ class FastUNet(nn.Module):
             raise ValueError("class-conditional priors are not supported")
         self.dtype, self.decoder, self.attention = dtype, decoder, attention
         self.channels_last, self.checkpoint = channels_last, checkpoint
-        self.fold_bias = fused_norm
         if fused_norm:
             from .ops.group_norm_silu import group_norm_silu_triton
             from .ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
@@ -122,11 +122,9 @@ class FastUNet(nn.Module):
             self.output_blocks = cast(unet.output_blocks)
             out = cast(unet.out)
             self.out_norm, self.out_conv = out[0], _eps_conv(out[2])
-        if self.fold_bias:
-            for blk in self.modules():
-                if isinstance(blk, ResBlock):
-                    blk.register_buffer("residual_bias", self._residual_bias(blk),
-                                        persistent=False)
+        for blk in self.modules():
+            if isinstance(blk, ResBlock):
+                blk.register_buffer("residual_bias", self._residual_bias(blk), persistent=False)
 
     @staticmethod
     def _residual_bias(blk: ResBlock) -> torch.Tensor:
@@ -166,23 +164,18 @@ class FastUNet(nn.Module):
         h = self._norm_silu(norm, x)
         if blk.updown:
             h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
-        # The first convolution's bias rides in the FiLM'd norm after it.
-        fold_in = self.fold_bias and blk.use_scale_shift_norm
-        h = frozen_conv2d(conv, h, bias=not fold_in)
-        emb_out = blk.emb_layers[1](F.silu(emb)).to(h.dtype)[..., None, None]
+        emb_out = blk.emb_layers[1](F.silu(emb)).to(x.dtype)[..., None, None]
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
-        if blk.use_scale_shift_norm:
-            h = self._norm_silu(out_norm, h, *emb_out.chunk(2, dim=1),
-                                x_bias=conv.bias if fold_in else None)
+        if blk.use_scale_shift_norm:  # the first convolution's bias rides in the norm after it
+            h = self._norm_silu(out_norm, frozen_conv2d(conv, h, bias=False),
+                                *emb_out.chunk(2, dim=1), x_bias=conv.bias)
         else:
-            h = self._norm_silu(out_norm, h + emb_out)
+            h = self._norm_silu(out_norm, frozen_conv2d(conv, h) + emb_out)
+        # the last (and a skip) convolution's biases ride in the residual sum
+        h = frozen_conv2d(out_conv, h, bias=False)
         skip = blk.skip_connection
-        if self.fold_bias:  # the last (and skip) convolutions' biases ride in the residual sum
-            h = frozen_conv2d(out_conv, h, bias=False)
-            x = frozen_conv2d(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else skip(x)
-            return self._residual_impl(x, h, blk.residual_bias)
-        h = frozen_conv2d(out_conv, h)
-        return (frozen_conv2d(skip, x) if isinstance(skip, nn.Conv2d) else skip(x)) + h
+        x = frozen_conv2d(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else skip(x)
+        return self._residual_impl(x, h, blk.residual_bias)
 
     def _resample(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
