@@ -5,9 +5,10 @@
 #                                       frozen convolutions, CUDA graphs and the whole loss; reference /
 #                                       fast / fast-fused / fast-graphed at batch 8, both terms and
 #                                       semantic; profiles of the fused step naming what launched
-#                                       its copies, elementwise and other kernels; batches 1 and 4;
-#                                       the largest batch under 24 GiB; the norm, residual and
-#                                       resampling ops (~7 min)
+#                                       its copies, elementwise and other kernels; the largest
+#                                       batch under 24 GiB; the norm, residual and resampling ops;
+#                                       batches 1 and 4; a sweep of the norms' launch shapes
+#                                       (~9 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -61,9 +62,10 @@ head -n 20 "$raw/env.txt"
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
   # In order of what the open goals need, should the lease run out: the CUDA tests of the fused
-  # norms, frozen convolutions, CUDA graphs and the whole loss; the step with and without the
-  # fused norms and CUDA graphs; where the fused step's time goes and what launched it;
-  # batches 1 and 4; the largest batch under 24 GiB.
+  # kernels, frozen convolutions, CUDA graphs and the whole loss; the step with and without the
+  # fused kernels and CUDA graphs; where the fused step's time goes and what launched it; the
+  # largest batch under 24 GiB; the fused ops alone; batches 1 and 4; the norm kernels' launch
+  # shapes swept.
   step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
     tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
     tests/test_resample_2x.py -q -x -p no:cacheprovider \
@@ -75,13 +77,15 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     step "profile_fast-fused_$terms" 40 python3 -m diffloss_fast profile --variant fast-fused \
       --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
   done
-  step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
-    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
   step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k "group_norm_silu or residual_bias_add or resample_2x" \
+    -p no:cacheprovider -k "(group_norm_silu or residual_bias_add or resample_2x) and not launch" \
     --benchmark-json "$raw/suite_norm.json"
+  step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
+    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
+  step sweep_norm 90 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/sweep_norm.json"
 fi
 
 if [[ $part == core || $part == all ]]; then

@@ -216,3 +216,39 @@ def test_resample_2x(benchmark, backend, op):
 
     _run(benchmark, step, backend=backend, op=op, shape=shape, dtype=COMPUTE,
          channels_last=CHANNELS_LAST)
+
+
+# The channels_last norm kernels' launch shape, swept at three of ADM-256's levels: elements per
+# loop step of a program (whole pixel rows; 8 warps from 4096 up) and how many programs a launch
+# aims for. The defaults are 4096 and 1024; CUDA only (run by `device_check.sh tune`).
+NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
+               "1024x16x16": (8, 1024, 16, 16)}
+
+
+@pytest.mark.benchmark(group="sweep:group_norm_silu channels_last launch")
+@pytest.mark.parametrize("programs", [512, 1024, 2048])
+@pytest.mark.parametrize("row_tile", [2048, 4096, 8192])
+@pytest.mark.parametrize("level", list(NORM_LEVELS))
+def test_group_norm_silu_launch(benchmark, monkeypatch, level, row_tile, programs):
+    from diffloss_fast.ops import group_norm_silu as gns
+    if not CUDA:
+        pytest.skip("a sweep of GPU launch shapes: CUDA only")
+    _use("triton")
+    monkeypatch.setattr(gns, "_ROW_TILE", row_tile)
+    monkeypatch.setattr(gns, "_TARGET_PROGRAMS", programs)
+    torch.manual_seed(0)
+    shape = NORM_LEVELS[level]
+    N, C = shape[:2]
+    x = torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    dy = torch.randn_like(x)
+    weight, bias = (torch.randn(C, device=DEVICE, dtype=COMPUTE) for _ in range(2))
+    scale, shift = torch.randn(N, 2 * C, 1, 1, device=DEVICE, dtype=COMPUTE).chunk(2, dim=1)
+
+    def step():
+        y = gns.group_norm_silu_triton(x, 32, weight, bias, 1e-5, scale, shift, bias)
+        (grad,) = torch.autograd.grad(y, x, dy)
+        _sync()
+        return grad
+
+    _run(benchmark, step, level=level, row_tile=row_tile, programs=programs, dtype=COMPUTE)
