@@ -85,7 +85,7 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
     --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
   step sweep_norm 90 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/sweep_norm.json"
+    -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/suite_sweep_norm.json"
 fi
 
 if [[ $part == core || $part == all ]]; then
