@@ -38,6 +38,11 @@ from diffloss_fast.cli import build_parser
     ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>", "copy"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "elementwise"),
     ("aten::avg_pool2d", "other"),
+    # the fused path's own kernels fall where PyTorch's ops they replace fall
+    ("_gn_rows_silu_bwd_kernel", "norm"),
+    ("_residual_bias_add_kernel", "elementwise"),
+    ("_pool_2x2_kernel", "other"),
+    ("_upsample_2x_kernel", "other"),
 ])
 def test_categories(name, category):
     assert profile.categorize(name) == category
