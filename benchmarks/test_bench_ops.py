@@ -218,23 +218,32 @@ def test_resample_2x(benchmark, backend, op):
          channels_last=CHANNELS_LAST)
 
 
-# The channels_last norm kernels' launch shape, swept at three of ADM-256's levels: elements per
-# loop step of a program (whole pixel rows; 8 warps from 4096 up) and how many programs a launch
-# aims for. The defaults are 4096 and 1024; CUDA only (run by `device_check.sh tune`).
+# The channels_last norm kernels' launch shape, swept at three of ADM-256's levels (8, 16 and 32
+# channels a group): the pixel-row kernels with their elements per loop step (8 warps from 4096
+# up) and the programs a launch aims for, against the group-wise kernels (a group's channels
+# of a pixel: 16, 32, 64 bytes in bf16). The defaults are rows, 4096, 1024. CUDA only (run by
+# `device_check.sh tune`).
 NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
                "1024x16x16": (8, 1024, 16, 16)}
+NORM_LAUNCHES = [("rows", 2048, 1024), ("rows", 4096, 512), ("rows", 4096, 1024),
+                 ("rows", 4096, 2048), ("rows", 8192, 1024), ("groups", 2048, 1024),
+                 ("groups", 4096, 1024)]
 
 
 @pytest.mark.benchmark(group="sweep:group_norm_silu channels_last launch")
-@pytest.mark.parametrize("programs", [512, 1024, 2048])
-@pytest.mark.parametrize("row_tile", [2048, 4096, 8192])
+@pytest.mark.parametrize("launch", NORM_LAUNCHES, ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("level", list(NORM_LEVELS))
-def test_group_norm_silu_launch(benchmark, monkeypatch, level, row_tile, programs):
+def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
     from diffloss_fast.ops import group_norm_silu as gns
     if not CUDA:
         pytest.skip("a sweep of GPU launch shapes: CUDA only")
     _use("triton")
-    monkeypatch.setattr(gns, "_ROW_TILE", row_tile)
+    kernels, tile, programs = launch
+    if kernels == "groups":
+        monkeypatch.setattr(gns, "_MAX_ROW_CHANNELS", 0)
+        monkeypatch.setattr(gns, "_TILE", tile)
+    else:
+        monkeypatch.setattr(gns, "_ROW_TILE", tile)
     monkeypatch.setattr(gns, "_TARGET_PROGRAMS", programs)
     torch.manual_seed(0)
     shape = NORM_LEVELS[level]
@@ -251,4 +260,5 @@ def test_group_norm_silu_launch(benchmark, monkeypatch, level, row_tile, program
         _sync()
         return grad
 
-    _run(benchmark, step, level=level, row_tile=row_tile, programs=programs, dtype=COMPUTE)
+    _run(benchmark, step, level=level, kernels=kernels, tile=tile, programs=programs,
+         dtype=COMPUTE)
