@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
-#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums, resampling,
-#                                       frozen convolutions, CUDA graphs and the whole loss; reference /
-#                                       fast / fast-fused / fast-graphed at batch 8, both terms and
-#                                       semantic; profiles of the fused step naming what launched
+#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums,
+#                                       resampling, frozen convolutions, CUDA graphs and the whole
+#                                       loss; reference / fast / fast-fused / fast-graphed at
+#                                       batch 8, both terms and semantic; profiles of the fused step naming what launched
 #                                       its copies, elementwise and other kernels; the largest
 #                                       batch under 24 GiB; the norm, residual and resampling ops;
 #                                       batches 1 and 4; a sweep of the norms' launch shapes
