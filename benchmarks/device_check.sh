@@ -4,11 +4,11 @@
 #   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums,
 #                                       resampling, frozen convolutions, CUDA graphs and the whole
 #                                       loss; reference / fast / fast-fused / fast-graphed at
-#                                       batch 8, both terms and semantic; profiles of the fused step naming what launched
-#                                       its copies, elementwise and other kernels; the largest
-#                                       batch under 24 GiB; the norm, residual and resampling ops;
-#                                       batches 1 and 4; a sweep of the norms' launch shapes
-#                                       (~9 min)
+#                                       batch 8, both terms and semantic; profiles of the fused
+#                                       step naming what launched its copies, elementwise and
+#                                       other kernels; the largest batch under 24 GiB; the norm,
+#                                       residual and resampling ops; batches 1 and 4; a sweep of
+#                                       the norms' launch shapes (~9 min)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
