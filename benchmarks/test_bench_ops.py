@@ -220,14 +220,14 @@ def test_resample_2x(benchmark, backend, op):
 
 # The channels_last norm kernels' launch shape, swept at three of ADM-256's levels (8, 16 and 32
 # channels a group): the pixel-row kernels with their elements per loop step (8 warps from 4096
-# up) and the programs a launch aims for, against the group-wise kernels (a group's channels
-# of a pixel: 16, 32, 64 bytes in bf16). The defaults are rows, 4096, 1024. CUDA only (run by
-# `device_check.sh tune`).
+# up), the programs a launch aims for and the tiles each has in flight (software pipelining),
+# against the group-wise kernels (a group's channels of a pixel: 16, 32, 64 bytes in bf16).
+# The defaults are rows, 4096, 1024, 1. CUDA only (run by `device_check.sh tune`).
 NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
                "1024x16x16": (8, 1024, 16, 16)}
-NORM_LAUNCHES = [("rows", 2048, 1024), ("rows", 4096, 512), ("rows", 4096, 1024),
-                 ("rows", 4096, 2048), ("rows", 8192, 1024), ("groups", 2048, 1024),
-                 ("groups", 4096, 1024)]
+NORM_LAUNCHES = [("rows", 2048, 1024, 1), ("rows", 4096, 512, 1), ("rows", 4096, 1024, 1),
+                 ("rows", 4096, 2048, 1), ("rows", 8192, 1024, 1), ("rows", 2048, 1024, 3),
+                 ("rows", 4096, 1024, 3), ("groups", 2048, 1024, 1), ("groups", 4096, 1024, 1)]
 
 
 @pytest.mark.benchmark(group="sweep:group_norm_silu channels_last launch")
@@ -238,12 +238,13 @@ def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
     if not CUDA:
         pytest.skip("a sweep of GPU launch shapes: CUDA only")
     _use("triton")
-    kernels, tile, programs = launch
+    kernels, tile, programs, stages = launch
     if kernels == "groups":
         monkeypatch.setattr(gns, "_MAX_ROW_CHANNELS", 0)
         monkeypatch.setattr(gns, "_TILE", tile)
     else:
         monkeypatch.setattr(gns, "_ROW_TILE", tile)
+        monkeypatch.setattr(gns, "_ROW_STAGES", stages)
     monkeypatch.setattr(gns, "_TARGET_PROGRAMS", programs)
     torch.manual_seed(0)
     shape = NORM_LEVELS[level]
@@ -261,4 +262,4 @@ def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
         return grad
 
     _run(benchmark, step, level=level, kernels=kernels, tile=tile, programs=programs,
-         dtype=COMPUTE)
+         stages=stages, dtype=COMPUTE)

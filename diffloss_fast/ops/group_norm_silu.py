@@ -56,6 +56,9 @@ _TILE = 2048          # elements per loop step of one program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM several times
 _ROW_TILE = 4096      # elements per loop step of a channels_last program (whole pixel rows)
 _MAX_ROW_CHANNELS = 4096  # wider channels_last tensors take the group-wise kernels
+# Tiles a pixel-row program has in flight (software pipelining of its loop's loads through
+# shared memory); 1: one, loaded as used. Swept on a GPU by benchmarks/test_bench_ops.py.
+_ROW_STAGES = 1
 
 
 if triton is not None:
@@ -280,7 +283,7 @@ if triton is not None:
     @triton.jit
     def _gn_rows_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER,
                               SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                              HAS_XB: tl.constexpr):
+                              HAS_XB: tl.constexpr, STAGES: tl.constexpr):
         """Per-channel partial sums of (x + x_bias - k) and its square over a slice of pixels,
         k the first element of x + x_bias in the channel's group (as in
         ``_gn_stats_kernel``)."""
@@ -292,7 +295,7 @@ if triton is not None:
             - _x_bias(xb_ptr, c, cm, HAS_XB)
         s1 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         s2 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             v = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
                          - k[None, :], 0.0)
@@ -346,13 +349,14 @@ if triton is not None:
     def _gn_rows_silu_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
                                  sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
                                  BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                                 HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
+                                 HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
+                                 STAGES: tl.constexpr):
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, _, _, _, _, mul, add, _ = _row_affine(n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr,
                                                  sc_ptr, sh_ptr, xb_ptr, scN, BLOCK_CC,
                                                  HAS_FILM, HAS_XB)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
                 + add[None, :]
@@ -363,7 +367,7 @@ if triton is not None:
                                        b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr,
                                        scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
                                        BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                       HAS_XB: tl.constexpr):
+                                       HAS_XB: tl.constexpr, STAGES: tl.constexpr):
         """Per-channel partial sums of dxhat and dxhat * xhat over a slice of pixels."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
@@ -372,7 +376,7 @@ if triton is not None:
             HAS_FILM, HAS_XB)
         a = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         b = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
                                  centre[None, :], rstd[None, :])
@@ -385,7 +389,7 @@ if triton is not None:
                                  w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C,
                                  Cg: tl.constexpr, scN, S_PER, BLOCK_S: tl.constexpr,
                                  BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                 HAS_XB: tl.constexpr):
+                                 HAS_XB: tl.constexpr, STAGES: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
@@ -394,7 +398,7 @@ if triton is not None:
             HAS_FILM, HAS_XB)
         ma = tl.load(ma_ptr + grp, mask=cm, other=0.0)
         mb = tl.load(mb_ptr + grp, mask=cm, other=0.0)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
                                  centre[None, :], rstd[None, :])
@@ -462,7 +466,7 @@ def _launch_rows(N, G, HW, C):
     split, s_per = _split(HW, block_s, N)
     return dict(rows=True, block_s=block_s, block_cc=block_cc, split=split, s_per=s_per,
                 block_p=max(2, min(64, triton.next_power_of_2(split))),
-                block_g=max(2, triton.next_power_of_2(C // G)),
+                block_g=max(2, triton.next_power_of_2(C // G)), stages=_ROW_STAGES,
                 num_warps=8 if block_s * block_cc >= _ROW_TILE else 4)
 
 
@@ -483,7 +487,7 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
         grid = (N, k["split"])
         _gn_rows_stats_kernel[grid](x, xb, part, HW, G, C, Cg, k["s_per"], k["split"],
                                     BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"],
-                                    HAS_XB=has_xb, num_warps=k["num_warps"])
+                                    HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
         _gn_rows_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, k["split"],
                                         float(eps), BLOCK_P=k["block_p"],
                                         BLOCK_G=k["block_g"], FORWARD=True, HAS_XB=has_xb,
@@ -491,7 +495,7 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
         _gn_rows_silu_fwd_kernel[grid](x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C,
                                        Cg, sc.stride(0), k["s_per"], BLOCK_S=k["block_s"],
                                        BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
-                                       num_warps=k["num_warps"])
+                                       STAGES=k["stages"], num_warps=k["num_warps"])
         return y, mean, rstd, k
     k = _launch(N, G, HW, Cg)
     part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
@@ -517,14 +521,14 @@ def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb,
     _gn_rows_silu_bwd_stats_kernel[grid](
         x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
         k["s_per"], k["split"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, num_warps=k["num_warps"])
+        HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
     _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, k["split"], 0.0,
                                     BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
                                     FORWARD=False, HAS_XB=has_xb, num_warps=4)
     _gn_rows_silu_bwd_kernel[grid](
         x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
         k["s_per"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, num_warps=k["num_warps"])
+        HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
     return dx
 
 
