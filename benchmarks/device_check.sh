@@ -9,6 +9,8 @@
 #                                       other kernels; the largest batch under 24 GiB; the norm,
 #                                       residual and resampling ops; batches 1 and 4; a sweep of
 #                                       the norms' launch shapes (~10 min)
+#   benchmarks/device_check.sh sweep    the norms' launch shapes alone (the end of tune, for a
+#                                       second call should the first lease cut it)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -84,6 +86,9 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
     --benchmark-json "$raw/suite_norm.json"
   step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
     --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
+fi
+
+if [[ $part == tune || $part == sweep ]]; then
   step sweep_norm 150 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/suite_sweep_norm.json"
 fi
