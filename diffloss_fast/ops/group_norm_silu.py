@@ -6,10 +6,10 @@ The prior applies, before each 3x3 convolution of a ResBlock,
 
 (``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU;
 ``x_bias``, if given, the bias of the convolution that made x, which then need not add it in a
-pass of its own). Eager
-PyTorch runs this as three or four memory-bound kernels and keeps their outputs for the backward
-pass; here the forward reads x twice (statistics, then output) and writes y once, the backward
-reads x and dy twice and writes dx once, and only x and two floats per group are saved.
+pass of its own). Eager PyTorch runs this as three or four memory-bound kernels and keeps their
+outputs for the backward pass; here the forward reads x twice (statistics, then output) and
+writes y once, the backward reads x and dy twice and writes dx once, and only x and two floats
+per group are saved.
 
 The prior is frozen, so only x is differentiable: weight, bias, scale and shift must not
 require grad. Statistics and arithmetic are fp32 whatever the storage dtype.
