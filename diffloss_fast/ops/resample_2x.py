@@ -62,7 +62,10 @@ if triton is not None:
 
     @triton.jit
     def _nchw_at(i, C, H, W, CHANNELS_LAST: tl.constexpr):
-        """(n, c, h, w) of element i of an (N, C, H, W) tensor dense in the given layout."""
+        """(n, c, h, w) of element i of an (N, C, H, W) tensor dense in the given layout.
+        (``noising._chw`` splits an index within one sample; splitting i by C * H * W first
+        hides from Triton that channels_last c runs contiguously, and its loads stop being
+        vectorized.)"""
         if CHANNELS_LAST:
             c = i % C
             r = i // C
