@@ -135,28 +135,25 @@ def _upsample(x, scale, channels_last):
                      channels_last)
 
 
-class _AvgPool2x2Triton(torch.autograd.Function):
+class _Resample2xTriton(torch.autograd.Function):
+    """One direction forward, the other backward (each a (kernel launcher, scale) pair):
+    nothing of x is kept but its layout."""
+
     @staticmethod
-    def forward(ctx, x):
-        ctx.channels_last = is_channels_last(x)
-        return _pool(x, 0.25, ctx.channels_last)
+    def forward(ctx, x, there, back):
+        ctx.channels_last, ctx.back = is_channels_last(x), back
+        return there[0](x, there[1], ctx.channels_last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        return _upsample(grad, 0.25, ctx.channels_last)
+        return ctx.back[0](grad, ctx.back[1], ctx.channels_last), None, None
 
 
-class _Upsample2xTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.channels_last = is_channels_last(x)
-        return _upsample(x, 1.0, ctx.channels_last)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        return _pool(grad, 1.0, ctx.channels_last)
+def _resample_2x(x: torch.Tensor, there: tuple, back: tuple) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Resample2xTriton.apply(x, there, back)
+    return there[0](x, there[1], is_channels_last(x))
 
 
 def _triton_ready(x: torch.Tensor, op: str, out_numel: int) -> bool:
@@ -176,9 +173,7 @@ def avg_pool_2x2_triton(x: torch.Tensor) -> torch.Tensor:
     or more take it too)."""
     if not _triton_ready(x, "avg_pool_2x2", x.numel() // 4) or x.shape[-1] % 2 or x.shape[-2] % 2:
         return avg_pool_2x2(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _AvgPool2x2Triton.apply(x)
-    return _pool(x, 0.25, is_channels_last(x))
+    return _resample_2x(x, there=(_pool, 0.25), back=(_upsample, 0.25))
 
 
 def upsample_2x_triton(x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +181,4 @@ def upsample_2x_triton(x: torch.Tensor) -> torch.Tensor:
     elements or more take it)."""
     if not _triton_ready(x, "upsample_2x", 4 * x.numel()):
         return upsample_2x_torch(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Upsample2xTriton.apply(x)
-    return _upsample(x, 1.0, is_channels_last(x))
+    return _resample_2x(x, there=(_upsample, 1.0), back=(_pool, 1.0))
