@@ -4,13 +4,14 @@
 #   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums,
 #                                       resampling, frozen convolutions, CUDA graphs and the whole
 #                                       loss; reference / fast / fast-fused / fast-graphed at
-#                                       batch 8, both terms and semantic; profiles of the fused
+#                                       batch 8, both terms and semantic; a sweep of the norms'
+#                                       launch shapes, and the fused step again with the fastest
+#                                       (benchmarks/pick_norm_launch.py); profiles of the fused
 #                                       step naming what launched its copies, elementwise and
-#                                       other kernels; the largest batch under 24 GiB; the norm,
-#                                       residual and resampling ops; batches 1 and 4; a sweep of
-#                                       the norms' launch shapes (~10 min)
-#   benchmarks/device_check.sh sweep    the norms' launch shapes alone (the end of tune, for a
-#                                       second call should the first lease cut it)
+#                                       other kernels; batches 1 and 4; the norm, residual and
+#                                       resampling ops; the largest batch under 24 GiB (~10 min)
+#   benchmarks/device_check.sh sweep    the sweep and the tuned fused step alone (for a second
+#                                       call should the first lease cut them)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -65,32 +66,46 @@ quick=(--batch-sizes 8 --repeats 5 --warmup 2)
 if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
   # In order of what the open goals need, should the lease run out: the CUDA tests of the fused
   # kernels, frozen convolutions, CUDA graphs and the whole loss; the step with and without the
-  # fused kernels and CUDA graphs; where the fused step's time goes and what launched it; the
-  # largest batch under 24 GiB; the fused ops alone; batches 1 and 4; the norm kernels' launch
-  # shapes swept.
+  # fused kernels and CUDA graphs; the norm kernels' launch shapes swept and the fused step
+  # again with the fastest; where the fused step's time goes and what launched it; batches 1
+  # and 4; the fused ops alone; the largest batch under 24 GiB.
   step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
     tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
     tests/test_resample_2x.py -q -x -p no:cacheprovider \
     -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample"
   step bench 150 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused fast-graphed --terms both semantic \
-    --json "$raw/bench.json"
-  for terms in both semantic; do
-    step "profile_fast-fused_$terms" 40 python3 -m diffloss_fast profile --variant fast-fused \
-      --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
-  done
-  step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
-    --json "$raw/memory.json" --plot "$raw/memory.png"
-  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k "(group_norm_silu or residual_bias_add or resample_2x) and not launch" \
-    --benchmark-json "$raw/suite_norm.json"
-  step bench_small 60 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
-    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
+    --json "$raw/bench_b8.json"
 fi
 
 if [[ $part == tune || $part == sweep ]]; then
-  step sweep_norm 150 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+  # The sweep names the fastest setting of DIFFLOSS_FAST_NORM_LAUNCH (the default unless one
+  # beats it by 2%); the later steps of this run use it, and their JSON records it.
+  step sweep_norm 120 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/suite_sweep_norm.json"
+  launch=$(python3 benchmarks/pick_norm_launch.py "$raw/suite_sweep_norm.json" \
+    2>"$raw/pick_norm_launch.log") || launch=""
+  echo "norm launch: '${launch}' ('' = default)" | tee -a "$raw/steps.txt"
+  cat "$raw/pick_norm_launch.log"
+  if [[ -n $launch ]]; then
+    export DIFFLOSS_FAST_NORM_LAUNCH=$launch
+    step bench_tuned 70 python3 -m diffloss_fast bench "${quick[@]}" \
+      --variants fast-fused fast-graphed --terms both semantic --json "$raw/bench_tuned.json"
+  fi
+fi
+
+if [[ $part == tune ]]; then
+  for terms in both semantic; do
+    step "profile_fast-fused_$terms" 35 python3 -m diffloss_fast profile --variant fast-fused \
+      --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
+  done
+  step bench_small 50 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
+    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
+  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+    -p no:cacheprovider -k "(group_norm_silu or residual_bias_add or resample_2x) and not launch" \
+    --benchmark-json "$raw/suite_norm.json"
+  step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
+    --json "$raw/memory.json" --plot "$raw/memory.png"
 fi
 
 if [[ $part == core || $part == all ]]; then
@@ -131,6 +146,7 @@ fi
 pack
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
+[[ -f $raw/pick_norm_launch.log ]] && { echo "=== norm launch sweep"; cat "$raw/pick_norm_launch.log"; }
 for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; grep -A 5 "launched from" "$f" | cut -c1-200; }; done
 for f in "$raw"/convs*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 8 "convolutions alone" "$f"; }; done
 for f in "$raw"/memory*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; tail -n 12 "$f"; }; done

@@ -38,8 +38,9 @@ def merge(raw: Path) -> dict:
                 continue
             norms = "fused" if r["variant"] in ("fast-fused", "fast-graphed") else "plain"
             tuned = b.get("cudnn_benchmark", False)
+            launch = b.get("norm_launch", "") if norms == "fused" else None
             key = (r["variant"], r["precision"], r["terms"], r["batch"], r["resolution"],
-                   r.get("channels_last"), r.get("compile_mode"), tuned)
+                   r.get("channels_last"), r.get("compile_mode"), tuned, launch)
             if key in seen:  # the same configuration timed twice: keep the first run's row
                 continue
             seen.add(key)
@@ -47,6 +48,7 @@ def merge(raw: Path) -> dict:
             row["channels_last"] = r.get("channels_last", "auto")
             row["variant"] = "reference" if r["variant"] == "reference" else "fast"
             row["norms"] = norms
+            row["norm_launch"] = launch  # the fused norms' launch shape ("": the default)
             row["cuda_graph"] = r["variant"] == "fast-graphed"
             row["cudnn_benchmark"] = tuned
             row["compile_mode"] = r.get("compile_mode")
@@ -150,7 +152,8 @@ def markdown(result: dict) -> str:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
         graph = "yes" if r.get("cuda_graph") else "no"
-        out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {r.get('norms', 'plain')} | "
+        norms = r.get("norms", "plain") + (f" ({r['norm_launch']})" if r.get("norm_launch") else "")
+        out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {norms} | "
                    f"{graph} | {layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
                    f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                    f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
@@ -173,7 +176,8 @@ def markdown(result: dict) -> str:
             out.append(f"| `{name.split('::')[-1]}` | {b['group']} | "
                        + (f"{ms:.1f} ms" if ms >= 1 else f"{ms * 1e3:.0f} us") + " |")
     for p in result.get("profiles", []):
-        out += ["", f"## Profile: {p['what']}", "",
+        launch = f", norm launch {p['norm_launch']}" if p.get("norm_launch") else ""
+        out += ["", f"## Profile: {p['what']}{launch}", "",
                 f"Device busy {p['busy_ms_per_step']:.1f} ms of {p['wall_ms_per_step']:.1f} ms "
                 f"wall per step ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%}).", "",
                 "| kernel kind | ms/step | share | roofline ms |", "| --- | ---: | ---: | ---: |"]
@@ -221,20 +225,21 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     key = lambda r: (r["variant"], r["precision"], r["compiled"], r["terms"],  # noqa: E731
                      str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"),
-                     bool(r.get("cudnn_benchmark")), bool(r.get("cuda_graph")))
+                     bool(r.get("cudnn_benchmark")), bool(r.get("cuda_graph")),
+                     r.get("norm_launch") or "")
     labels = sorted({key(r) for r in rows}, key=lambda k: (k[3], k[0] != "reference", k[2], k[1], k[4]))
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        variant, precision, compiled, terms, layout, norms, mode, tuned, graphed = label
+        variant, precision, compiled, terms, layout, norms, mode, tuned, graphed, launch = label
         ys = []
         for b in batches:
             match = [r for r in rows if key(r) == label and r["batch"] == b]
             ys.append(match[0]["images_per_s"] if match else 0)
         layout = {"True": ", NHWC", "False": ", NCHW"}.get(layout, "") if variant != "reference" else ""
         how = f" compiled ({mode})" if compiled and mode else " compiled" if compiled else ""
-        fused = ", fused norms" if norms == "fused" else ""
+        fused = (", fused norms" + (f" ({launch})" if launch else "")) if norms == "fused" else ""
         tuned = ", cuDNN autotuned" if tuned else ""
         graphed = ", CUDA graphs" if graphed else ""
         name = f"{variant} {precision}{how}{fused}{graphed}{layout}{tuned} ({terms})"

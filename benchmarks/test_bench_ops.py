@@ -219,33 +219,37 @@ def test_resample_2x(benchmark, backend, op):
 
 
 # The channels_last norm kernels' launch shape, swept at three of ADM-256's levels (8, 16 and 32
-# channels a group): the pixel-row kernels with their elements per loop step (8 warps from 4096
-# up), the programs a launch aims for and the tiles each has in flight (software pipelining),
-# against the group-wise kernels (a group's channels of a pixel: 16, 32, 64 bytes in bf16).
-# The defaults are rows, 4096, 1024, 1. CUDA only (run by `device_check.sh tune`).
+# channels a group). The pixel-row kernels: each role (``reduce``: the passes that only read and
+# sum; ``apply``: the passes that write y or dx) with its elements per loop step and tiles in
+# flight (software pipelining), and the programs a launch aims for, as DIFFLOSS_FAST_NORM_LAUNCH
+# sets them (``RowLaunch``; the empty setting is the default). Against them, the group-wise
+# kernels ("groups:TILE": a group's channels of a pixel are 16, 32 or 64 bytes in bf16).
+# `benchmarks/pick_norm_launch.py` reads the results and names the fastest setting.
+# CUDA only (run by `device_check.sh tune`).
 NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
                "1024x16x16": (8, 1024, 16, 16)}
-NORM_LAUNCHES = [("rows", 2048, 1024, 1), ("rows", 4096, 512, 1), ("rows", 4096, 1024, 1),
-                 ("rows", 4096, 2048, 1), ("rows", 8192, 1024, 1), ("rows", 2048, 1024, 3),
-                 ("rows", 4096, 1024, 3), ("groups", 2048, 1024, 1), ("groups", 4096, 1024, 1)]
+NORM_LAUNCHES = [
+    "", "reduce_stages=2", "reduce_stages=3", "reduce_stages=3,apply_stages=2",
+    "reduce_stages=3,apply_stages=3", "reduce_tile=8192", "reduce_tile=8192,reduce_stages=3",
+    "apply_tile=8192", "apply_tile=2048", "reduce_stages=3,programs=2048", "groups:2048",
+    "groups:4096"]
 
 
 @pytest.mark.benchmark(group="sweep:group_norm_silu channels_last launch")
-@pytest.mark.parametrize("launch", NORM_LAUNCHES, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("launch", NORM_LAUNCHES, ids=lambda v: v or "default")
 @pytest.mark.parametrize("level", list(NORM_LEVELS))
 def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
     from diffloss_fast.ops import group_norm_silu as gns
     if not CUDA:
         pytest.skip("a sweep of GPU launch shapes: CUDA only")
     _use("triton")
-    kernels, tile, programs, stages = launch
-    if kernels == "groups":
+    if launch.startswith("groups:"):
         monkeypatch.setattr(gns, "_MAX_ROW_CHANNELS", 0)
-        monkeypatch.setattr(gns, "_TILE", tile)
+        monkeypatch.setattr(gns, "_TILE", int(launch.split(":")[1]))
+        setting = launch
     else:
-        monkeypatch.setattr(gns, "_ROW_TILE", tile)
-        monkeypatch.setattr(gns, "_ROW_STAGES", stages)
-    monkeypatch.setattr(gns, "_TARGET_PROGRAMS", programs)
+        monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
+        setting = str(gns._ROW_LAUNCH)
     torch.manual_seed(0)
     shape = NORM_LEVELS[level]
     N, C = shape[:2]
@@ -261,5 +265,4 @@ def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
         _sync()
         return grad
 
-    _run(benchmark, step, level=level, kernels=kernels, tile=tile, programs=programs,
-         stages=stages, dtype=COMPUTE)
+    _run(benchmark, step, level=level, launch=setting, dtype=COMPUTE)

@@ -15,6 +15,7 @@ from . import hardware, ops
 from .cli import add_measurement_arguments, write_json
 from .flops import count_flops
 from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
+from .ops.group_norm_silu import active_row_launch
 from .prior import build_prior, load_prior
 
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_bf16_tflops" if cuda else "peak_fp32_tflops": peak,
         "prior": config,
         "cudnn_benchmark": args.cudnn_benchmark,
+        "norm_launch": str(active_row_launch()),  # the fused norms' launch shape; "": default
         "rows": [asdict(r) for r in rows],
     }
     if args.json:

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from . import bench, hardware
 from .cli import add_measurement_arguments, positive_int, write_json
 from .loss import resolve_precision
+from .ops.group_norm_silu import active_row_launch
 
 # (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
 # kernels are implicit GEMMs and carry "gemm" in their names too. "copy" is every copy kernel:
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
               "resolution": resolution, "precision": precision, "prior": config,
               "torch": torch.__version__,
               "cudnn_benchmark": args.cudnn_benchmark,
+              "norm_launch": str(active_row_launch()),  # the fused norms' launch; "": default
               "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
     if args.json:
         write_json(args.json, result)

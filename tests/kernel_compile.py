@@ -59,17 +59,18 @@ def _t(*shape, dtype=torch.float32, grad=False, channels_last=False):
 
 def drive() -> None:
     """Every wrapper, forward and backward, over the cases DiffLoss and its options reach, and
-    the norms' pipelined variant the benchmark sweep runs."""
+    the norms' launch shapes the benchmark sweep runs (pipelined, larger tiles)."""
     from diffloss_fast.ops import group_norm_silu
-    default = group_norm_silu._ROW_STAGES
-    try:
-        group_norm_silu._ROW_STAGES = 3
-        x = _t(2, 256, 8, 8, dtype=torch.bfloat16, grad=True, channels_last=True)
-        w = _t(256, dtype=torch.bfloat16)
-        group_norm_silu_triton(x, 32, w, w, 1e-5, _t(2, 256, dtype=torch.bfloat16),
-                               _t(2, 256, dtype=torch.bfloat16), x_bias=w).sum().backward()
+    default = group_norm_silu._ROW_LAUNCH
+    try:  # each role pipelined and in another tile than the other, as the sweep runs them
+        for launch in ("reduce_stages=3,apply_tile=8192", "reduce_tile=8192,apply_stages=3"):
+            group_norm_silu._ROW_LAUNCH = group_norm_silu.RowLaunch.parse(launch)
+            x = _t(2, 256, 8, 8, dtype=torch.bfloat16, grad=True, channels_last=True)
+            w = _t(256, dtype=torch.bfloat16)
+            group_norm_silu_triton(x, 32, w, w, 1e-5, _t(2, 256, dtype=torch.bfloat16),
+                                   _t(2, 256, dtype=torch.bfloat16), x_bias=w).sum().backward()
     finally:
-        group_norm_silu._ROW_STAGES = default
+        group_norm_silu._ROW_LAUNCH = default
     for dtype in HALF:
         for channels_last in (False, True):
             # 8 channels per group as in ADM-256's 256-channel levels; 2 as in the tiny prior

@@ -2,6 +2,8 @@
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,58 @@ def test_channels_last_sample_split_over_many_programs():
     assert y.stride() == dx.stride() == x.stride()
 
 
+@pytest.mark.parametrize("launch", [
+    "reduce_tile=256,programs=7",  # 4 pixels a tile, 4 programs a sample of 5 tiles each
+    "reduce_tile=1024,apply_tile=256,programs=3",  # slices of 48 and of 36 pixels
+    "reduce_tile=65536,apply_tile=512,reduce_stages=3,apply_stages=2"])  # 1 and 9 programs
+def test_channels_last_launch_shapes(launch, monkeypatch):
+    """Every launch shape DIFFLOSS_FAST_NORM_LAUNCH may set computes the same op: the reducing
+    and applying passes split each sample's pixels independently of each other."""
+    from diffloss_fast.ops import group_norm_silu as gns
+    monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
+    x, G, w, b, sc, sh = inputs((2, 64, 9, 8, 8), torch.float32, True, "cl")
+    x_bias = torch.randn(64, device=DEVICE)
+    dy = torch.randn(x.shape, device=DEVICE)
+    y, dx = run(group_norm_silu_triton, x, G, w, b, sc, sh, dy, x_bias)
+    y_ref, dx_ref = run(group_norm_silu_torch, x, G, w, b, sc, sh, dy, x_bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
+
+
+def test_launch_setting_parses_and_refuses():
+    from diffloss_fast.ops.group_norm_silu import RowLaunch
+    launch = RowLaunch.parse(" reduce_tile=8192, reduce_stages=3 ,programs=2048")
+    assert (launch.reduce_tile, launch.reduce_stages, launch.programs) == (8192, 3, 2048)
+    assert (launch.apply_tile, launch.apply_stages) == (RowLaunch().apply_tile,
+                                                        RowLaunch().apply_stages)
+    assert RowLaunch.parse(str(launch)) == launch
+    assert str(launch) == "reduce_tile=8192,reduce_stages=3,programs=2048"
+    assert str(RowLaunch()) == ""
+    assert RowLaunch.parse("") == RowLaunch.parse(None) == RowLaunch()
+    for text, message in [("reduce_tile=3000", "power of two"), ("apply_tile=128", "from 256"),
+                          ("apply_stages=0", "1 to 4"), ("programs=-1", "1 to 65536"),
+                          ("tile=4096", "unknown setting 'tile'"),
+                          ("reduce_stages=three", "must be an integer")]:
+        with pytest.raises(ValueError, match=message):
+            RowLaunch.parse(text)
+
+
+def test_launch_setting_read_from_the_environment():
+    """The variable is read when the module loads: a fresh interpreter sees it, and a bad
+    value stops the import with its reason."""
+    import subprocess
+    import sys
+    code = ("from diffloss_fast.ops import group_norm_silu as g; "
+            "print(g._ROW_LAUNCH.reduce_stages, g._ROW_LAUNCH.apply_tile)")
+    env = {**os.environ, "DIFFLOSS_FAST_NORM_LAUNCH": "reduce_stages=2,apply_tile=2048"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "2048"]
+    env["DIFFLOSS_FAST_NORM_LAUNCH"] = "reduce_stages=9"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "reduce_stages must be 1 to 4" in done.stderr
+
+
 def test_without_autograd_saves_nothing_and_matches():
     x, G, w, b, sc, sh = inputs(SHAPES[0], torch.float32, True)
     with torch.no_grad():
@@ -180,13 +234,15 @@ def test_bad_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="prior-sized tensors: CUDA only")
-@pytest.mark.parametrize("x_layout, stages", [("nchw", 1), ("cl", 1), ("cl", 3)])
-def test_prior_sized_on_cuda(x_layout, stages, monkeypatch):
+@pytest.mark.parametrize("x_layout, launch", [
+    ("nchw", ""), ("cl", ""), ("cl", "reduce_stages=3,apply_stages=3"),
+    ("cl", "reduce_tile=8192,reduce_stages=2,apply_tile=2048")])
+def test_prior_sized_on_cuda(x_layout, launch, monkeypatch):
     """ADM-256's shapes (a group split over many programs, many tiles each) in bf16; the
     channels_last kernels also with their loads pipelined (as the benchmark sweep runs them;
     Triton's interpreter ignores pipelining, so only a GPU checks it)."""
     from diffloss_fast.ops import group_norm_silu as gns
-    monkeypatch.setattr(gns, "_ROW_STAGES", stages)
+    monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
     for shape in [(4, 256, 128, 128, 32), (4, 1024, 8, 8, 32), (4, 768, 32, 32, 32)]:
         x, G, w, b, sc, sh = inputs(shape, torch.bfloat16, True, x_layout)
         dy = torch.randn(x.shape, device=DEVICE).to(x.dtype)

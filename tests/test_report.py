@@ -77,3 +77,24 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     assert "of roofline" in md and "| roofline ms |" in md
     profile_png = path.with_name(path.stem + "-profile.png")
     assert profile_png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_keeps_fused_rows_of_each_norm_launch_apart(tmp_path):
+    """Two benches of the fused step that differ only in DIFFLOSS_FAST_NORM_LAUNCH (a tuned
+    rerun in the same device check) stay two rows, each naming its setting."""
+    raw = tmp_path / "raw"
+    bench = run(["bench", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
+                 "--warmup", "1", "--variants", "fast", "--json", str(raw / "bench_a.json")])
+    assert bench["norm_launch"] == ""  # this process's setting: the default
+    for name, launch, ms in (("bench_b8.json", "", 10.0), ("bench_tuned.json",
+                                                            "reduce_stages=3", 8.0)):
+        for r in bench["rows"]:
+            r.update(variant="fast-fused", ms_per_step=ms)
+        (raw / name).write_text(json.dumps({**bench, "norm_launch": launch}))
+    (raw / "bench_a.json").unlink()
+    load_report().main([str(raw), "--card", "cpu", "--out", str(tmp_path / "results")])
+    [path] = (tmp_path / "results").glob("*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted((r["norm_launch"], r["ms_per_step"]) for r in rows) == [
+        ("", 10.0), ("reduce_stages=3", 8.0)]
+    assert "fused (reduce_stages=3)" in path.with_suffix(".md").read_text()

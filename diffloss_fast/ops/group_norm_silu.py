@@ -24,6 +24,9 @@ per-channel partial sums; a small kernel folds them into per-group statistics.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -54,11 +57,73 @@ except ImportError:  # pragma: no cover - the torch twin still works
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048          # elements per loop step of one program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM several times
-_ROW_TILE = 4096      # elements per loop step of a channels_last program (whole pixel rows)
 _MAX_ROW_CHANNELS = 4096  # wider channels_last tensors take the group-wise kernels
-# Tiles a pixel-row program has in flight (software pipelining of its loop's loads through
-# shared memory); 1: one, loaded as used. Swept on a GPU by benchmarks/test_bench_ops.py.
-_ROW_STAGES = 1
+LAUNCH_ENV = "DIFFLOSS_FAST_NORM_LAUNCH"
+
+
+@dataclass(frozen=True)
+class RowLaunch:
+    """Launch shape of the channels_last (pixel-row) kernels, by role: ``reduce``, the passes
+    that only read and sum (forward statistics, backward sums), and ``apply``, the passes that
+    write y or dx. Each role has its elements per loop step (``*_tile``, whole pixel rows) and
+    the tiles each program has in flight (``*_stages``: software pipelining of the loop's loads
+    through shared memory; 1 loads each tile as it is used); ``programs`` is how many programs
+    a launch aims for. The roles differ in what keeps them waiting: a reducing pass has only
+    its loads in flight, an applying pass also its stores. Set from the environment variable
+    ``DIFFLOSS_FAST_NORM_LAUNCH`` (see :meth:`parse`); swept on a GPU by
+    ``benchmarks/test_bench_ops.py``."""
+
+    reduce_tile: int = 4096
+    reduce_stages: int = 1
+    apply_tile: int = 4096
+    apply_stages: int = 1
+    programs: int = 1024
+
+    def __post_init__(self):
+        for name in ("reduce_tile", "apply_tile"):
+            tile = getattr(self, name)
+            if not 256 <= tile <= 65536 or tile & (tile - 1):
+                raise ValueError(f"{LAUNCH_ENV}: {name} must be a power of two from 256 to "
+                                 f"65536, got {tile}")
+        for name in ("reduce_stages", "apply_stages"):
+            if not 1 <= getattr(self, name) <= 4:
+                raise ValueError(f"{LAUNCH_ENV}: {name} must be 1 to 4, got "
+                                 f"{getattr(self, name)}")
+        if not 1 <= self.programs <= 65536:
+            raise ValueError(f"{LAUNCH_ENV}: programs must be 1 to 65536, got {self.programs}")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "RowLaunch":
+        """From ``"reduce_tile=8192,reduce_stages=3"``: comma-separated ``name=integer`` pairs,
+        any subset of the fields (the rest keep their defaults); empty or None: the defaults."""
+        fields = {}
+        for item in filter(None, (part.strip() for part in (text or "").split(","))):
+            name, _, value = item.partition("=")
+            name = name.strip()
+            if name not in cls.__dataclass_fields__:
+                raise ValueError(f"{LAUNCH_ENV}: unknown setting {name!r} in {text!r}; known: "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+            try:
+                fields[name] = int(value)
+            except ValueError:
+                raise ValueError(f"{LAUNCH_ENV}: {name} must be an integer, got "
+                                 f"{value.strip()!r}") from None
+        return cls(**fields)
+
+    def __str__(self) -> str:
+        """The settings that differ from the defaults, in the form :meth:`parse` reads ("" for
+        the defaults)."""
+        default = RowLaunch()
+        return ",".join(f"{name}={getattr(self, name)}" for name in self.__dataclass_fields__
+                        if getattr(self, name) != getattr(default, name))
+
+
+_ROW_LAUNCH = RowLaunch.parse(os.environ.get(LAUNCH_ENV))
+
+
+def active_row_launch() -> RowLaunch:
+    """The launch shape the channels_last kernels use in this process."""
+    return _ROW_LAUNCH
 
 
 if triton is not None:
@@ -435,10 +500,10 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), _spatial_stride(t)
 
 
-def _split(HW: int, block_s: int, units: int) -> tuple[int, int]:
+def _split(HW: int, block_s: int, units: int, programs: int) -> tuple[int, int]:
     """Programs per unit (a sample's group, or a sample) and the pixels each covers, a whole
-    number of tiles: enough programs over all units to fill the GPU several times."""
-    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, units), triton.cdiv(HW, block_s)))
+    number of tiles: about ``programs`` programs over all units, to fill the GPU several times."""
+    split = max(1, min(triton.cdiv(programs, units), triton.cdiv(HW, block_s)))
     s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
     return triton.cdiv(HW, s_per), s_per
 
@@ -448,7 +513,7 @@ def _launch(N, G, HW, Cg):
     (masked): one-element aranges are where Triton's code generation is least exercised."""
     block_c = max(2, triton.next_power_of_2(Cg))
     block_s = max(2, min(triton.next_power_of_2(HW), _TILE // block_c))
-    split, s_per = _split(HW, block_s, N * G)
+    split, s_per = _split(HW, block_s, N * G, _TARGET_PROGRAMS)
     return dict(rows=False, block_s=block_s, block_c=block_c,
                 block_p=max(2, triton.next_power_of_2(split)), split=split, s_per=s_per)
 
@@ -459,15 +524,25 @@ def _by_rows(x: torch.Tensor) -> bool:
     return is_channels_last(x) and x.shape[1] <= _MAX_ROW_CHANNELS
 
 
-def _launch_rows(N, G, HW, C):
-    """Tile of whole pixel rows, and the split of each sample's pixels over programs."""
+def _row_pass(N, HW, block_cc, tile, stages, programs):
+    """One role's tile of whole pixel rows and the split of each sample's pixels over
+    programs; 8 warps from 4096 elements a tile (16 a thread), 4 below."""
+    block_s = max(2, min(triton.next_power_of_2(HW), tile // block_cc))
+    split, s_per = _split(HW, block_s, N, programs)
+    return dict(block_s=block_s, split=split, s_per=s_per, stages=stages,
+                num_warps=8 if block_s * block_cc >= 4096 else 4)
+
+
+def _launch_rows(N, G, HW, C, launch: RowLaunch):
+    """The reducing and the applying passes' launch shapes (``RowLaunch``), and the block of
+    partial sums the group kernel folds at a time."""
     block_cc = max(2, triton.next_power_of_2(C))
-    block_s = max(2, min(triton.next_power_of_2(HW), _ROW_TILE // block_cc))
-    split, s_per = _split(HW, block_s, N)
-    return dict(rows=True, block_s=block_s, block_cc=block_cc, split=split, s_per=s_per,
-                block_p=max(2, min(64, triton.next_power_of_2(split))),
-                block_g=max(2, triton.next_power_of_2(C // G)), stages=_ROW_STAGES,
-                num_warps=8 if block_s * block_cc >= _ROW_TILE else 4)
+    reduce = _row_pass(N, HW, block_cc, launch.reduce_tile, launch.reduce_stages,
+                       launch.programs)
+    return dict(rows=True, block_cc=block_cc, block_g=max(2, triton.next_power_of_2(C // G)),
+                block_p=max(2, min(64, triton.next_power_of_2(reduce["split"]))), reduce=reduce,
+                apply=_row_pass(N, HW, block_cc, launch.apply_tile, launch.apply_stages,
+                                launch.programs))
 
 
 def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
@@ -482,20 +557,20 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
     if _by_rows(x):
-        k = _launch_rows(N, G, HW, C)
-        part = torch.empty(N * k["split"] * 2 * C, dtype=torch.float32, device=x.device)
-        grid = (N, k["split"])
-        _gn_rows_stats_kernel[grid](x, xb, part, HW, G, C, Cg, k["s_per"], k["split"],
-                                    BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"],
-                                    HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
-        _gn_rows_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, k["split"],
+        k = _launch_rows(N, G, HW, C, _ROW_LAUNCH)
+        r, a = k["reduce"], k["apply"]
+        part = torch.empty(N * r["split"] * 2 * C, dtype=torch.float32, device=x.device)
+        _gn_rows_stats_kernel[(N, r["split"])](
+            x, xb, part, HW, G, C, Cg, r["s_per"], r["split"], BLOCK_S=r["block_s"],
+            BLOCK_CC=k["block_cc"], HAS_XB=has_xb, STAGES=r["stages"], num_warps=r["num_warps"])
+        _gn_rows_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, r["split"],
                                         float(eps), BLOCK_P=k["block_p"],
                                         BLOCK_G=k["block_g"], FORWARD=True, HAS_XB=has_xb,
                                         num_warps=4)
-        _gn_rows_silu_fwd_kernel[grid](x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C,
-                                       Cg, sc.stride(0), k["s_per"], BLOCK_S=k["block_s"],
-                                       BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
-                                       STAGES=k["stages"], num_warps=k["num_warps"])
+        _gn_rows_silu_fwd_kernel[(N, a["split"])](
+            x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0), a["s_per"],
+            BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
+            STAGES=a["stages"], num_warps=a["num_warps"])
         return y, mean, rstd, k
     k = _launch(N, G, HW, Cg)
     part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
@@ -515,20 +590,20 @@ def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb,
     HW, Cg = H * W, C // G
     dy = dy.contiguous(memory_format=torch.channels_last)  # x's strides: one offset for both
     dx = torch.empty_like(x)
-    part = torch.empty(N * k["split"] * 2 * C, dtype=torch.float32, device=x.device)
+    r, a = k["reduce"], k["apply"]
+    part = torch.empty(N * r["split"] * 2 * C, dtype=torch.float32, device=x.device)
     ma, mb = torch.empty_like(mean), torch.empty_like(mean)
-    grid = (N, k["split"])
-    _gn_rows_silu_bwd_stats_kernel[grid](
+    _gn_rows_silu_bwd_stats_kernel[(N, r["split"])](
         x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
-        k["s_per"], k["split"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
-    _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, k["split"], 0.0,
+        r["s_per"], r["split"], BLOCK_S=r["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
+        HAS_XB=has_xb, STAGES=r["stages"], num_warps=r["num_warps"])
+    _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, r["split"], 0.0,
                                     BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
                                     FORWARD=False, HAS_XB=has_xb, num_warps=4)
-    _gn_rows_silu_bwd_kernel[grid](
+    _gn_rows_silu_bwd_kernel[(N, a["split"])](
         x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
-        k["s_per"], BLOCK_S=k["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, STAGES=k["stages"], num_warps=k["num_warps"])
+        a["s_per"], BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
+        HAS_XB=has_xb, STAGES=a["stages"], num_warps=a["num_warps"])
     return dx
 
 
