@@ -229,9 +229,9 @@ def test_resample_2x(benchmark, backend, op):
 NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
                "1024x16x16": (8, 1024, 16, 16)}
 NORM_LAUNCHES = [
-    "", "reduce_stages=2", "reduce_stages=3", "reduce_stages=3,apply_stages=2",
-    "reduce_stages=3,apply_stages=3", "reduce_tile=8192", "reduce_tile=8192,reduce_stages=3",
-    "apply_tile=8192", "apply_tile=2048", "reduce_stages=3,programs=2048", "groups:2048",
+    "", "reduce_stages=2", "reduce_stages=3", "reduce_stages=4", "reduce_stages=3,apply_stages=2",
+    "reduce_stages=3,apply_stages=3", "reduce_tile=2048,reduce_stages=3", "apply_tile=2048",
+    "reduce_tile=8192,apply_tile=8192", "reduce_stages=3,programs=2048", "groups:2048",
     "groups:4096"]
 
 

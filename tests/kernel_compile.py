@@ -63,7 +63,8 @@ def drive() -> None:
     from diffloss_fast.ops import group_norm_silu
     default = group_norm_silu._ROW_LAUNCH
     try:  # each role pipelined and in another tile than the other, as the sweep runs them
-        for launch in ("reduce_stages=3,apply_tile=8192", "reduce_tile=8192,apply_stages=3"):
+        for launch in ("reduce_stages=4,apply_tile=8192", "reduce_tile=8192,apply_stages=3",
+                       "reduce_tile=2048,reduce_stages=3,apply_tile=2048"):
             group_norm_silu._ROW_LAUNCH = group_norm_silu.RowLaunch.parse(launch)
             x = _t(2, 256, 8, 8, dtype=torch.bfloat16, grad=True, channels_last=True)
             w = _t(256, dtype=torch.bfloat16)

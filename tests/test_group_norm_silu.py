@@ -151,7 +151,7 @@ def test_channels_last_sample_split_over_many_programs():
 @pytest.mark.parametrize("launch", [
     "reduce_tile=256,programs=7",  # 4 pixels a tile, 4 programs a sample of 5 tiles each
     "reduce_tile=1024,apply_tile=256,programs=3",  # slices of 48 and of 36 pixels
-    "reduce_tile=65536,apply_tile=512,reduce_stages=3,apply_stages=2"])  # 1 and 9 programs
+    "reduce_tile=8192,apply_tile=512,reduce_stages=3,apply_stages=2"])  # 1 and 9 programs
 def test_channels_last_launch_shapes(launch, monkeypatch):
     """Every launch shape DIFFLOSS_FAST_NORM_LAUNCH may set computes the same op: the reducing
     and applying passes split each sample's pixels independently of each other."""
@@ -177,6 +177,7 @@ def test_launch_setting_parses_and_refuses():
     assert str(RowLaunch()) == ""
     assert RowLaunch.parse("") == RowLaunch.parse(None) == RowLaunch()
     for text, message in [("reduce_tile=3000", "power of two"), ("apply_tile=128", "from 256"),
+                          ("apply_tile=16384", "to 8192"),
                           ("apply_stages=0", "1 to 4"), ("programs=-1", "1 to 65536"),
                           ("tile=4096", "unknown setting 'tile'"),
                           ("reduce_stages=three", "must be an integer")]:

@@ -82,9 +82,9 @@ class RowLaunch:
     def __post_init__(self):
         for name in ("reduce_tile", "apply_tile"):
             tile = getattr(self, name)
-            if not 256 <= tile <= 65536 or tile & (tile - 1):
+            if not 256 <= tile <= 8192 or tile & (tile - 1):
                 raise ValueError(f"{LAUNCH_ENV}: {name} must be a power of two from 256 to "
-                                 f"65536, got {tile}")
+                                 f"8192, got {tile}")
         for name in ("reduce_stages", "apply_stages"):
             if not 1 <= getattr(self, name) <= 4:
                 raise ValueError(f"{LAUNCH_ENV}: {name} must be 1 to 4, got "
@@ -526,11 +526,12 @@ def _by_rows(x: torch.Tensor) -> bool:
 
 def _row_pass(N, HW, block_cc, tile, stages, programs):
     """One role's tile of whole pixel rows and the split of each sample's pixels over
-    programs; 8 warps from 4096 elements a tile (16 a thread), 4 below."""
+    programs; a warp per 512 elements of the tile (16 a thread), 4 to 16 warps. More elements
+    a thread spill the backward kernels' registers on sm_90 (``tests/kernel_compile.py``)."""
     block_s = max(2, min(triton.next_power_of_2(HW), tile // block_cc))
     split, s_per = _split(HW, block_s, N, programs)
     return dict(block_s=block_s, split=split, s_per=s_per, stages=stages,
-                num_warps=8 if block_s * block_cc >= 4096 else 4)
+                num_warps=min(16, max(4, block_s * block_cc // 512)))
 
 
 def _launch_rows(N, G, HW, C, launch: RowLaunch):
