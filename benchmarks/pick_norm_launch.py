@@ -49,7 +49,10 @@ def main(argv=None) -> None:
     parser.add_argument("--margin", type=float, default=0.02,
                         help="fraction the best setting must beat the default by (default 0.02)")
     args = parser.parse_args(argv)
-    table = medians(json.loads(args.results.read_text()))
+    try:
+        table = medians(json.loads(args.results.read_text()))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read {args.results}: {err}") from None
     if not table:
         raise SystemExit(f"no {TEST} results in {args.results}")
     levels = sorted(table[""] if "" in table else next(iter(table.values())))

@@ -176,15 +176,17 @@ class FastUNet(nn.Module):
         return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
     def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None,
-                   x_bias=None):
+                   x_bias=None, pass_x=False):
         """silu(GroupNorm(h + x_bias), FiLM'd by scale/shift if given): fused kernels or the
-        twin."""
+        twin; with ``pass_x``, (that, h)."""
         return self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                    scale, shift, x_bias)
+                                    scale, shift, x_bias, pass_x)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
-        h = self._norm_silu(norm, x)
+        # x goes on to the skip path through the norm, whose backward then adds the skip
+        # path's gradient as it writes its own (fused kernels; the twin hands x back as is)
+        h, x = self._norm_silu(norm, x, pass_x=True)
         if blk.updown:
             h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
         emb_out = film[:, blk.film, None, None]  # this block's emb_layers(emb), see forward

@@ -169,21 +169,27 @@ def _fused_attention(ops: list[Op]):
 
 def _fused_norm_silu(ops: list[Op]):
     """``group_norm_silu_triton`` as its kernels move memory: forward, x read twice (statistics,
-    then output) and y written; backward, x and dy read twice and dx written."""
+    then output) and y written; backward, x and dy read twice and dx written, and with
+    ``pass_x`` the passed-on x's gradient read once (autograd's add of the two is gone)."""
     class FusedNormSiLU(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None,
-                    x_bias=None):
+                    x_bias=None, pass_x=False):
             ctx.save_for_backward(x)  # all the kernels keep, with two floats per group
+            ctx.set_materialize_grads(False)
             ops.append(Op("group_norm_silu (fused forward)", "norm", 0, 3 * _nbytes(x),
                           _nbytes(x)))
-            return torch.empty_like(x)
+            y = torch.empty_like(x)
+            return (y, x) if pass_x else y
 
         @staticmethod
-        def backward(ctx, dy):
-            ops.append(Op("group_norm_silu (fused backward)", "norm", 0, 5 * _nbytes(dy),
-                          2 * _nbytes(dy)))
-            return (torch.empty_like(ctx.saved_tensors[0]),) + (None,) * 7
+        def backward(ctx, dy, dp=None):
+            (x,) = ctx.saved_tensors
+            if dy is None:
+                return (dp,) + (None,) * 8
+            ops.append(Op("group_norm_silu (fused backward)", "norm", 0,
+                          (5 + (dp is not None)) * _nbytes(x), 2 * _nbytes(x)))
+            return (torch.empty_like(x),) + (None,) * 8
     return FusedNormSiLU.apply
 
 

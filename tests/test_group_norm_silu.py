@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
 
@@ -199,6 +200,53 @@ def test_launch_setting_read_from_the_environment():
     env["DIFFLOSS_FAST_NORM_LAUNCH"] = "reduce_stages=9"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "reduce_stages must be 1 to 4" in done.stderr
+
+
+class _Adds(TorchDispatchMode):
+    """Counts the adds dispatched while active (autograd's accumulation of gradients is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("x_layout", ["nchw", "cl", "strided"])
+def test_passed_on_input_gets_both_gradients(x_layout):
+    """pass_x hands x on beside the norm (a ResBlock's skip path); the gradient that comes
+    back that way is added by the kernel writing dx, and equals autograd's sum of both paths,
+    which without pass_x is an add of its own. Each path alone is right too."""
+    x, G, w, b, sc, sh = inputs(SHAPES[4], torch.float32, True, x_layout)
+    x_bias = torch.randn(x.shape[1], device=DEVICE)
+    dy, dz = torch.randn(x.shape, device=DEVICE), torch.randn(x.shape, device=DEVICE)
+
+    def grad(fn, uses, pass_x):
+        x_in = x.detach().requires_grad_(True)
+        if pass_x:
+            y, passed = fn(x_in, G, w, b, 1e-5, sc, sh, x_bias, pass_x=True)
+            assert torch.equal(passed, x_in)
+        else:
+            y, passed = fn(x_in, G, w, b, 1e-5, sc, sh, x_bias), x_in
+        paths = {"norm": [(y, dy)], "skip": [(passed * 3 - 1, dz)]}
+        outs, grads = zip(*(paths["norm"] + paths["skip"] if uses == "both" else paths[uses]))
+        with _Adds() as adds:
+            (dx,) = torch.autograd.grad(outs, x_in, grads)
+        return dx, adds.count
+
+    for uses in ("both", "norm", "skip"):
+        want, _ = grad(group_norm_silu_torch, uses, pass_x=False)
+        got, adds = grad(group_norm_silu_triton, uses, pass_x=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        assert adds == 0, uses
+    assert grad(group_norm_silu_triton, "both", pass_x=False)[1] == 1  # autograd's own add
+    with torch.no_grad():
+        y, passed = group_norm_silu_triton(x, G, w, b, 1e-5, sc, sh, x_bias, pass_x=True)
+    torch.testing.assert_close(y, group_norm_silu_torch(x, G, w, b, 1e-5, sc, sh, x_bias),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(passed, x)
 
 
 def test_without_autograd_saves_nothing_and_matches():

@@ -55,3 +55,13 @@ def test_refuses_a_sweep_without_the_default(tmp_path):
     path = sweep(tmp_path / "s.json", {"reduce_stages=3": (1.0, 1.0, 1.0)})
     with pytest.raises(SystemExit, match="default setting was not timed"):
         load_picker().main([str(path)])
+
+
+def test_refuses_an_unreadable_result(tmp_path):
+    """A sweep that wrote nothing (every benchmark skipped, or cut off) is an error the device
+    check reads as "keep the default"."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    for path in (empty, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match="cannot read"):
+            load_picker().main([str(path)])

@@ -116,6 +116,30 @@ def test_resblock_convolutions_leave_their_biases_to_the_ops_after_them():
     assert [op.name for op in fused].count("residual_bias_add (fused)") == 2 * blocks
 
 
+def test_fused_norm_adds_the_skip_paths_gradient(monkeypatch):
+    """Each ResBlock hands its input to the skip path through its first norm, so the fused
+    backward adds the skip path's gradient as it writes dx: one add fewer per ResBlock of the
+    restored branch than when the input fans out directly, and one read instead of an add's
+    three passes."""
+    from guided_diffusion.unet import ResBlock
+    from diffloss_fast.fast_unet import FastUNet
+    from diffloss_fast.prior import prior_architecture
+
+    adds = lambda ops: [op.name for op in ops].count("aten::add")  # noqa: E731
+    passed = trace_step("tiny", terms="both", batch=2, resolution=32, fused_norm=True)
+
+    def fan_out(self, norm, h, scale=None, shift=None, x_bias=None, pass_x=False):
+        y = self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale,
+                                 shift, x_bias)
+        return (y, h) if pass_x else y
+
+    monkeypatch.setattr(FastUNet, "_norm_silu", fan_out)
+    fanned = trace_step("tiny", terms="both", batch=2, resolution=32, fused_norm=True)
+    blocks = sum(isinstance(m, ResBlock) for m in prior_architecture("tiny").modules())
+    assert adds(fanned) - adds(passed) == blocks > 0
+    assert sum(op.bytes for op in passed) < sum(op.bytes for op in fanned)
+
+
 def test_floors_take_the_slower_of_compute_and_memory_per_op():
     card = Card("test", peak_tflops=100.0, bandwidth_tbs=1.0)
     ops = [Op("conv", "convolution", flops=10 ** 12, bytes=10 ** 9),   # 10 ms compute, 1 ms memory

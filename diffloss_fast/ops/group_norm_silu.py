@@ -35,17 +35,18 @@ from .checks import is_channels_last
 
 
 def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None,
-                         x_bias=None):
+                         x_bias=None, pass_x=False):
     """Plain-PyTorch twin: the definition the fused kernels are tested against, and what the
     prior runs without them. ``scale``/``shift``: (N, C) or broadcastable to x, or None;
-    ``x_bias``: (C,), added to x before the norm, or None."""
+    ``x_bias``: (C,), added to x before the norm, or None; ``pass_x``: return (y, x)."""
+    inp = x
     if x_bias is not None:
         x = x + x_bias.reshape(1, -1, 1, 1)
     h = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
         view = lambda v: v.reshape(x.shape[0], x.shape[1], 1, 1)  # noqa: E731
         h = torch.addcmul(view(shift), h, 1 + view(scale))
-    return F.silu(h)
+    return (F.silu(h), inp) if pass_x else F.silu(h)
 
 
 try:
@@ -296,12 +297,14 @@ if triton is not None:
         _store_partials(part_ptr, ng, sp, SPLIT, a, b)
 
     @triton.jit
-    def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                            sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, dsN,
-                            dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+    def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
+                            b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS,
+                            dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
-        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group."""
+                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
+                            HAS_DP: tl.constexpr):
+        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, plus
+        dp (x's strides), the gradient of x passed through, if given."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         base, dbase, centre, rstd, mul, add, dgain = _bwd_group(
@@ -317,6 +320,8 @@ if triton is not None:
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
                                  centre[None, :], rstd)
             dx = rstd * (dxhat - ma - xhat * mb)
+            if HAS_DP:
+                dx += tl.load(dp_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -450,12 +455,14 @@ if triton is not None:
         _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
 
     @triton.jit
-    def _gn_rows_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, ma_ptr, mb_ptr,
-                                 w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C,
+    def _gn_rows_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, dp_ptr, mean_ptr, rstd_ptr, ma_ptr,
+                                 mb_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C,
                                  Cg: tl.constexpr, scN, S_PER, BLOCK_S: tl.constexpr,
                                  BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                 HAS_XB: tl.constexpr, STAGES: tl.constexpr):
-        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group."""
+                                 HAS_XB: tl.constexpr, HAS_DP: tl.constexpr,
+                                 STAGES: tl.constexpr):
+        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group, plus
+        dp, the gradient of x passed through, if given."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, cm, grp, centre, rstd, mul, add, dgain = _row_affine(
@@ -468,6 +475,8 @@ if triton is not None:
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
                                  centre[None, :], rstd[None, :])
             dx = rstd[None, :] * (dxhat - ma[None, :] - xhat * mb[None, :])
+            if HAS_DP:
+                dx += tl.load(dp_ptr + off, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -586,10 +595,15 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
     return y, mean, rstd, k
 
 
-def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
+def _strided_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t with x's strides (x dense): one offset indexes both."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
-    dy = dy.contiguous(memory_format=torch.channels_last)  # x's strides: one offset for both
+    dy = _strided_like(dy, x)
     dx = torch.empty_like(x)
     r, a = k["reduce"], k["apply"]
     part = torch.empty(N * r["split"] * 2 * C, dtype=torch.float32, device=x.device)
@@ -602,53 +616,66 @@ def _backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb,
                                     BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
                                     FORWARD=False, HAS_XB=has_xb, num_warps=4)
     _gn_rows_silu_bwd_kernel[(N, a["split"])](
-        x, dy, dx, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
-        a["s_per"], BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, STAGES=a["stages"], num_warps=a["num_warps"])
+        x, dy, dx, dx if dp is None else dp, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW,
+        G, C, Cg, sc.stride(0), a["s_per"], BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"],
+        HAS_FILM=film, HAS_XB=has_xb, HAS_DP=dp is not None, STAGES=a["stages"],
+        num_warps=a["num_warps"])
+    return dx
+
+
+def _backward_groups(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
+    N, C, H, W = x.shape
+    HW, Cg = H * W, C // G
+    dy = _flat(dy, x)
+    dx = torch.empty_like(x)
+    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
+    grid = (N * G, k["split"])
+    _gn_silu_bwd_stats_kernel[grid](
+        x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
+        *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
+        BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
+    _gn_silu_bwd_kernel[grid](
+        x, dy, dx, dx if dp is None else dp, part, mean, rstd, weight, bias, sc, sh, xb, HW, G,
+        Cg, *_strides(x), *_strides(dy), sc.stride(0), k["s_per"], k["split"],
+        BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"], HAS_FILM=film,
+        HAS_XB=has_xb, HAS_DP=dp is not None, num_warps=4)
     return dx
 
 
 class _GroupNormSiLU(torch.autograd.Function):
+    """y, or (y, x) with ``pass_x``: x handed on (as a view) to the op beside the norm, whose
+    gradient the kernel writing dx adds, instead of autograd in a pass of its own."""
+
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias):
+    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias, pass_x):
         y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift, x_bias)
         film, has_xb = scale is not None, x_bias is not None
         sc, sh = (scale, shift) if film else (weight, weight)
         ctx.save_for_backward(x, mean, rstd, weight, bias, sc, sh,
                               x_bias if has_xb else weight)
         ctx.num_groups, ctx.film, ctx.has_xb, ctx.launch = num_groups, film, has_xb, k
-        return y
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return (y, x) if pass_x else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, dp=None):
         x, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors
-        G, k, film, has_xb = ctx.num_groups, ctx.launch, ctx.film, ctx.has_xb
-        nones = (None,) * 7
-        if k["rows"]:
-            return (_backward_rows(x, dy, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb,
-                                   k),) + nones
-        N, C, H, W = x.shape
-        HW, Cg = H * W, C // G
-        dy = _flat(dy, x)
-        dx = torch.empty_like(x)
-        part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
-        grid = (N * G, k["split"])
-        _gn_silu_bwd_stats_kernel[grid](
-            x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
-            *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
-            BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
-        _gn_silu_bwd_kernel[grid](
-            x, dy, dx, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
-            *_strides(dy), sc.stride(0), k["s_per"], k["split"],
-            BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"],
-            HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
-        return (dx,) + nones
+        nones = (None,) * 8
+        if dy is None:  # only the passed-on x was used
+            return (None if dp is None else _strided_like(dp, x),) + nones
+        if dp is not None:
+            dp = _strided_like(dp, x)
+        backward = _backward_rows if ctx.launch["rows"] else _backward_groups
+        return (backward(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, ctx.num_groups,
+                         ctx.film, ctx.has_xb, ctx.launch),) + nones
 
 
 def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None,
-                           x_bias=None):
-    """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only."""
+                           x_bias=None, pass_x=False):
+    """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only.
+    ``pass_x``: return (y, x), x to use beside the norm (a ResBlock's skip path), so that its
+    gradient is added to the norm's by the kernel that writes dx."""
     if triton is None:
         raise ValueError("group_norm_silu_triton needs the triton package, which is not installed")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -684,7 +711,9 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
         scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
     x = _dense(x)
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return (torch.empty_like(x), x) if pass_x else torch.empty_like(x)
     if x.requires_grad and torch.is_grad_enabled():
-        return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift, x_bias)
-    return _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias)[0]
+        return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift, x_bias,
+                                    pass_x)
+    y = _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias)[0]
+    return (y, x) if pass_x else y
