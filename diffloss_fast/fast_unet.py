@@ -168,19 +168,14 @@ class FastUNet(nn.Module):
         return embedding
 
     # --- layers -------------------------------------------------------------------------
-    @staticmethod
-    def _norm(norm: nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
-        # GroupNorm32 semantics: PyTorch's kernels accumulate the statistics of bf16/fp16
-        # inputs in fp32 and round the result once, so no fp32 copy of h is made (or saved
-        # for the backward pass).
-        return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
-
     def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None,
-                   x_bias=None, pass_x=False):
-        """silu(GroupNorm(h + x_bias), FiLM'd by scale/shift if given): fused kernels or the
-        twin; with ``pass_x``, (that, h)."""
+                   x_bias=None, pass_x=False, silu=True):
+        """silu(GroupNorm(h + x_bias), FiLM'd by scale/shift if given), without the silu if
+        ``silu=False``: fused kernels or the twin; with ``pass_x``, (that, h). GroupNorm32
+        semantics: both accumulate the statistics of bf16/fp16 inputs in fp32 and round the
+        result once, so no fp32 copy of h is made (or saved for the backward pass)."""
         return self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                    scale, shift, x_bias, pass_x)
+                                    scale, shift, x_bias, pass_x, silu)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -213,7 +208,9 @@ class FastUNet(nn.Module):
     def _attn(self, blk: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads = blk.num_heads
-        tokens = self._norm(blk.norm, x).flatten(2).transpose(1, 2)           # (b, T, c)
+        # x goes on to the residual sum through the norm, as in a ResBlock
+        normed, x = self._norm_silu(blk.norm, x, pass_x=True, silu=False)
+        tokens = normed.flatten(2).transpose(1, 2)                             # (b, T, c)
         qkv = F.linear(tokens, blk.qkv.weight.squeeze(-1), blk.qkv.bias)
         # guided-diffusion's legacy order: channels are (head, q|k|v, head_dim).
         q, k, v = qkv.unflatten(-1, (heads, 3, c // heads)).unbind(3)       # (b, T, heads, d)

@@ -174,7 +174,7 @@ def _fused_norm_silu(ops: list[Op]):
     class FusedNormSiLU(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, num_groups, weight, bias, eps, scale=None, shift=None,
-                    x_bias=None, pass_x=False):
+                    x_bias=None, pass_x=False, silu=True):
             ctx.save_for_backward(x)  # all the kernels keep, with two floats per group
             ctx.set_materialize_grads(False)
             ops.append(Op("group_norm_silu (fused forward)", "norm", 0, 3 * _nbytes(x),
@@ -186,10 +186,10 @@ def _fused_norm_silu(ops: list[Op]):
         def backward(ctx, dy, dp=None):
             (x,) = ctx.saved_tensors
             if dy is None:
-                return (dp,) + (None,) * 8
+                return (dp,) + (None,) * 9
             ops.append(Op("group_norm_silu (fused backward)", "norm", 0,
                           (5 + (dp is not None)) * _nbytes(x), 2 * _nbytes(x)))
-            return (torch.empty_like(x),) + (None,) * 8
+            return (torch.empty_like(x),) + (None,) * 9
     return FusedNormSiLU.apply
 
 

@@ -82,9 +82,12 @@ def drive() -> None:
                     group_norm_silu_triton(x, 32, w, b, 1e-5, *film).sum().backward()
                 # a ResBlock's second norm: FiLM'd, with the first convolution's bias
                 group_norm_silu_triton(x, 32, w, b, 1e-5, *film, x_bias=b).sum().backward()
-                # its first: x passed on to the skip path, whose gradient the norm's adds
-                y, passed = group_norm_silu_triton(x, 32, w, b, 1e-5, pass_x=True)
-                (y.sum() + passed.sum()).backward()
+                # its first: x passed on to the skip path, whose gradient the norm's adds;
+                # an attention block's, without the SiLU
+                for silu in (True, False):
+                    y, passed = group_norm_silu_triton(x, 32, w, b, 1e-5, pass_x=True,
+                                                       silu=silu)
+                    (y.sum() + passed.sum()).backward()
                 y = _t(2, channels, 8, 8, dtype=dtype, grad=True, channels_last=channels_last)
                 residual_bias_add_triton(x, y, b).sum().backward()
                 avg_pool_2x2_triton(x).sum().backward()

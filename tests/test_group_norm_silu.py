@@ -202,6 +202,24 @@ def test_launch_setting_read_from_the_environment():
     assert done.returncode != 0 and "reduce_stages must be 1 to 4" in done.stderr
 
 
+@pytest.mark.parametrize("x_layout", ["nchw", "cl"])
+def test_without_silu_is_group_norm(x_layout):
+    """silu=False: GroupNorm alone (an attention block's), against F.group_norm, gradient
+    included; with x passed on, as the attention's residual sum takes it."""
+    x, G, w, b, _, _ = inputs(SHAPES[4], torch.float32, False, x_layout)
+    dy, dz = torch.randn(x.shape, device=DEVICE), torch.randn(x.shape, device=DEVICE)
+    x_ref = x.detach().requires_grad_(True)
+    y_ref = F.group_norm(x_ref, G, w, b, 1e-5)
+    (dx_ref,) = torch.autograd.grad([y_ref, x_ref * 2], x_ref, [dy, dz])
+    x_in = x.detach().requires_grad_(True)
+    y, passed = group_norm_silu_triton(x_in, G, w, b, 1e-5, pass_x=True, silu=False)
+    (dx,) = torch.autograd.grad([y, passed * 2], x_in, [dy, dz])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
+    twin = group_norm_silu_torch(x, G, w, b, 1e-5, silu=False)
+    torch.testing.assert_close(twin, y_ref.detach(), rtol=0, atol=0)
+
+
 class _Adds(TorchDispatchMode):
     """Counts the adds dispatched while active (autograd's accumulation of gradients is one)."""
 

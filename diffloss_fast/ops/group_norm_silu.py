@@ -6,7 +6,7 @@ The prior applies, before each 3x3 convolution of a ResBlock,
 
 (``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU;
 ``x_bias``, if given, the bias of the convolution that made x, which then need not add it in a
-pass of its own). Eager PyTorch runs this as three or four memory-bound kernels and keeps their
+pass of its own), and, without the SiLU, the norm before each attention block. Eager PyTorch runs this as three or four memory-bound kernels and keeps their
 outputs for the backward pass; here the forward reads x twice (statistics, then output) and
 writes y once, the backward reads x and dy twice and writes dx once, and only x and two floats
 per group are saved.
@@ -35,10 +35,11 @@ from .checks import is_channels_last
 
 
 def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None,
-                         x_bias=None, pass_x=False):
+                         x_bias=None, pass_x=False, silu=True):
     """Plain-PyTorch twin: the definition the fused kernels are tested against, and what the
     prior runs without them. ``scale``/``shift``: (N, C) or broadcastable to x, or None;
-    ``x_bias``: (C,), added to x before the norm, or None; ``pass_x``: return (y, x)."""
+    ``x_bias``: (C,), added to x before the norm, or None; ``pass_x``: return (y, x);
+    ``silu=False``: no SiLU after the norm."""
     inp = x
     if x_bias is not None:
         x = x + x_bias.reshape(1, -1, 1, 1)
@@ -46,7 +47,8 @@ def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=No
     if scale is not None:
         view = lambda v: v.reshape(x.shape[0], x.shape[1], 1, 1)  # noqa: E731
         h = torch.addcmul(view(shift), h, 1 + view(scale))
-    return (F.silu(h), inp) if pass_x else F.silu(h)
+    y = F.silu(h) if silu else h
+    return (y, inp) if pass_x else y
 
 
 try:
@@ -228,7 +230,7 @@ if triton is not None:
                             sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, scN, S_PER,
                             SPLIT, eps, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                             BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr,
-                            HAS_XB: tl.constexpr):
+                            HAS_XB: tl.constexpr, SILU: tl.constexpr):
         ng = tl.program_id(0)
         sp = tl.program_id(1)
         n, g, base = _group_base(ng, G, Cg, sN, sC)
@@ -247,17 +249,26 @@ if triton is not None:
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
                 + add[None, :]
-            y = u * tl.sigmoid(u)
-            tl.store(y_ptr + base + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + base + off, _activation(u, SILU).to(y_ptr.dtype.element_ty),
+                     mask=mask)
 
     @triton.jit
-    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, centre, rstd):
+    def _activation(u, SILU: tl.constexpr):
+        """silu(u), or u itself (a norm with no activation after it)."""
+        if SILU:
+            u = u * tl.sigmoid(u)
+        return u
+
+    @triton.jit
+    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, centre, rstd,
+               SILU: tl.constexpr):
         """Recompute the forward for one tile: the normalized input and its gradient."""
         x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + dbase + doff, mask=mask, other=0.0).to(tl.float32)
-        u = x * mul[None, :] + add[None, :]
-        sig = tl.sigmoid(u)
-        du = dy * sig * (1.0 + u * (1.0 - sig))
+        du = tl.load(dy_ptr + dbase + doff, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            u = x * mul[None, :] + add[None, :]
+            sig = tl.sigmoid(u)
+            du = du * sig * (1.0 + u * (1.0 - sig))
         return (x - centre) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
 
     @triton.jit
@@ -278,7 +289,7 @@ if triton is not None:
                                   sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS,
                                   dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
                                   BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr,
-                                  HAS_XB: tl.constexpr):
+                                  HAS_XB: tl.constexpr, SILU: tl.constexpr):
         """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
         ng = tl.program_id(0)
         sp = tl.program_id(1)
@@ -291,7 +302,7 @@ if triton is not None:
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 centre[None, :], rstd)
+                                 centre[None, :], rstd, SILU)
             a += dxhat
             b += dxhat * xhat
         _store_partials(part_ptr, ng, sp, SPLIT, a, b)
@@ -302,7 +313,7 @@ if triton is not None:
                             dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                             HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
-                            HAS_DP: tl.constexpr):
+                            HAS_DP: tl.constexpr, SILU: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, plus
         dp (x's strides), the gradient of x passed through, if given."""
         ng = tl.program_id(0)
@@ -318,7 +329,7 @@ if triton is not None:
             off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
             doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 centre[None, :], rstd)
+                                 centre[None, :], rstd, SILU)
             dx = rstd * (dxhat - ma - xhat * mb)
             if HAS_DP:
                 dx += tl.load(dp_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
@@ -420,7 +431,7 @@ if triton is not None:
                                  sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
                                  BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
                                  HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
-                                 STAGES: tl.constexpr):
+                                 STAGES: tl.constexpr, SILU: tl.constexpr):
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, _, _, _, _, mul, add, _ = _row_affine(n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr,
@@ -430,14 +441,15 @@ if triton is not None:
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
                 + add[None, :]
-            tl.store(y_ptr + off, (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + off, _activation(u, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gn_rows_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
                                        b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr,
                                        scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
                                        BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                       HAS_XB: tl.constexpr, STAGES: tl.constexpr):
+                                       HAS_XB: tl.constexpr, STAGES: tl.constexpr,
+                                       SILU: tl.constexpr):
         """Per-channel partial sums of dxhat and dxhat * xhat over a slice of pixels."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
@@ -449,7 +461,7 @@ if triton is not None:
         for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 centre[None, :], rstd[None, :])
+                                 centre[None, :], rstd[None, :], SILU)
             a += dxhat
             b += dxhat * xhat
         _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
@@ -460,7 +472,7 @@ if triton is not None:
                                  Cg: tl.constexpr, scN, S_PER, BLOCK_S: tl.constexpr,
                                  BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
                                  HAS_XB: tl.constexpr, HAS_DP: tl.constexpr,
-                                 STAGES: tl.constexpr):
+                                 STAGES: tl.constexpr, SILU: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group, plus
         dp, the gradient of x passed through, if given."""
         n = tl.program_id(0)
@@ -473,7 +485,7 @@ if triton is not None:
         for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 centre[None, :], rstd[None, :])
+                                 centre[None, :], rstd[None, :], SILU)
             dx = rstd[None, :] * (dxhat - ma[None, :] - xhat * mb[None, :])
             if HAS_DP:
                 dx += tl.load(dp_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -555,7 +567,7 @@ def _launch_rows(N, G, HW, C, launch: RowLaunch):
                                 launch.programs))
 
 
-def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
+def _forward(x, G, weight, bias, eps, scale, shift, x_bias, silu):
     """y, the per-group mean and 1/std (of x + x_bias), and the launch shape (reused by the
     backward pass)."""
     N, C, H, W = x.shape
@@ -580,7 +592,7 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
         _gn_rows_silu_fwd_kernel[(N, a["split"])](
             x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0), a["s_per"],
             BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
-            STAGES=a["stages"], num_warps=a["num_warps"])
+            STAGES=a["stages"], SILU=silu, num_warps=a["num_warps"])
         return y, mean, rstd, k
     k = _launch(N, G, HW, Cg)
     part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
@@ -591,7 +603,8 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias):
     _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg,
                               *_strides(x), sc.stride(0), k["s_per"], k["split"],
                               float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                              BLOCK_P=k["block_p"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
+                              BLOCK_P=k["block_p"], HAS_FILM=film, HAS_XB=has_xb, SILU=silu,
+                              num_warps=4)
     return y, mean, rstd, k
 
 
@@ -600,7 +613,8 @@ def _strided_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
-def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
+def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, silu,
+                   k):
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
     dy = _strided_like(dy, x)
@@ -611,7 +625,7 @@ def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has
     _gn_rows_silu_bwd_stats_kernel[(N, r["split"])](
         x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
         r["s_per"], r["split"], BLOCK_S=r["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, STAGES=r["stages"], num_warps=r["num_warps"])
+        HAS_XB=has_xb, STAGES=r["stages"], SILU=silu, num_warps=r["num_warps"])
     _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, r["split"], 0.0,
                                     BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
                                     FORWARD=False, HAS_XB=has_xb, num_warps=4)
@@ -619,11 +633,12 @@ def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has
         x, dy, dx, dx if dp is None else dp, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW,
         G, C, Cg, sc.stride(0), a["s_per"], BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"],
         HAS_FILM=film, HAS_XB=has_xb, HAS_DP=dp is not None, STAGES=a["stages"],
-        num_warps=a["num_warps"])
+        SILU=silu, num_warps=a["num_warps"])
     return dx
 
 
-def _backward_groups(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, k):
+def _backward_groups(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, silu,
+                     k):
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
     dy = _flat(dy, x)
@@ -633,12 +648,12 @@ def _backward_groups(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, h
     _gn_silu_bwd_stats_kernel[grid](
         x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
         *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
-        BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, num_warps=4)
+        BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, SILU=silu, num_warps=4)
     _gn_silu_bwd_kernel[grid](
         x, dy, dx, dx if dp is None else dp, part, mean, rstd, weight, bias, sc, sh, xb, HW, G,
         Cg, *_strides(x), *_strides(dy), sc.stride(0), k["s_per"], k["split"],
         BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"], HAS_FILM=film,
-        HAS_XB=has_xb, HAS_DP=dp is not None, num_warps=4)
+        HAS_XB=has_xb, HAS_DP=dp is not None, SILU=silu, num_warps=4)
     return dx
 
 
@@ -647,13 +662,15 @@ class _GroupNormSiLU(torch.autograd.Function):
     gradient the kernel writing dx adds, instead of autograd in a pass of its own."""
 
     @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias, pass_x):
-        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift, x_bias)
+    def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias, silu, pass_x):
+        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift, x_bias,
+                                    silu)
         film, has_xb = scale is not None, x_bias is not None
         sc, sh = (scale, shift) if film else (weight, weight)
         ctx.save_for_backward(x, mean, rstd, weight, bias, sc, sh,
                               x_bias if has_xb else weight)
-        ctx.num_groups, ctx.film, ctx.has_xb, ctx.launch = num_groups, film, has_xb, k
+        ctx.num_groups, ctx.film, ctx.has_xb, ctx.silu, ctx.launch = (num_groups, film, has_xb,
+                                                                      silu, k)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return (y, x) if pass_x else y
 
@@ -661,21 +678,22 @@ class _GroupNormSiLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dp=None):
         x, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors
-        nones = (None,) * 8
+        nones = (None,) * 9
         if dy is None:  # only the passed-on x was used
             return (None if dp is None else _strided_like(dp, x),) + nones
         if dp is not None:
             dp = _strided_like(dp, x)
         backward = _backward_rows if ctx.launch["rows"] else _backward_groups
         return (backward(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, ctx.num_groups,
-                         ctx.film, ctx.has_xb, ctx.launch),) + nones
+                         ctx.film, ctx.has_xb, ctx.silu, ctx.launch),) + nones
 
 
 def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None,
-                           x_bias=None, pass_x=False):
+                           x_bias=None, pass_x=False, silu=True):
     """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only.
     ``pass_x``: return (y, x), x to use beside the norm (a ResBlock's skip path), so that its
-    gradient is added to the norm's by the kernel that writes dx."""
+    gradient is added to the norm's by the kernel that writes dx. ``silu=False``: the norm
+    alone (an attention block's)."""
     if triton is None:
         raise ValueError("group_norm_silu_triton needs the triton package, which is not installed")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -714,6 +732,6 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
         return (torch.empty_like(x), x) if pass_x else torch.empty_like(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift, x_bias,
-                                    pass_x)
-    y = _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias)[0]
+                                    silu, pass_x)
+    y = _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias, silu)[0]
     return (y, x) if pass_x else y
