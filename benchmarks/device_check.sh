@@ -72,7 +72,7 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
     tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
     tests/test_resample_2x.py -q -x -p no:cacheprovider \
-    -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample"
+    -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample or launch_shapes or passed_on or without_silu"
   step bench 150 python3 -m diffloss_fast bench "${quick[@]}" \
     --variants reference fast fast-fused fast-graphed --terms both semantic \
     --json "$raw/bench_b8.json"
