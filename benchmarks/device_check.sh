@@ -69,7 +69,7 @@ if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one 
   # fused kernels and CUDA graphs; the norm kernels' launch shapes swept and the fused step
   # again with the fastest; where the fused step's time goes and what launched it; batches 1
   # and 4; the fused ops alone; the largest batch under 24 GiB.
-  step tests_gpu 90 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
+  step tests_gpu 120 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
     tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
     tests/test_resample_2x.py -q -x -p no:cacheprovider \
     -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample or launch_shapes or passed_on or without_silu"
@@ -81,7 +81,7 @@ fi
 if [[ $part == tune || $part == sweep ]]; then
   # The sweep names the fastest setting of DIFFLOSS_FAST_NORM_LAUNCH (the default unless one
   # beats it by 2%); the later steps of this run use it, and their JSON records it.
-  step sweep_norm 120 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
+  step sweep_norm 110 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
     -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/suite_sweep_norm.json"
   launch=$(python3 benchmarks/pick_norm_launch.py "$raw/suite_sweep_norm.json" \
     2>"$raw/pick_norm_launch.log") || launch=""
