@@ -6,10 +6,12 @@ The prior applies, before each 3x3 convolution of a ResBlock,
 
 (``scale``/``shift`` from the timestep embedding; without them, plain GroupNorm + SiLU;
 ``x_bias``, if given, the bias of the convolution that made x, which then need not add it in a
-pass of its own), and, without the SiLU, the norm before each attention block. Eager PyTorch runs this as three or four memory-bound kernels and keeps their
-outputs for the backward pass; here the forward reads x twice (statistics, then output) and
-writes y once, the backward reads x and dy twice and writes dx once, and only x and two floats
-per group are saved.
+pass of its own), and, without the SiLU, the GroupNorm that opens each attention block. Eager
+PyTorch runs this as three or four memory-bound kernels and keeps their outputs for the
+backward pass; here the forward reads x twice (statistics, then output) and writes y once, the
+backward reads x and dy twice and writes dx once, and only x and two floats per group are
+saved. ``pass_x`` hands x back beside y for the op that also reads it (a ResBlock's skip path,
+an attention block's residual sum); the backward then adds that op's gradient as it writes dx.
 
 The prior is frozen, so only x is differentiable: weight, bias, scale and shift must not
 require grad. Statistics and arithmetic are fp32 whatever the storage dtype.
