@@ -144,13 +144,13 @@ class FastUNet(nn.Module):
         views of its rows and the columns ``blk.film`` of the product. All blocks read the
         same silu(emb), so this is the same arithmetic, without a silu, a matmul and a cast
         launched per block (three or four kernels, about 40 blocks a branch)."""
-        projections = [blk.emb_layers[1] for blk in self.modules() if isinstance(blk, ResBlock)]
-        weight = torch.cat([p.weight.detach() for p in projections])
-        bias = torch.cat([p.bias.detach() for p in projections])
+        blocks = [blk for blk in self.modules() if isinstance(blk, ResBlock)]
+        weight = torch.cat([blk.emb_layers[1].weight.detach() for blk in blocks])
+        bias = torch.cat([blk.emb_layers[1].bias.detach() for blk in blocks])
         self.register_buffer("film_weight", weight, persistent=False)
         self.register_buffer("film_bias", bias, persistent=False)
         start = 0
-        for blk in (blk for blk in self.modules() if isinstance(blk, ResBlock)):
+        for blk in blocks:
             p = blk.emb_layers[1]
             blk.film = slice(start, start + p.out_features)
             # the block's own copy gives way to views of the stacked rows (no second copy)
