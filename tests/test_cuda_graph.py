@@ -96,13 +96,22 @@ def test_refused_off_cuda_and_with_compile_or_checkpointing(tiny_unet):
             loss_fn(torch.rand(1, 3, 32, 32, requires_grad=True), torch.rand(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("fused_norm", [False, True], ids=["eager_norm", "fused_norm"])
 @pytest.mark.parametrize("decoder", [True, False], ids=["both", "semantic"])
-def test_prior_step_moves_nothing_from_the_host(decoder):
+def test_prior_step_moves_nothing_from_the_host(decoder, fused_norm, monkeypatch):
     """What a CUDA graph cannot capture, looked for without a GPU: the prior's forward and
     backward run on the meta device, and no op may read a CPU tensor (a host-to-device copy,
-    as guided-diffusion's timestep embedding made) or read a value back (``.item()``)."""
+    as guided-diffusion's timestep embedding made) or read a value back (``.item()``). With
+    the fused kernels, their wrappers run in full and each launch is recorded, not run."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    for kind in (JITFunction, InterpretedFunction):  # compiled, or under TRITON_INTERPRET=1
+        monkeypatch.setattr(kind, "run",
+                            lambda self, *args, grid, warmup, **kwargs: launches.append(self))
 
     from diffloss_fast.fast_unet import FastUNet
     from diffloss_fast.prior import prior_architecture
@@ -120,7 +129,7 @@ def test_prior_step_moves_nothing_from_the_host(decoder):
             return func(*args, **(kwargs or {}))
 
     net = FastUNet(prior_architecture("tiny"), dtype=torch.bfloat16, decoder=decoder,
-                   device="meta", channels_last=True)
+                   device="meta", channels_last=True, fused_norm=fused_norm)
     x = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
     t = torch.zeros(2, dtype=torch.long, device="meta")
     with HostTraffic() as mode:
@@ -129,3 +138,4 @@ def test_prior_step_moves_nothing_from_the_host(decoder):
         outs = [o for o in net(x, t) if o is not None]
         torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
     assert mode.found == []
+    assert bool(launches) == fused_norm
