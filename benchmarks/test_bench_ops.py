@@ -165,6 +165,33 @@ def test_group_norm_silu(benchmark, backend, case, layout):
     _run(benchmark, step, backend=backend, case=case, shape=shape, dtype=COMPUTE, layout=layout)
 
 
+# The host's share of a fused norm call: everything its wrapper does (checks, launch shape,
+# allocations, autograd) with each Triton launch recorded, not run. Where a step is
+# launch-bound, this is time the GPU waits. Runs on the CPU too (what it times is host work).
+@pytest.mark.benchmark(group="host:group_norm_silu wrapper (launches not run)")
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+def test_group_norm_silu_host_time(benchmark, monkeypatch, passes):
+    from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    for kind in (JITFunction, InterpretedFunction):  # compiled, or under TRITON_INTERPRET=1
+        monkeypatch.setattr(kind, "run", lambda self, *args, grid, warmup, **kwargs: None)
+    x = torch.randn(8, 512, 16, 16, device=DEVICE, dtype=COMPUTE).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    dy = torch.randn_like(x)
+    weight = torch.randn(512, device=DEVICE, dtype=COMPUTE)
+    scale, shift = torch.randn(8, 1024, 1, 1, device=DEVICE, dtype=COMPUTE).chunk(2, dim=1)
+
+    def step():
+        y, passed = group_norm_silu_triton(x, 32, weight, weight, 1e-5, scale, shift, weight,
+                                           pass_x=True)
+        if passes == "forward+backward":
+            torch.autograd.grad(y, x, dy)
+
+    _run(benchmark, step, passes=passes, dtype=COMPUTE)
+
+
 # A ResBlock's residual sum at ADM-256's largest activation: the twin adds the convolution
 # bias as a pass of its own (as PyTorch's convolution does), the kernel in the same pass
 @pytest.mark.benchmark(group="op:residual_bias_add")

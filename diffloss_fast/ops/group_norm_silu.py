@@ -26,6 +26,7 @@ per-channel partial sums; a small kernel folds them into per-group statistics.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .checks import is_channels_last
+from .launch_math import cdiv, next_power_of_2
 
 
 def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None,
@@ -526,19 +528,20 @@ def _strides(t: torch.Tensor):
 def _split(HW: int, block_s: int, units: int, programs: int) -> tuple[int, int]:
     """Programs per unit (a sample's group, or a sample) and the pixels each covers, a whole
     number of tiles: about ``programs`` programs over all units, to fill the GPU several times."""
-    split = max(1, min(triton.cdiv(programs, units), triton.cdiv(HW, block_s)))
-    s_per = triton.cdiv(triton.cdiv(HW, split), block_s) * block_s
-    return triton.cdiv(HW, s_per), s_per
+    split = max(1, min(cdiv(programs, units), cdiv(HW, block_s)))
+    s_per = cdiv(cdiv(HW, split), block_s) * block_s
+    return cdiv(HW, s_per), s_per
 
 
-def _launch(N, G, HW, Cg):
+@functools.lru_cache(maxsize=256)  # one entry per shape a network's norms see; read only
+def _launch(N, G, HW, Cg, tile, programs):
     """Block shape and the split of each group over programs. Every block dim is at least 2
     (masked): one-element aranges are where Triton's code generation is least exercised."""
-    block_c = max(2, triton.next_power_of_2(Cg))
-    block_s = max(2, min(triton.next_power_of_2(HW), _TILE // block_c))
-    split, s_per = _split(HW, block_s, N * G, _TARGET_PROGRAMS)
+    block_c = max(2, next_power_of_2(Cg))
+    block_s = max(2, min(next_power_of_2(HW), tile // block_c))
+    split, s_per = _split(HW, block_s, N * G, programs)
     return dict(rows=False, block_s=block_s, block_c=block_c,
-                block_p=max(2, triton.next_power_of_2(split)), split=split, s_per=s_per)
+                block_p=max(2, next_power_of_2(split)), split=split, s_per=s_per)
 
 
 def _by_rows(x: torch.Tensor) -> bool:
@@ -551,20 +554,21 @@ def _row_pass(N, HW, block_cc, tile, stages, programs):
     """One role's tile of whole pixel rows and the split of each sample's pixels over
     programs; a warp per 512 elements of the tile (16 a thread), 4 to 16 warps. More elements
     a thread spill the backward kernels' registers on sm_90 (``tests/kernel_compile.py``)."""
-    block_s = max(2, min(triton.next_power_of_2(HW), tile // block_cc))
+    block_s = max(2, min(next_power_of_2(HW), tile // block_cc))
     split, s_per = _split(HW, block_s, N, programs)
     return dict(block_s=block_s, split=split, s_per=s_per, stages=stages,
                 num_warps=min(16, max(4, block_s * block_cc // 512)))
 
 
+@functools.lru_cache(maxsize=256)
 def _launch_rows(N, G, HW, C, launch: RowLaunch):
     """The reducing and the applying passes' launch shapes (``RowLaunch``), and the block of
     partial sums the group kernel folds at a time."""
-    block_cc = max(2, triton.next_power_of_2(C))
+    block_cc = max(2, next_power_of_2(C))
     reduce = _row_pass(N, HW, block_cc, launch.reduce_tile, launch.reduce_stages,
                        launch.programs)
-    return dict(rows=True, block_cc=block_cc, block_g=max(2, triton.next_power_of_2(C // G)),
-                block_p=max(2, min(64, triton.next_power_of_2(reduce["split"]))), reduce=reduce,
+    return dict(rows=True, block_cc=block_cc, block_g=max(2, next_power_of_2(C // G)),
+                block_p=max(2, min(64, next_power_of_2(reduce["split"]))), reduce=reduce,
                 apply=_row_pass(N, HW, block_cc, launch.apply_tile, launch.apply_stages,
                                 launch.programs))
 
@@ -596,7 +600,7 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias, silu):
             BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
             STAGES=a["stages"], SILU=silu, num_warps=a["num_warps"])
         return y, mean, rstd, k
-    k = _launch(N, G, HW, Cg)
+    k = _launch(N, G, HW, Cg, _TILE, _TARGET_PROGRAMS)
     part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
     grid = (N * G, k["split"])
     _gn_stats_kernel[grid](x, xb, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],

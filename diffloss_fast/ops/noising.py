@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .checks import check_q_sample_pair
+from .launch_math import cdiv
 
 
 def _out_format(channels_last: bool) -> torch.memory_format:
@@ -186,7 +187,7 @@ def _q_sample_pair_fwd(restored, gt, noise, a, bn, scale, offset, out_dtype, cha
                         memory_format=fmt)
     if restored.numel() == 0:
         return xt_res, xt_gt
-    grid = (B, triton.cdiv(C * H * W, _BLOCK))
+    grid = (B, cdiv(C * H * W, _BLOCK))
     _q_sample_pair_fwd_kernel[grid](
         restored, gt, noise, a, bn, xt_res, xt_gt, C, H, W, float(scale), float(offset),
         *_strides(restored), *_strides(gt), *_strides(noise), *_strides(xt_res),
@@ -218,7 +219,7 @@ class _QSamplePair(torch.autograd.Function):
         grad_r = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         B, C, H, W = shape
         if grad_r.numel():
-            grid = (B, triton.cdiv(C * H * W, _BLOCK))
+            grid = (B, cdiv(C * H * W, _BLOCK))
             _q_sample_pair_bwd_kernel[grid](
                 grad_res, a, grad_r, C, H, W, ctx.scale,
                 *_strides(grad_res), *_strides(grad_r),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .checks import is_channels_last
+from .launch_math import cdiv
 
 
 class _AvgPool2x2(torch.autograd.Function):
@@ -119,7 +120,7 @@ def _resample(kernel, x: torch.Tensor, out_hw: tuple[int, int], scale: float,
     layout = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((N, C, *out_hw), dtype=x.dtype, device=x.device, memory_format=layout)
     if out.numel():
-        kernel[(triton.cdiv(out.numel(), _BLOCK),)](
+        kernel[(cdiv(out.numel(), _BLOCK),)](
             x, out, out.numel(), C, *out_hw, *x.stride(), scale, BLOCK=_BLOCK,
             CHANNELS_LAST=channels_last, num_warps=4)
     return out

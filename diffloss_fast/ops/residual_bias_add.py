@@ -13,6 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .checks import is_channels_last
+from .launch_math import cdiv
 
 
 def residual_bias_add_torch(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -51,7 +52,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor) -> torch.Tenso
     out = torch.empty_like(x)
     N, C, H, W = x.shape
     if out.numel():
-        _residual_bias_add_kernel[(triton.cdiv(out.numel(), _BLOCK),)](
+        _residual_bias_add_kernel[(cdiv(out.numel(), _BLOCK),)](
             x, y, bias, out, out.numel(), C, H * W, BLOCK=_BLOCK, CHANNELS_LAST=cl,
             num_warps=4)
     return out

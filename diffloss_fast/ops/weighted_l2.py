@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .launch_math import cdiv
+
 
 def _check(p, q, weight, x, y, x_coef, p_coef):
     if p.shape != q.shape:
@@ -210,7 +212,7 @@ def _wl2_forward(p, q, weight, x, y, x_coef, p_coef):
     n = p.numel()
     if n == 0:
         return torch.full((), float("nan"), dtype=torch.float32, device=p.device)
-    nblk = triton.cdiv(C * H * W, _BLOCK)
+    nblk = cdiv(C * H * W, _BLOCK)
     partials = torch.empty(B * nblk, dtype=torch.float32, device=p.device)
     _wl2_fwd_kernel[(B, nblk)](
         p4, q4, x4, y4, w, xc, pc, partials, C, H, W,
@@ -242,7 +244,7 @@ class _WeightedL2(torch.autograd.Function):
         B, C, H, W = p4.shape
         if p.numel() and (need_p or need_x):
             go = grad_out.detach().to(torch.float32).reshape(1)
-            _wl2_bwd_kernel[(B, triton.cdiv(C * H * W, _BLOCK))](
+            _wl2_bwd_kernel[(B, cdiv(C * H * W, _BLOCK))](
                 p4, q4, x4, y4, w, xc, pc, go, gp4, gx4, 1.0 / p.numel(), C, H, W,
                 *_strides(p4), *_strides(q4), *_strides(x4), *_strides(y4),
                 *_strides(gp4), *_strides(gx4),
