@@ -1,21 +1,12 @@
 """benchmarks/pick_norm_launch.py names the sweep's fastest pixel-row setting, or the default."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load
 from diffloss_fast.ops.group_norm_silu import RowLaunch
 
 LEVELS = ("256x256x256", "512x64x64", "1024x16x16")
-
-
-def load_picker():
-    path = Path(__file__).parents[1] / "benchmarks" / "pick_norm_launch.py"
-    spec = importlib.util.spec_from_file_location("pick_norm_launch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sweep(path, times):
@@ -36,7 +27,7 @@ def test_picks_the_least_summed_time(tmp_path, capsys):
              "apply_tile=8192": (0.90, 0.25, 0.09),      # sum 1.24
              "groups:2048": (0.50, 0.20, 0.05),          # faster, but not what the variable sets
              "reduce_tile=8192": (0.10, 0.10)}           # a level missing: not comparable
-    load_picker().main([str(sweep(tmp_path / "s.json", times))])
+    load("pick_norm_launch").main([str(sweep(tmp_path / "s.json", times))])
     out, err = capsys.readouterr()
     assert out.strip() == "reduce_stages=3"
     RowLaunch.parse(out.strip())  # a value the variable accepts
@@ -47,14 +38,14 @@ def test_picks_the_least_summed_time(tmp_path, capsys):
                                                   (0.97, 0.05, "")])
 def test_names_the_default_unless_beaten_by_the_margin(tmp_path, capsys, best, margin, expect):
     times = {"": (1.0, 1.0, 1.0), "apply_tile=2048": (best, best, best)}
-    load_picker().main([str(sweep(tmp_path / "s.json", times)), "--margin", str(margin)])
+    load("pick_norm_launch").main([str(sweep(tmp_path / "s.json", times)), "--margin", str(margin)])
     assert capsys.readouterr().out.strip() == expect
 
 
 def test_refuses_a_sweep_without_the_default(tmp_path):
     path = sweep(tmp_path / "s.json", {"reduce_stages=3": (1.0, 1.0, 1.0)})
     with pytest.raises(SystemExit, match="default setting was not timed"):
-        load_picker().main([str(path)])
+        load("pick_norm_launch").main([str(path)])
 
 
 def test_refuses_an_unreadable_result(tmp_path):
@@ -64,4 +55,4 @@ def test_refuses_an_unreadable_result(tmp_path):
     empty.write_text("")
     for path in (empty, tmp_path / "missing.json"):
         with pytest.raises(SystemExit, match="cannot read"):
-            load_picker().main([str(path)])
+            load("pick_norm_launch").main([str(path)])

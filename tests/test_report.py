@@ -1,20 +1,12 @@
 """benchmarks/report.py turns a device check's raw output into result files: run on the
 output of real CPU runs of ``bench`` and ``profile``."""
-import importlib.util
 import json
 from pathlib import Path
 
+from benchmark_scripts import load
 from diffloss_fast.cli import build_parser
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_report():
-    path = Path(__file__).parents[1] / "benchmarks" / "report.py"
-    spec = importlib.util.spec_from_file_location("report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(argv):
@@ -31,7 +23,7 @@ def test_report_from_cpu_runs(tmp_path):
     run(["roofline", "--prior", "tiny", "--batch", "1", "--resolution", "16", "--terms",
          "semantic", "--time-convolutions", "--device", "cpu", "--channels-last",
          "--json", str(raw / "roofline_convs.json")])
-    load_report().main([str(raw), "--card", "cpu", "--run", "t", "--out", str(out),
+    load("report").main([str(raw), "--card", "cpu", "--run", "t", "--out", str(out),
                         "--note", "a test run"])
     stem = f"{bench['date']}-cpu-t"
     result = json.loads((out / f"{stem}.json").read_text())
@@ -60,7 +52,7 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     (raw / "bench_b8_nchw.json").write_text(source.read_text())
     run(["profile", "--device", "cpu", "--precision", "bf16", "--batch", "1", "--steps", "1",
          "--warmup", "1", "--json", str(raw / "profile_fast_both.json")])
-    load_report().main([str(raw), "--card", "h200", "--out", str(tmp_path / "results")])
+    load("report").main([str(raw), "--card", "h200", "--out", str(tmp_path / "results")])
     [path] = (tmp_path / "results").glob("*.json")
     result = json.loads(path.read_text())
     fast = [r for r in result["rows"] if r["variant"] == "fast"]
@@ -92,7 +84,7 @@ def test_report_keeps_fused_rows_of_each_norm_launch_apart(tmp_path):
             r.update(variant="fast-fused", ms_per_step=ms)
         (raw / name).write_text(json.dumps({**bench, "norm_launch": launch}))
     (raw / "bench_a.json").unlink()
-    load_report().main([str(raw), "--card", "cpu", "--out", str(tmp_path / "results")])
+    load("report").main([str(raw), "--card", "cpu", "--out", str(tmp_path / "results")])
     [path] = (tmp_path / "results").glob("*.json")
     rows = json.loads(path.read_text())["rows"]
     assert sorted((r["norm_launch"], r["ms_per_step"]) for r in rows) == [
