@@ -12,6 +12,11 @@
 #                                       resampling ops; the largest batch under 24 GiB (~10 min)
 #   benchmarks/device_check.sh sweep    the sweep and the tuned fused step alone (for a second
 #                                       call should the first lease cut them)
+#   benchmarks/device_check.sh confirm  the graphed step at batch 8 again with 20 repeats, both terms
+#                                       and semantic, with the default norm launch and with
+#                                       NORM_LAUNCH (a DIFFLOSS_FAST_NORM_LAUNCH value); the CUDA
+#                                       tests of the norms, residual sums and resampling; batches
+#                                       1 and 4 (~5 min: a second call after tune)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
 #                                       one run), 24 GiB memory sweep, fused norms in NCHW,
@@ -106,6 +111,20 @@ if [[ $part == tune ]]; then
     --benchmark-json "$raw/suite_norm.json"
   step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
     --json "$raw/memory.json" --plot "$raw/memory.png"
+fi
+
+if [[ $part == confirm ]]; then  # the semantic ratio sits near its goal: more repeats
+  repeat=(--batch-sizes 8 --repeats 20 --warmup 3 --variants fast-graphed --terms both semantic)
+  if [[ -n ${NORM_LAUNCH:-} ]]; then
+    step bench_repeat_tuned 60 env DIFFLOSS_FAST_NORM_LAUNCH="$NORM_LAUNCH" \
+      python3 -m diffloss_fast bench "${repeat[@]}" --json "$raw/bench_repeat_tuned.json"
+  fi
+  step bench_repeat 60 python3 -m diffloss_fast bench "${repeat[@]}" --json "$raw/bench_repeat.json"
+  step tests_norm_gpu 100 python3 -m pytest tests/test_group_norm_silu.py \
+    tests/test_residual_bias_add.py tests/test_resample_2x.py -q -x -p no:cacheprovider \
+    -k "without_silu or passed_on or prior_sized or residual or resample"
+  step bench_small 75 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
+    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
 fi
 
 if [[ $part == core || $part == all ]]; then
