@@ -19,7 +19,8 @@ from .ops.group_norm_silu import active_row_launch
 from .prior import build_prior, load_prior
 
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
-# fast-fused: eager with the fused GroupNorm + SiLU kernels (DiffLoss(fused_norm=True))
+# fast: eager with PyTorch's norms (DiffLoss(fused_norm=False))
+# fast-fused: eager with the fused GroupNorm + SiLU kernels (fused_norm=True; the default on CUDA)
 # fast-graphed: fast-fused with both branches replayed as CUDA graphs (cuda_graph=True)
 VARIANTS = ("reference", "fast", "fast-fused", "fast-graphed", "fast-compiled")
 # --compile: how fast-compiled compiles; "graph" is torch.compile's default mode on the whole

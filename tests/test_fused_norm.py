@@ -55,8 +55,9 @@ def test_fp32_matches_reference(micro_unet, true_fp32):
 def test_refused_with_compile_and_without_triton(micro_unet, monkeypatch):
     with pytest.raises(ValueError, match="eager path"):
         dl.DiffLoss(micro_unet, fused_norm=True, compile=True)
-    with pytest.raises(ValueError, match="True or False"):
-        dl.DiffLoss(micro_unet, fused_norm="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="True, False or 'auto'"):
+            dl.DiffLoss(micro_unet, fused_norm=bad)
     monkeypatch.setattr(ops, "triton_available", lambda device: False)
     fn = dl.DiffLoss(randomized_unet(MICRO), fused_norm=True, precision="fp32")
     x, y, t, noise = (v.cpu() for v in batch())
@@ -77,3 +78,24 @@ def test_with_checkpointing_matches_reference(micro_unet, true_fp32):
                     backend="torch", **kw), *data)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     assert float((grad - want_grad).norm() / want_grad.norm()) < 1e-5
+
+
+def test_auto_fuses_eager_cuda_steps_only(micro_unet, monkeypatch):
+    """The default: the fused kernels where Triton builds them (CUDA) on an eager step, in
+    fp32/bf16/fp16; never on the CPU (where they would run interpreted), never compiled, never
+    in fp64; True and False are kept as given."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ops, "triton_available", lambda device: True)
+    auto = dl.DiffLoss(micro_unet)
+    assert auto.fused_norm == "auto"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert auto._fused_norm(cuda, dtype) is True
+        assert auto._channels_last(cuda, dtype) is True
+    assert auto._fused_norm(cuda, torch.float64) is False
+    assert auto._fused_norm(cpu, torch.float32) is False
+    assert auto._channels_last(cpu, torch.float32) is False
+    assert dl.DiffLoss(micro_unet, compile=True)._fused_norm(cuda, torch.bfloat16) is False
+    assert dl.DiffLoss(micro_unet, fused_norm=False)._fused_norm(cuda, torch.bfloat16) is False
+    assert dl.DiffLoss(micro_unet, fused_norm=True)._fused_norm(cpu, torch.float32) is True
+    monkeypatch.setattr(ops, "triton_available", lambda device: False)
+    assert auto._fused_norm(cuda, torch.bfloat16) is False
