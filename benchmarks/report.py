@@ -217,42 +217,56 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def row_name(r: dict) -> str:
+    """What a result row ran, in a few words: variant, precision and the options that differ."""
+    if r["variant"] == "reference":
+        return f"ReferenceDiffLoss {r['precision']}"
+    parts = [f"DiffLoss {r['precision']}"]
+    if r["compiled"]:
+        parts.append(f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled")
+    if r.get("norms") == "fused":
+        launch = r.get("norm_launch")
+        parts.append("fused norms" + (f" ({launch})" if launch else ""))
+    else:
+        parts.append("PyTorch norms")
+    if r.get("cuda_graph"):
+        parts.append("CUDA graphs")
+    layout = {"True": "NHWC", "False": "NCHW", True: "NHWC", False: "NCHW"}.get(r.get("channels_last"))
+    if layout:
+        parts.append(layout)
+    if r.get("cudnn_benchmark"):
+        parts.append("cuDNN autotuned")
+    return ", ".join(parts)
+
+
 def plot(result: dict, path: Path) -> None:
+    """One horizontal bar per row, images/s, grouped by terms and batch, each bar labelled
+    with its speedup over the reference at the same batch size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    key = lambda r: (r["variant"], r["precision"], r["compiled"], r["terms"],  # noqa: E731
-                     str(r.get("channels_last")), r.get("norms", "plain"), r.get("compile_mode"),
-                     bool(r.get("cudnn_benchmark")), bool(r.get("cuda_graph")),
-                     r.get("norm_launch") or "")
-    labels = sorted({key(r) for r in rows}, key=lambda k: (k[3], k[0] != "reference", k[2], k[1], k[4]))
-    batches = sorted({r["batch"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    width = 0.8 / len(labels)
-    for i, label in enumerate(labels):
-        variant, precision, compiled, terms, layout, norms, mode, tuned, graphed, launch = label
-        ys = []
-        for b in batches:
-            match = [r for r in rows if key(r) == label and r["batch"] == b]
-            ys.append(match[0]["images_per_s"] if match else 0)
-        layout = {"True": ", NHWC", "False": ", NCHW"}.get(layout, "") if variant != "reference" else ""
-        how = f" compiled ({mode})" if compiled and mode else " compiled" if compiled else ""
-        fused = (", fused norms" + (f" ({launch})" if launch else "")) if norms == "fused" else ""
-        tuned = ", cuDNN autotuned" if tuned else ""
-        graphed = ", CUDA graphs" if graphed else ""
-        name = f"{variant} {precision}{how}{fused}{graphed}{layout}{tuned} ({terms})"
-        ax.bar([j + i * width for j in range(len(batches))], ys, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [str(b) for b in batches])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("images / s (forward + backward of the loss)")
+    rows = sorted(result["rows"], key=lambda r: (r["terms"] != "both", r["terms"], r["batch"],
+                                                 r["variant"] != "reference", r["images_per_s"]))
+    up = speedups(rows)
+    colors = {"reference": "0.55", "both": "C0", "semantic": "C1", "natural": "C2"}
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.36 * len(rows)), dpi=120)
+    ys = range(len(rows))
+    ax.barh(ys, [r["images_per_s"] for r in rows],
+            color=[colors["reference" if r["variant"] == "reference" else r["terms"]] for r in rows])
+    ax.set_yticks(ys, [f"{row_name(r)}: {r['terms']}, batch {r['batch']}" for r in rows],
+                  fontsize=7)
+    for y, r in zip(ys, rows):
+        text = f" {r['images_per_s']:.1f}/s" + (f", {up[id(r)]:.2f}x" if id(r) in up else "")
+        ax.text(r["images_per_s"], y, text, va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.25 * max(r["images_per_s"] for r in rows))
+    ax.set_xlabel("images / s, forward + backward of the loss\n"
+                  "(x: against the reference's both-terms step at the same batch)")
     res = rows[0]["resolution"]
-    ax.set_title(f"DiffLoss at {res}x{res}, {result['device']}, {result['date']}")
-    ax.legend(fontsize=7)
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.set_title(f"DiffLoss at {res}x{res}, {result['device']}, {result['date']}", loc="left")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.savefig(path, bbox_inches="tight")
 
 
 def plot_profiles(profiles: list[dict], path: Path) -> None:

@@ -90,3 +90,17 @@ def test_report_keeps_fused_rows_of_each_norm_launch_apart(tmp_path):
     assert sorted((r["norm_launch"], r["ms_per_step"]) for r in rows) == [
         ("", 10.0), ("reduce_stages=3", 8.0)]
     assert "fused (reduce_stages=3)" in path.with_suffix(".md").read_text()
+
+
+def test_row_names_say_what_differs():
+    """The speed plot's labels: each option a row ran, and nothing it did not."""
+    name = load("report").row_name
+    assert name({"variant": "reference", "precision": "fp32"}) == "ReferenceDiffLoss fp32"
+    plain = {"variant": "fast", "precision": "bf16", "compiled": False, "norms": "plain"}
+    assert name(plain) == "DiffLoss bf16, PyTorch norms"
+    graphed = dict(plain, norms="fused", norm_launch="reduce_stages=3", cuda_graph=True,
+                   channels_last=True)
+    assert name(graphed) == "DiffLoss bf16, fused norms (reduce_stages=3), CUDA graphs, NHWC"
+    compiled = dict(plain, compiled=True, compile_mode="regional", cudnn_benchmark=True,
+                    channels_last="auto")
+    assert name(compiled) == "DiffLoss bf16, compiled (regional), PyTorch norms, cuDNN autotuned"
