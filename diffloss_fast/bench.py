@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     config = args.prior or ("adm-256-uncond" if cuda else "tiny")
     resolution = args.resolution or (256 if cuda else 32)
     batches = args.batch_sizes or ([1, 4, 8] if cuda else [1, 2])
-    variants = args.variants or (["reference", "fast", "fast-compiled"] if cuda
+    variants = args.variants or (["reference", "fast", "fast-fused", "fast-graphed"] if cuda
                                  else ["reference", "fast"])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
@@ -252,7 +252,12 @@ def add_parser(subparsers) -> None:
     add_measurement_arguments(p, device_help="cuda, cuda:1, cpu (default: auto)",
                               prior_default=None, resolution_default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="fast: eager with PyTorch's norms (fused_norm=False); fast-fused: eager "
+                        "with the fused norm kernels (the default on CUDA); fast-graphed: "
+                        "fast-fused replayed as CUDA graphs; fast-compiled: torch.compile "
+                        "(--compile). Default: reference, fast, fast-fused and fast-graphed on CUDA; "
+                        "reference and fast on the CPU")
     p.add_argument("--terms", nargs="+", choices=tuple(TERMS), default=["both"],
                    help="which DiffLoss terms to time (default: both)")
     p.add_argument("--reference-all-terms", action="store_true",

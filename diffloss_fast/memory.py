@@ -403,8 +403,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                    help="memory cap in GiB (default 24: an RTX 4090); at most the card's memory")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="fast-ckpt: the fast path with activation checkpointing of the restored "
-                        "branch (default: all three)")
+                   help="fast: PyTorch's norms; fast-fused: the fused norm kernels (the default "
+                        "on CUDA); fast-ckpt: fast with activation checkpointing of the restored "
+                        "branch (default: all four)")
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
     p.add_argument("--fast-prior", default="cpu", choices=("cpu", "device"),
                    help="where the fast variants' fp32 prior lives: on the CPU (DiffLoss then "
