@@ -231,7 +231,7 @@ def row_name(r: dict) -> str:
         parts.append("PyTorch norms")
     if r.get("cuda_graph"):
         parts.append("CUDA graphs")
-    layout = {"True": "NHWC", "False": "NCHW", True: "NHWC", False: "NCHW"}.get(r.get("channels_last"))
+    layout = {True: "NHWC", False: "NCHW"}.get(r.get("channels_last"))
     if layout:
         parts.append(layout)
     if r.get("cudnn_benchmark"):
@@ -252,8 +252,8 @@ def plot(result: dict, path: Path) -> None:
     colors = {"reference": "0.55", "both": "C0", "semantic": "C1", "natural": "C2"}
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.36 * len(rows)), dpi=120)
     ys = range(len(rows))
-    ax.barh(ys, [r["images_per_s"] for r in rows],
-            color=[colors["reference" if r["variant"] == "reference" else r["terms"]] for r in rows])
+    kinds = ["reference" if r["variant"] == "reference" else r["terms"] for r in rows]
+    ax.barh(ys, [r["images_per_s"] for r in rows], color=[colors[k] for k in kinds])
     ax.set_yticks(ys, [f"{row_name(r)}: {r['terms']}, batch {r['batch']}" for r in rows],
                   fontsize=7)
     for y, r in zip(ys, rows):

@@ -256,8 +256,8 @@ def add_parser(subparsers) -> None:
                    help="fast: eager with PyTorch's norms (fused_norm=False); fast-fused: eager "
                         "with the fused norm kernels (the default on CUDA); fast-graphed: "
                         "fast-fused replayed as CUDA graphs; fast-compiled: torch.compile "
-                        "(--compile). Default: reference, fast, fast-fused and fast-graphed on CUDA; "
-                        "reference and fast on the CPU")
+                        "(--compile). Default: reference, fast, fast-fused and fast-graphed "
+                        "on CUDA; reference and fast on the CPU")
     p.add_argument("--terms", nargs="+", choices=tuple(TERMS), default=["both"],
                    help="which DiffLoss terms to time (default: both)")
     p.add_argument("--reference-all-terms", action="store_true",

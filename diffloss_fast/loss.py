@@ -47,7 +47,8 @@ class _DiffLossBase(nn.Module):
                  backend: str = "auto", compile: bool | str = False,
                  timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  check_finite: bool = True, channels_last: bool | str = "auto",
-                 attention: str = "sdpa", checkpoint: bool = False, fused_norm: bool | str = "auto",
+                 attention: str = "sdpa", checkpoint: bool = False,
+                 fused_norm: bool | str = "auto",
                  cuda_graph: bool = False, schedule: LinearSchedule | None = None):
         super().__init__()
         if not isinstance(prior, UNetModel):
@@ -236,8 +237,9 @@ class DiffLoss(_DiffLossBase):
 
     def _fused_norm(self, device: torch.device, dtype: torch.dtype) -> bool:
         """``auto``: the fused norm kernels on an eager step on CUDA, where Triton builds them
-        (never on the CPU, where they would run interpreted). On an H200 they made the step 1.49x faster with both terms and 1.24x with
-        the semantic term alone, with 36% less memory (benchmarks/results/2026-11-26-h200-run6.md)."""
+        (never on the CPU, where they would run interpreted). On an H200 they made the step
+        1.49x faster with both terms and 1.24x with the semantic term alone, with 36% less
+        memory (benchmarks/results/2026-11-26-h200-run6.md)."""
         if self.fused_norm == "auto":
             return (device.type == "cuda" and not self.compile and dtype != torch.float64
                     and ops.triton_available(device))
