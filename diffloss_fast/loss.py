@@ -9,16 +9,19 @@ with gradients flowing to x̂ only.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import ops, validation
-from .cuda_graph import PriorGraphs
+from .cuda_graph import GraphCache
 from .fast_unet import ATTENTION_BACKENDS, FastUNet
+from .ops.autocast import autocast_disabled
 from .prior import UNetModel, downsampling_factor
 from .schedule import LinearSchedule
+from .timing import PriorTimer, mark_in_backward
 
 TARGETS = ("eps", "x_prev")
 # True or a torch.compile mode compiles the whole truncated UNet; "regional" compiles its
@@ -39,17 +42,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 class _DiffLossBase(nn.Module):
-    """Options, input checks and the draw of t and noise, shared by both implementations."""
+    """Options, input checks, the draw of t and noise, the caller's autocast switched off and
+    the opt-in timing, shared by both implementations (which differ in ``_loss``)."""
+
+    # Whether the prior is a submodule: then a parent module's state_dict(), parameters() and
+    # .to() see it. Only the reference, which runs the prior itself, wants that.
+    _prior_is_submodule = True
 
     def __init__(self, prior: UNetModel, *, natural_weight: float = 1e-3,
                  semantic_weight: float = 1e-6, target: str = "eps",
                  input_range: tuple[float, float] = (0.0, 1.0), precision: str = "auto",
                  backend: str = "auto", compile: bool | str = False,
                  timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 check_finite: bool = True, channels_last: bool | str = "auto",
+                 check_finite: bool = True, check_range: bool = True,
+                 channels_last: bool | str = "auto",
                  attention: str = "sdpa", checkpoint: bool = False,
                  fused_norm: bool | str = "auto",
-                 cuda_graph: bool = False, schedule: LinearSchedule | None = None):
+                 cuda_graph: bool | str = "auto", schedule: LinearSchedule | None = None):
         super().__init__()
         if not isinstance(prior, UNetModel):
             raise TypeError(f"prior must be a guided-diffusion UNetModel (from load_prior or "
@@ -68,19 +77,22 @@ class _DiffLossBase(nn.Module):
         if fused_norm is True and compile:
             raise ValueError("fused_norm=True is for the eager path: with compile, torch.compile "
                              "fuses the norms itself")
-        if not isinstance(cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-        if cuda_graph and (compile or checkpoint):
+        if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+        if cuda_graph is True and (compile or checkpoint):
             raise ValueError("cuda_graph=True replays the eager path; it is not combined with "
                              "compile (compile='reduce-overhead' captures graphs itself) or "
                              "checkpoint")
         if timestep_weight is not None and not callable(timestep_weight):
             raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
         prior.eval().requires_grad_(False)
-        self.prior = prior
+        if self._prior_is_submodule:
+            self.prior = prior
+        else:
+            object.__setattr__(self, "prior", prior)
         self.natural_weight, self.semantic_weight = float(natural_weight), float(semantic_weight)
         self.target, self.precision, self.backend = target, precision, backend
-        self.compile, self.check_finite = compile, check_finite
+        self.compile, self.check_finite, self.check_range = compile, check_finite, check_range
         self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
         self.fused_norm, self.cuda_graph = fused_norm, cuda_graph
         self.timestep_weight = timestep_weight
@@ -90,6 +102,7 @@ class _DiffLossBase(nn.Module):
         # x0 = scale * x + offset maps [low, high] onto the prior's [-1, 1].
         self.scale, self.offset = 2.0 / (high - low), -1.0 - 2.0 * low / (high - low)
         self.last_terms: dict[str, torch.Tensor | None] = {}
+        self._timers: list[PriorTimer] = []
 
     def extra_repr(self) -> str:
         return (f"natural_weight={self.natural_weight}, semantic_weight={self.semantic_weight}, "
@@ -101,10 +114,50 @@ class _DiffLossBase(nn.Module):
             raise ValueError(f"restored is on {images} but the prior is on {prior}: move the "
                              f"loss with loss_fn.to(device)")
 
+    @contextlib.contextmanager
+    def timings(self) -> Iterator[PriorTimer]:
+        """Time every call of this loss inside the block, forward and backward::
+
+            with loss_fn.timings() as timer:
+                loss = loss_fn(restored, gt)
+                loss.backward()
+            print(timer.forward_ms, timer.backward_ms)
+
+        CUDA events on CUDA (read when a total is read), the wall clock on the CPU."""
+        timer = PriorTimer()
+        self._timers.append(timer)
+        try:
+            yield timer
+        finally:
+            self._timers.remove(timer)
+
+    def forward(self, restored, gt, *, t=None, noise=None, generator=None):
+        """The weighted loss, a 0-dim tensor; ``last_terms`` holds the unweighted terms."""
+        timing = None
+        if self._timers:
+            timing = self._timers[-1].start_call(restored.device)
+            for outer in self._timers[:-1]:
+                outer.records.append(timing)
+            timing.mark("forward_start")
+            restored = mark_in_backward(restored, timing, "backward_end")
+        with autocast_disabled():
+            restored, gt, t, noise, coefs = self._prepare(restored, gt, t, noise, generator)
+            loss = self._loss(restored, gt, t, noise, coefs)
+        if timing is not None:
+            timing.mark("forward_end")
+            loss = mark_in_backward(loss, timing, "backward_start")
+        return loss
+
     def _prepare(self, restored, gt, t, noise, generator):
-        """Check the inputs, draw what was not given, and return the per-sample coefficients."""
-        validation.check_images(restored, gt, factor=downsampling_factor(self.prior),
-                                check_finite=self.check_finite)
+        """Check the inputs, bring them to one dtype, draw what was not given, and return the
+        per-sample coefficients."""
+        validation.check_images(restored, gt, factor=downsampling_factor(self.prior))
+        validation.check_values(restored, gt, input_range=self.input_range,
+                                check_finite=self.check_finite, check_range=self.check_range)
+        # e.g. a bf16 network output under autocast next to a dataloader's fp32 target;
+        # restored's gradient comes back in its own dtype through the cast
+        common = torch.promote_types(restored.dtype, gt.dtype)
+        restored, gt = restored.to(common), gt.to(common)
         self._check_prior_device(next(self.prior.parameters()).device, restored.device)
         batch, device = restored.shape[0], restored.device
         if t is None:
@@ -123,7 +176,7 @@ class _DiffLossBase(nn.Module):
                 raise ValueError(f"timestep_weight(t) must return shape ({batch},), "
                                  f"got {tuple(weight.shape)}")
         coefs["weight"] = weight
-        return t.long(), noise, coefs
+        return restored, gt, t.long(), noise, coefs
 
 
 class ReferenceDiffLoss(_DiffLossBase):
@@ -134,7 +187,8 @@ class ReferenceDiffLoss(_DiffLossBase):
     the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``,
     ``fused_norm``, ``cuda_graph``) are accepted so that both classes share keyword arguments,
     and ignored. ``precision`` defaults to fp32 here; bf16/fp16 run the same code under
-    ``torch.autocast``.
+    ``torch.autocast``. The prior is its submodule: ``.to(device)`` moves it (the reference
+    runs it in place, with no copy of its own).
     """
 
     def __init__(self, prior: UNetModel, *, precision: str = "fp32", **kwargs):
@@ -151,8 +205,7 @@ class ReferenceDiffLoss(_DiffLossBase):
             hook.remove()
         return out[:, :3], captured["h"]
 
-    def forward(self, restored, gt, *, t=None, noise=None, generator=None):
-        t, noise, c = self._prepare(restored, gt, t, noise, generator)
+    def _loss(self, restored, gt, t, noise, c):
         acc = torch.promote_types(restored.dtype, torch.float32)
         view = lambda v: v.to(acc).view(-1, 1, 1, 1)  # noqa: E731
         sqrt_abar, sqrt_1m = view(c["sqrt_abar"]), view(c["sqrt_one_minus_abar"])
@@ -199,20 +252,24 @@ class DiffLoss(_DiffLossBase):
       one Triton kernel in the forward pass and one in the backward pass;
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
       to fit larger batches;
-    - ``cuda_graph=True`` (CUDA) replays both branches as CUDA graphs, captured on the first
-      call per input shape: one launch instead of thousands. Call backward after each
-      forward; a loss whose graph was replayed since refuses its backward.
+    - ``cuda_graph`` (``"auto"``: on for eager CUDA steps) replays both branches as CUDA
+      graphs, captured on the first call per input shape: one launch instead of thousands
+      (:mod:`diffloss_fast.cuda_graph` for what stays eager and the memory it keeps).
     A term whose weight is 0 is skipped, and reported as None in ``last_terms``.
 
-    The truncated copy is built on the images' device, wherever the prior is: a prior left
-    on the CPU never puts its fp32 weights on the GPU (for ADM-256 in bf16: 1.13 GiB on the
-    GPU instead of 2.99 GiB; 0.44 GiB for the semantic term alone).
+    The prior is not a submodule: a model holding this loss has none of the prior's tensors in
+    its ``state_dict()`` or ``parameters()``, and its ``.to()``/``.half()`` leave the prior
+    alone. The truncated copy is built on the images' device, wherever the prior is: a prior
+    left on the CPU never puts its fp32 weights on the GPU (for ADM-256 in bf16 the copy is
+    less than half their size, and a fifth for the semantic term alone).
     """
+
+    _prior_is_submodule = False
 
     def __init__(self, prior: UNetModel, **kwargs):
         super().__init__(prior, **kwargs)
         self._nets: dict[tuple, nn.Module] = {}
-        self._graphs: dict[tuple, PriorGraphs] = {}
+        self._graphs = GraphCache()
 
     def _check_prior_device(self, prior: torch.device, images: torch.device) -> None:
         """Any device with data will do: the truncated copy is built on the images' device."""
@@ -227,9 +284,8 @@ class DiffLoss(_DiffLossBase):
 
     def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """``auto``: channels_last on CUDA only where the norms read it in place, i.e. compiled
-        graphs and the fused norm kernels. Eager PyTorch's GroupNorm works in NCHW, and on an
-        H200 the plain eager step ran 1.48x faster in NCHW
-        (benchmarks/results/2026-11-26-h200-run3.md)."""
+        graphs and the fused norm kernels. Eager PyTorch's GroupNorm works in NCHW, and
+        channels_last around it adds a layout copy per norm."""
         if self.channels_last == "auto":
             return (device.type == "cuda" and dtype != torch.float64
                     and (bool(self.compile) or self._fused_norm(device, dtype)))
@@ -237,9 +293,8 @@ class DiffLoss(_DiffLossBase):
 
     def _fused_norm(self, device: torch.device, dtype: torch.dtype) -> bool:
         """``auto``: the fused norm kernels on an eager step on CUDA, where Triton builds them
-        (never on the CPU, where they would run interpreted). On an H200 they made the step
-        1.49x faster with both terms and 1.24x with the semantic term alone, with 36% less
-        memory (benchmarks/results/2026-11-26-h200-run6.md)."""
+        (never on the CPU, where they would run interpreted): fewer passes over each
+        activation, and fewer activations kept for the backward pass."""
         if self.fused_norm == "auto":
             return (device.type == "cuda" and not self.compile and dtype != torch.float64
                     and ops.triton_available(device))
@@ -263,24 +318,17 @@ class DiffLoss(_DiffLossBase):
             self._nets[key] = net
         return self._nets[key]
 
-    def _replay(self, net: nn.Module, xt_gt, xt_res, t):
-        """Both branches replayed as CUDA graphs, captured once per network and input shape."""
-        if xt_res.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got {xt_res.device}")
-        key = (id(net), tuple(xt_res.shape), xt_res.stride(), xt_res.dtype, tuple(t.shape))
-        if key not in self._graphs:
-            live = list(self._nets.values())  # graphs of a dropped network go with it
-            self._graphs = {k: g for k, g in self._graphs.items()
-                            if any(g.net is n for n in live)}
-            self._graphs[key] = PriorGraphs(net, xt_res, t)
-        graphs = self._graphs[key]
-        eps_gt, h_gt = graphs.no_grad(xt_gt, t)
-        if torch.is_grad_enabled() and xt_res.requires_grad:
-            return (eps_gt, h_gt, *graphs.differentiable(xt_res, t))
-        return (eps_gt, h_gt, *graphs.no_grad(xt_res, t))
+    def _cuda_graph(self, device: torch.device) -> bool:
+        """``auto``: on an eager CUDA step (not with compile, which captures its own graphs
+        with ``reduce-overhead``, nor with activation checkpointing, whose recomputation a
+        graph cannot hold); never inside ``inference_mode`` or a caller's own capture."""
+        if self.cuda_graph == "auto":
+            return (device.type == "cuda" and not self.compile and not self.checkpoint
+                    and not torch.is_inference_mode_enabled()
+                    and not torch.cuda.is_current_stream_capturing())
+        return self.cuda_graph
 
-    def forward(self, restored, gt, *, t=None, noise=None, generator=None):
-        t, noise, c = self._prepare(restored, gt, t, noise, generator)
+    def _loss(self, restored, gt, t, noise, c):
         want_natural, want_semantic = self.natural_weight > 0, self.semantic_weight > 0
         if not (want_natural or want_semantic):
             self.last_terms = {"natural": None, "semantic": None}
@@ -297,8 +345,9 @@ class DiffLoss(_DiffLossBase):
             restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
             scale=self.scale, offset=self.offset, out_dtype=dtype,
             channels_last=self._channels_last(device, dtype), backend=backend)
-        if self.cuda_graph:
-            eps_gt, h_gt, eps_res, h_res = self._replay(net, xt_gt, xt_res, t)
+        if self._cuda_graph(device):
+            self._graphs.drop_unless(list(self._nets.values()))
+            eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
         else:
             with torch.no_grad():
                 eps_gt, h_gt = net(xt_gt, t)

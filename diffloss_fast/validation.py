@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 
-def check_images(restored, gt, *, factor: int, check_finite: bool) -> None:
+def check_images(restored, gt, *, factor: int) -> None:
+    """Types, shapes and devices: what can be told without reading the values. The two may
+    differ in float dtype (the loss brings them to a common one)."""
     for name, x in (("restored", restored), ("gt", gt)):
         if not torch.is_tensor(x):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -31,14 +33,38 @@ def check_images(restored, gt, *, factor: int, check_finite: bool) -> None:
     if restored.device != gt.device:
         raise ValueError(f"restored and gt must be on the same device, got "
                          f"{restored.device} and {gt.device}")
-    if restored.dtype != gt.dtype:
-        raise ValueError(f"restored and gt must have the same dtype, got "
-                         f"{restored.dtype} and {gt.dtype}")
-    if check_finite:
-        for name, x in (("restored", restored), ("gt", gt)):
-            if not bool(torch.isfinite(x.detach()).all()):
-                raise ValueError(f"{name} contains NaN or Inf values "
-                                 "(pass check_finite=False to skip this check)")
+
+
+def _range_hint(low: float, high: float, found_low: float, found_high: float) -> str:
+    """The likely mix-up behind values far outside ``(low, high)``, and its fix."""
+    if found_low >= -1e-3 and 2.0 < found_high <= 255.0:
+        return "8-bit images? divide them by 255, or pass input_range=(0, 255)"
+    if found_low >= -1.0 - 1e-3 and found_high <= 1.0 + 1e-3 and (low, high) != (-1.0, 1.0):
+        return "images in [-1, 1]? pass input_range=(-1, 1)"
+    return "pass the input_range your images use"
+
+
+def check_values(restored, gt, *, input_range: tuple[float, float], check_finite: bool,
+                 check_range: bool) -> None:
+    """NaN/Inf, and values far outside ``input_range`` (by more than half its width: [0, 255]
+    or [-1, 1] images given to a (0, 1) loss), from one read of each tensor and one device
+    sync. A network's slightly out-of-range output passes."""
+    if not (check_finite or check_range):
+        return
+    found = torch.stack([torch.stack(torch.aminmax(x.detach())).float() for x in (restored, gt)])
+    (r_low, r_high), (g_low, g_high) = found.tolist()
+    low, high = input_range
+    margin = (high - low) / 2
+    for name, (lo, hi) in (("restored", (r_low, r_high)), ("gt", (g_low, g_high))):
+        finite = lo == lo and hi == hi and abs(lo) != float("inf") and abs(hi) != float("inf")
+        if check_finite and not finite:
+            raise ValueError(f"{name} contains NaN or Inf values "
+                             "(pass check_finite=False to skip this check)")
+        if check_range and finite and (lo < low - margin or hi > high + margin):
+            raise ValueError(
+                f"{name} has values in [{lo:.4g}, {hi:.4g}], far outside input_range="
+                f"({low:g}, {high:g}) (by more than half its width): "
+                f"{_range_hint(low, high, lo, hi)} (check_range=False skips this check)")
 
 
 def check_timesteps(t, batch: int, num_timesteps: int, device) -> None:

@@ -29,7 +29,10 @@ def nan_at(x, value):
     (lambda r, g: (r[..., :30], g[..., :30]), ValueError, ["multiples of 4", "32x30"]),
     (lambda r, g: (nan_at(r, float("nan")), g), ValueError, ["restored", "NaN", "check_finite"]),
     (lambda r, g: (r, nan_at(g, float("inf"))), ValueError, ["gt", "Inf"]),
-    (lambda r, g: (r, g.double()), ValueError, ["same dtype"]),
+    (lambda r, g: (r * 255, g), ValueError, ["restored", "[0", "255", "input_range=(0, 1)",
+                                            "divide them by 255", "check_range=False"]),
+    (lambda r, g: (r, g * 2 - 1), ValueError, ["gt", "input_range=(0, 1)",
+                                               "input_range=(-1, 1)"]),
     (lambda r, g: ((r * 255).to(torch.uint8), g), TypeError, ["restored", "floating-point", "uint8"]),
     (lambda r, g: (r.numpy(), g), TypeError, ["restored", "torch.Tensor"]),
 ])
@@ -67,6 +70,30 @@ def test_check_finite_can_be_turned_off(tiny_unet):
     loss = dl.DiffLoss(tiny_unet, precision="fp32", check_finite=False)(
         nan_at(restored, float("nan")), gt)
     assert torch.isnan(loss)
+
+
+def test_slightly_out_of_range_outputs_pass(tiny_unet):
+    """A network's output overshoots its target range a little; only a wrong range is refused:
+    the bounds are half the range's width beyond it, for either range."""
+    restored, gt = images()
+    for low, high in ((0.0, 1.0), (-1.0, 1.0)):
+        loss_fn = dl.DiffLoss(tiny_unet, precision="fp32", input_range=(low, high))
+        width = high - low
+        r, g = low + width * restored, low + width * gt
+        over = r.clone()
+        over[0, 0, 0, 0], over[1, 2, 5, 5] = low - 0.49 * width, high + 0.49 * width
+        assert torch.isfinite(loss_fn(over, g))
+        over[1, 2, 5, 5] = high + 0.51 * width
+        with pytest.raises(ValueError, match="far outside"):
+            loss_fn(over, g)
+
+
+def test_range_check_can_be_turned_off(tiny_unet):
+    restored, gt = images()
+    loss_fn = dl.DiffLoss(tiny_unet, precision="fp32", check_range=False)
+    assert torch.isfinite(loss_fn(restored * 255, gt * 255))
+    with pytest.raises(ValueError, match="NaN"):  # the finite check stays on
+        loss_fn(nan_at(restored, float("nan")), gt)
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import is_channels_last
 
 
@@ -54,6 +55,7 @@ class _FrozenConv2d(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import is_channels_last
 from .launch_math import cdiv, next_power_of_2
 
@@ -681,6 +682,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         return (y, x) if pass_x else y
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, dy, dp=None):
         x, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import check_q_sample_pair, is_channels_last
 from .weighted_l2 import _check
 
@@ -192,6 +193,7 @@ class _QSamplePair(torch.autograd.Function):
         return xt_res, xt_gt
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad_res, grad_gt):
         grad_restored = None
@@ -246,6 +248,7 @@ class _WeightedL2(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad):
         need_p = ctx.needs_input_grad[0]

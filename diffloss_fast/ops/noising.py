@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import check_q_sample_pair
 from .launch_math import cdiv
 
@@ -212,6 +213,7 @@ class _QSamplePair(torch.autograd.Function):
         return xt_res, xt_gt
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad_res, grad_gt):
         (a,) = ctx.saved_tensors

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import is_channels_last
 from .launch_math import cdiv
 
@@ -31,6 +32,7 @@ class _AvgPool2x2(torch.autograd.Function):
         return F.avg_pool2d(x, 2)
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad):
         return F.interpolate(grad * 0.25, scale_factor=2, mode="nearest")
@@ -146,6 +148,7 @@ class _Resample2xTriton(torch.autograd.Function):
         return there[0](x, there[1], ctx.channels_last)
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad):
         return ctx.back[0](grad, ctx.back[1], ctx.channels_last), None, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .checks import is_channels_last
 from .launch_math import cdiv
 
@@ -65,6 +66,7 @@ class _ResidualBiasAdd(torch.autograd.Function):
         return _launch(x, y, bias)
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad):
         return (grad if ctx.needs[0] else None), (grad if ctx.needs[1] else None), None

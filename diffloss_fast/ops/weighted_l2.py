@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .autocast import without_autocast
 from .launch_math import cdiv
 
 
@@ -231,6 +232,7 @@ class _WeightedL2(torch.autograd.Function):
         return _wl2_forward(p, q, weight, x, y, x_coef, p_coef)
 
     @staticmethod
+    @without_autocast
     @once_differentiable
     def backward(ctx, grad_out):
         p, q, weight, x, y, x_coef, p_coef = ctx.saved_tensors
