@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
+import itertools
 import json
 import math
 import os
@@ -16,14 +18,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from diffloss_fast.train import cli
+import diffloss_fast as dl
+from diffloss_fast.train import cli, report
 from diffloss_fast.train.checkpoint import read_checkpoint
 from diffloss_fast.train.data import DatasetError
+from diffloss_fast.train.distributed import Context
 from diffloss_fast.train.evaluate import evaluate
 from diffloss_fast.train.metrics import psnr_ssim
 from diffloss_fast.train.nets import build_net
-from diffloss_fast.train.trainer import train
+from diffloss_fast.train.sampling import derive_seed
+from diffloss_fast.train.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NET = ["--net-kwargs", '{"width": 8, "blocks": 1}']
@@ -42,6 +48,13 @@ def checkpoint(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:07d}.safetensors"
 
 
+def cosine_lr(done: int, *, max_steps: int, warmup: int = 1, lr: float = 2e-4,
+              min_lr: float = 1e-6) -> float:
+    """The cosine schedule's LR after ``done`` optimizer steps, past the warm-up."""
+    progress = (done - warmup) / (max_steps - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     """3 steps of 2 accumulated micro-batches, checkpoints at steps 2 and 3."""
@@ -58,14 +71,19 @@ def test_three_step_run_writes_metrics_grids_plot_and_checkpoints(run_a):
     assert metrics["train"] == returned["train"]
     assert [e["step"] for e in metrics["train"]] == [1, 2, 3]
     for entry in metrics["train"]:
-        assert set(entry) == {"step", "loss", "pixel", "diffloss", "ms_restoration",
-                              "ms_diffloss"}
+        assert set(entry) == {"step", "loss", "pixel", "diffloss", "natural", "semantic",
+                              "grad_ratio", "lr", "ms_restoration", "ms_diffloss"}
         assert entry["pixel"] > 0 and entry["diffloss"] > 0
+        assert math.isclose(entry["diffloss"], 1e-3 * entry["natural"]
+                            + 1e-6 * entry["semantic"], rel_tol=1e-6)
+        assert entry["grad_ratio"] > 0
         assert math.isclose(entry["loss"], entry["pixel"] + entry["diffloss"])
         assert entry["ms_restoration"] > 0 and entry["ms_diffloss"] > 0
     assert set(metrics["val"]) == {"psnr", "ssim"}
     assert math.isfinite(metrics["val"]["psnr"]) and 0 < metrics["val"]["ssim"] <= 1
     assert [e["step"] for e in metrics["val_history"]] == [2, 3]
+    assert [e["lr"] for e in metrics["train"]] == pytest.approx(
+        [2e-4, cosine_lr(1, max_steps=3), cosine_lr(2, max_steps=3)])
     for name in ("val/step_0000002.png", "val/step_0000003.png", "loss.png"):
         assert Image.open(out / name).format == "PNG"
     grid = Image.open(out / "val/step_0000003.png")
@@ -98,6 +116,69 @@ def test_resume_gives_the_same_next_step(run_a, tmp_path):
         assert got[2][key] == expected[2][key], key
 
 
+def test_resume_with_a_larger_max_steps_follows_the_longer_schedule(run_a, tmp_path):
+    """From the resumed step on, the LR is that of a run started with the new --max-steps."""
+    out_a, _ = run_a
+    out_b = tmp_path / "run_b"
+    shutil.copytree(out_a, out_b)
+    metrics = train(parse("train", *QUICK, "--max-steps", "7", "--batch-size", "1",
+                          "--accum-steps", "2", "--warmup-steps", "1", "--val-every", "0",
+                          "--save-every", "0", "--resume", "latest", "--out", str(out_b)))
+    lrs = {e["step"]: e["lr"] for e in metrics["train"]}
+    assert sorted(lrs) == list(range(1, 8))
+    assert lrs[3] == pytest.approx(cosine_lr(2, max_steps=3))  # kept from the first run
+    for step in range(4, 8):  # the update of step s uses the LR after s - 1 steps
+        assert lrs[step] == pytest.approx(cosine_lr(step - 1, max_steps=7), rel=1e-6), step
+    assert lrs[4] > lrs[3]  # the longer curve is higher at step 3 than the finished one
+    assert read_checkpoint(checkpoint(out_b, 7))["scheduler"]["_last_lr"] == pytest.approx(
+        [1e-6])
+
+
+def test_grad_ratio_and_terms_match_an_independent_computation(tmp_path):
+    """Two accumulated micro-batches; the check builds the same network, batches, DiffLoss and
+    noise, and differentiates each loss on its own with respect to the restored images."""
+    argv = ["train", *QUICK, "--max-steps", "1", "--batch-size", "2", "--accum-steps", "2",
+            "--natural-weight", "0.01", "--semantic-weight", "1e-4", "--device", "cpu",
+            "--val-every", "0", "--save-every", "0"]
+    entry = train(parse(*argv, "--out", str(tmp_path / "run")))["train"][0]
+
+    fresh = Trainer(parse(*argv, "--out", str(tmp_path / "check")),
+                    Context(0, 1, torch.device("cpu")))
+    net = copy.deepcopy(fresh.net).train()
+    loss_fn = dl.DiffLoss(dl.build_prior("tiny", seed=0), natural_weight=0.01,
+                          semantic_weight=1e-4)
+    grad_pixel = grad_diff = 0.0
+    terms = {"natural": 0.0, "semantic": 0.0}
+    for micro, (inp, tgt) in enumerate(itertools.islice(iter(fresh.loader), 2)):
+        out = net(inp).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.mse_loss(out, tgt), out)
+        grad_pixel += g.double().square().sum().item()
+        gen = torch.Generator().manual_seed(derive_seed(0, 1, micro, 0))
+        (g,) = torch.autograd.grad(loss_fn(out, tgt, generator=gen), out)
+        grad_diff += g.double().square().sum().item()
+        for key in terms:
+            terms[key] += loss_fn.last_terms[key].item() / 2
+    assert entry["grad_ratio"] == pytest.approx(math.sqrt(grad_diff / grad_pixel), rel=1e-5)
+    assert entry["natural"] == pytest.approx(terms["natural"], rel=1e-5)
+    assert entry["semantic"] == pytest.approx(terms["semantic"], rel=1e-5)
+
+
+def test_loss_plot_has_a_loss_panel_with_two_axes_and_a_psnr_panel(tmp_path):
+    train_log = [{"step": s, "pixel": 0.1 / s, "diffloss": 1e-4 / s} for s in (1, 2, 3)]
+    fig = report.plot_losses(tmp_path / "loss.png", train_log,
+                             [{"step": 2, "psnr": 20.0}, {"step": 3, "psnr": 21.0}])
+    assert Image.open(tmp_path / "loss.png").format == "PNG"
+    pixel, psnr, diff = fig.axes  # the twin axis is added last
+    assert pixel.get_ylabel() == "pixel loss" and pixel.get_yscale() == "log"
+    assert diff.get_ylabel() == "DiffLoss (weighted)" and diff.get_yscale() == "log"
+    assert list(diff.lines[0].get_ydata()) == [1e-4, 5e-5, 1e-4 / 3]
+    assert psnr.get_title() == "validation PSNR"
+    assert list(psnr.lines[0].get_xdata()) == [2, 3]
+    baseline = report.plot_losses(tmp_path / "baseline.png",
+                                  [{"step": 1, "pixel": 0.1, "diffloss": None}], [])
+    assert len(baseline.axes) == 2  # no DiffLoss axis without DiffLoss
+
+
 def test_baseline_l1_step_schedule_custom_net_on_a_folder(tmp_path):
     """--no-diffloss needs no prior; --net takes any nn.Module by import path."""
     rng = np.random.default_rng(0)
@@ -114,8 +195,8 @@ def test_baseline_l1_step_schedule_custom_net_on_a_folder(tmp_path):
         '{"in_channels": 3, "out_channels": 3, "kernel_size": 3, "padding": 1}',
         "--patch-size", "16", "--batch-size", "2", "--max-steps", "2", "--workers", "0",
         "--out", str(out)))
-    assert [e["diffloss"] for e in metrics["train"]] == [None, None]
-    assert [e["ms_diffloss"] for e in metrics["train"]] == [None, None]
+    for key in ("diffloss", "natural", "semantic", "grad_ratio", "ms_diffloss"):
+        assert [e[key] for e in metrics["train"]] == [None, None], key
     assert metrics["train"][0]["loss"] == metrics["train"][0]["pixel"]
     # validation falls back to training pairs, whole images (24x20, padded inside) in the grid
     assert Image.open(out / "val/step_0000002.png").size == (3 * 20, 3 * 24)
@@ -136,7 +217,7 @@ def test_prior_loaded_from_a_checkpoint_file(tmp_path, capsys):
     assert f"prior: {path} (tiny)" in capsys.readouterr().out
 
 
-def test_eval_reports_psnr_ssim_and_writes_json(run_a, tmp_path):
+def test_eval_reports_psnr_ssim_and_writes_json(run_a, tmp_path, capsys):
     out_a, _ = run_a
     rng = np.random.default_rng(1)
     for name in ("x", "y"):
@@ -152,6 +233,18 @@ def test_eval_reports_psnr_ssim_and_writes_json(run_a, tmp_path):
     assert result["step"] == 3 and result["count"] == 2 and result["metric_channel"] == "rgb"
     assert [e["name"] for e in result["images"]] == ["x.png", "y.png"]
     assert math.isclose(result["psnr"], sum(e["psnr"] for e in result["images"]) / 2)
+    for entry in result["images"]:  # the input's own scores, straight from scikit-image
+        inp, gt = (np.asarray(Image.open(tmp_path / sub / entry["name"])) / 255.0
+                   for sub in ("in", "gt"))
+        assert entry["input_psnr"] == pytest.approx(
+            peak_signal_noise_ratio(gt, inp, data_range=1.0), rel=1e-6)
+        assert entry["input_ssim"] == pytest.approx(structural_similarity(
+            gt, inp, data_range=1.0, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, channel_axis=2), rel=1e-6)
+    assert math.isclose(result["input_psnr"],
+                        sum(e["input_psnr"] for e in result["images"]) / 2)
+    assert (f"input PSNR {result['input_psnr']:.2f} dB, SSIM {result['input_ssim']:.4f}"
+            in capsys.readouterr().out)
     restored = np.asarray(Image.open(out / "x.png"))
     assert restored.shape == (30, 26, 3)
     only = evaluate(parse("eval", "--checkpoint", str(checkpoint(out_a, 3)), "--input-dir",

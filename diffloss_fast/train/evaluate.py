@@ -1,5 +1,8 @@
 """``diffloss-fast eval``: restore a folder or a data set's held-out split with a trained
-checkpoint, save the restored images, and report PSNR/SSIM (printed, and as JSON)."""
+checkpoint, save the restored images, and report PSNR/SSIM (printed, and as JSON).
+
+With targets, the inputs' own PSNR/SSIM against them (``input_psnr``, ``input_ssim``) are
+reported beside the outputs': the gain is what the network adds."""
 from __future__ import annotations
 
 import json
@@ -50,22 +53,24 @@ def evaluate(args) -> dict:
         entry = {"name": name}
         if tgt is not None:
             entry["psnr"], entry["ssim"] = psnr_ssim(restored, tgt, channel)
+            entry["input_psnr"], entry["input_ssim"] = psnr_ssim(inp, tgt, channel)
         images.append(entry)
         if out_dir:
             report.save_image(out_dir / (Path(name).stem + ".png"), restored)
     result = {"checkpoint": str(args.checkpoint), "step": step, "count": len(images),
               "metric_channel": channel, "images": images}
     if channel:
-        result["psnr"] = sum(e["psnr"] for e in images) / len(images)
-        result["ssim"] = sum(e["ssim"] for e in images) / len(images)
+        for key in ("psnr", "ssim", "input_psnr", "input_ssim"):
+            result[key] = sum(e[key] for e in images) / len(images)
     if out_dir:
         report.write_json(out_dir / "eval.json", result)
     if args.json:
         print(json.dumps(result, indent=1))
     elif channel:
-        print(f"{len(images)} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} "
-              f"({channel.upper()})" + (f"; restored images and eval.json in {out_dir}"
-                                        if out_dir else ""))
+        print(f"{len(images)} images ({channel.upper()}): output PSNR {result['psnr']:.2f} dB, "
+              f"SSIM {result['ssim']:.4f}; input PSNR {result['input_psnr']:.2f} dB, "
+              f"SSIM {result['input_ssim']:.4f}"
+              + (f"; restored images and eval.json in {out_dir}" if out_dir else ""))
     else:
         print(f"{len(images)} images restored" + (f" into {out_dir}" if out_dir else ""))
     return result

@@ -47,20 +47,36 @@ def save_grid(path: Path, rows: list[list[torch.Tensor]]) -> None:
     _replace(path, lambda p: Image.fromarray(grid).save(p, format="PNG"))
 
 
-def plot_losses(path: Path, train: list[dict]) -> None:
-    """Total, pixel and DiffLoss terms against the step, on a log scale."""
-    fig = Figure(figsize=(7, 4), dpi=100)
+def _series(entries: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of ``key`` where it was recorded (not None)."""
+    pairs = [(e["step"], e[key]) for e in entries if e.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_losses(path: Path, train: list[dict], val_history: list[dict]) -> Figure:
+    """Two panels: the pixel loss and the weighted DiffLoss against the step, each on its own
+    log-scale axis (their sizes differ by orders of magnitude, and each falls by orders over a
+    run), above the validation PSNR. Returns the figure."""
+    fig = Figure(figsize=(7, 6), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    steps = [e["step"] for e in train]
-    for key, label in (("loss", "total"), ("pixel", "pixel"), ("diffloss", "DiffLoss (weighted)")):
-        values = [e[key] for e in train]
-        if any(v is not None and v > 0 for v in values):
-            ax.plot(steps, [v if v is not None and v > 0 else np.nan for v in values], label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    losses, psnr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    lines = losses.plot(*_series(train, "pixel"), color="tab:blue", label="pixel")
+    losses.set_ylabel("pixel loss", color="tab:blue")
+    losses.set_yscale("log")
+    if any(e.get("diffloss") is not None for e in train):
+        diff = losses.twinx()
+        lines += diff.plot(*_series(train, "diffloss"), color="tab:orange",
+                           label="DiffLoss (weighted)")
+        diff.set_ylabel("DiffLoss (weighted)", color="tab:orange")
+        diff.set_yscale("log")
+    losses.legend(lines, [line.get_label() for line in lines])
+    losses.grid(True, alpha=0.3)
+    losses.set_title("training losses")
+    psnr.plot(*_series(val_history, "psnr"), marker="o", color="tab:green")
+    psnr.set_ylabel("PSNR (dB)")
+    psnr.set_xlabel("step")
+    psnr.grid(True, alpha=0.3)
+    psnr.set_title("validation PSNR")
     fig.tight_layout()
     _replace(path, lambda p: fig.savefig(p, format="png"))
+    return fig

@@ -4,9 +4,21 @@ One process, or one per device under torchrun. DistributedDataParallel wraps the
 network only: the frozen prior inside DiffLoss is replicated in every process, never wrapped
 (it has no gradients to synchronise, and DDP refuses a module without trainable parameters).
 
-DiffLoss is differentiated in a separate backward to the restored images, then that gradient
-and the pixel loss's go through the network in one backward: the same gradients as one
-backward of the sum, and ``ms_diffloss`` times the DiffLoss share of the step exactly.
+Each micro-batch runs one ordinary backward of pixel + DiffLoss; ``loss_fn.timings()`` times
+DiffLoss's share of it (``ms_diffloss``). The pixel loss and DiffLoss each read the network's
+output through their own view of it, whose gradient hook gives that loss's gradient with
+respect to the restored images: ``grad_ratio`` (the DiffLoss gradient's norm over the pixel
+loss's) comes out of the same backward, with no second pass through the prior.
+
+Each step's entry in metrics.json holds ``loss``, ``pixel``, ``diffloss`` (weighted),
+``natural`` and ``semantic`` (DiffLoss's terms before weighting; None for a weight of 0),
+``grad_ratio``, ``lr`` (the LR of this step's update), ``ms_restoration`` and ``ms_diffloss``.
+
+The LR schedule is a function of the step and of the current arguments. A run resumed with a
+larger ``--max-steps`` follows, from the resumed step on, the schedule of a run started with
+that ``--max-steps``: under cosine, the LR moves up to the longer curve's value at that step
+(from the floor, for a run that had finished: a warm restart), then decays to ``--min-lr`` at
+the new ``--max-steps``.
 """
 from __future__ import annotations
 
@@ -54,15 +66,20 @@ def build_diffloss(args, say):
             config = json.loads(config)
         prior = dl.load_prior(args.prior, config=config)
         say(f"prior: {args.prior} ({args.prior_config or 'adm-256-uncond'})")
+    # the targets come from the data loader in [0, 1], and the network's output is whatever
+    # training makes it: no range check on either
     return dl.DiffLoss(prior, natural_weight=args.natural_weight,
                        semantic_weight=args.semantic_weight, target=args.target,
                        precision=args.precision, backend=args.backend, compile=args.compile,
-                       checkpoint=args.grad_checkpoint)
+                       check_range=False,
+                       checkpoint=getattr(args, "activation_checkpointing",
+                                          getattr(args, "grad_checkpoint", False)))
 
 
 def lr_factor(args):
     """The LR multiplier after ``step`` optimizer steps: linear warm-up, then cosine decay to
-    ``min_lr`` or a step decay by ``lr_gamma`` every ``lr_step`` steps."""
+    ``min_lr`` at ``max_steps`` or a step decay by ``lr_gamma`` every ``lr_step`` steps.
+    It reads the arguments of the current run, so a resumed run follows its own schedule."""
     def factor(step: int) -> float:
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
@@ -82,6 +99,16 @@ def train(args) -> dict:
         return Trainer(args, ctx).run()
     finally:
         distributed.teardown(ctx)
+
+
+def _branch(out: torch.Tensor, sums: dict, key: str) -> torch.Tensor:
+    """``out`` as a view of its own: the squared norm of the gradient that reaches it in the
+    backward pass (one loss's gradient with respect to the restored images) is added to
+    ``sums[key]``."""
+    view = out.view_as(out)
+    view.register_hook(
+        lambda grad: sums.__setitem__(key, sums[key] + grad.double().square().sum()))
+    return view
 
 
 def check_patch_size(args, net, loss_fn) -> None:
@@ -153,9 +180,14 @@ class Trainer:
         self.net.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        self.step = ck["step"]
+        # LambdaLR restores the LR the checkpoint's schedule had set for the next step; the
+        # schedule is this run's (its --max-steps may be larger)
+        self.scheduler.base_lrs = [self.args.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.args.lr * self.scheduler.lr_lambdas[0](self.step)
         if self.scaler.is_enabled() and ck["scaler"]:
             self.scaler.load_state_dict(ck["scaler"])
-        self.step = ck["step"]
         previous = self.out / "metrics.json"
         if previous.is_file():
             old = json.loads(previous.read_text())
@@ -166,6 +198,7 @@ class Trainer:
         self.say(f"resumed from {path} at step {self.step}")
 
     def _clock(self) -> float:
+        """Wall-clock seconds once the device has finished the work queued so far."""
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         return time.perf_counter()
@@ -173,46 +206,59 @@ class Trainer:
     def _train_step(self, batches) -> dict:
         args, device, accum = self.args, self.ctx.device, self.args.accum_steps
         pixel_fn = PIXEL_LOSSES[args.pixel_loss]
+        use_diff = self.loss_fn is not None
         self.model.train()
-        pixel_sum = diff_sum = ms_total = ms_diff = 0.0
-        for micro in range(accum):
-            inp, tgt = (x.to(device, non_blocking=True) for x in next(batches))
-            t0 = self._clock()
-            no_sync = (self.model.no_sync() if self.ctx.world > 1 and micro < accum - 1
-                       else contextlib.nullcontext())
-            with no_sync:
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp):
-                    out = self.model(inp)
-                out = out.float()
-                pixel = pixel_fn(out, tgt)
-                if self.loss_fn is None:
-                    self.scaler.scale(pixel / accum).backward()
-                else:
-                    t1 = self._clock()
-                    leaf = out.detach().requires_grad_(True)
-                    gen = torch.Generator(device).manual_seed(
-                        derive_seed(args.seed, self.step + 1, micro, self.ctx.rank))
-                    diff = self.loss_fn(leaf, tgt, generator=gen)
-                    self.scaler.scale(diff / accum).backward()
-                    ms_diff += self._clock() - t1
-                    diff_sum += diff.item()
-                    torch.autograd.backward([self.scaler.scale(pixel / accum), out],
-                                            [None, leaf.grad])
-            pixel_sum += pixel.item()
-            ms_total += self._clock() - t0
-        t2 = self._clock()
+        lr = self.optimizer.param_groups[0]["lr"]
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums = {key: zero for key in ("pixel", "diffloss", "natural", "semantic",
+                                      "grad_pixel", "grad_diffloss")}
+        seconds = 0.0
+        with self.loss_fn.timings() if use_diff else contextlib.nullcontext() as timer:
+            for micro in range(accum):
+                inp, tgt = (x.to(device, non_blocking=True) for x in next(batches))
+                start = self._clock()
+                no_sync = (self.model.no_sync() if self.ctx.world > 1 and micro < accum - 1
+                           else contextlib.nullcontext())
+                with no_sync:
+                    with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp):
+                        out = self.model(inp)
+                    out = out.float()
+                    pixel = pixel_fn(_branch(out, sums, "grad_pixel"), tgt)
+                    loss = pixel
+                    if use_diff:
+                        gen = torch.Generator(device).manual_seed(
+                            derive_seed(args.seed, self.step + 1, micro, self.ctx.rank))
+                        diff = self.loss_fn(_branch(out, sums, "grad_diffloss"), tgt,
+                                            generator=gen)
+                        loss = pixel + diff
+                        sums["diffloss"] = sums["diffloss"] + diff.detach()
+                        for key, term in self.loss_fn.last_terms.items():
+                            if term is not None:
+                                sums[key] = sums[key] + term
+                    self.scaler.scale(loss / accum).backward()
+                sums["pixel"] = sums["pixel"] + pixel.detach()
+                seconds += self._clock() - start
+        start = self._clock()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        ms_total += self._clock() - t2
+        ms_total = 1000 * (seconds + self._clock() - start)
+        ms_diff = timer.forward_ms + timer.backward_ms if use_diff else 0.0
         self.step += 1
-        pixel, diff = self.ctx.mean([pixel_sum / accum, diff_sum / accum])
-        use_diff = self.loss_fn is not None
-        return {"step": self.step, "loss": pixel + diff, "pixel": pixel,
-                "diffloss": diff if use_diff else None,
-                "ms_restoration": round(1000 * (ms_total - ms_diff), 3),
-                "ms_diffloss": round(1000 * ms_diff, 3) if use_diff else None}
+        mean = dict(zip(sums, self.ctx.mean((torch.stack(list(sums.values())) / accum).tolist())))
+        # both gradients carry the same loss scale; an fp16 step whose gradients overflowed
+        # (skipped by the GradScaler) has no ratio
+        grads = mean["grad_diffloss"], mean["grad_pixel"]
+        ratio = (math.sqrt(grads[0] / grads[1])
+                 if use_diff and all(map(math.isfinite, grads)) and grads[1] > 0 else None)
+        terms = self.loss_fn.last_terms if use_diff else {}
+        return {"step": self.step, "loss": mean["pixel"] + mean["diffloss"],
+                "pixel": mean["pixel"], "diffloss": mean["diffloss"] if use_diff else None,
+                **{key: mean[key] if terms.get(key) is not None else None
+                   for key in ("natural", "semantic")},
+                "grad_ratio": ratio, "lr": lr, "ms_restoration": round(ms_total - ms_diff, 3),
+                "ms_diffloss": round(ms_diff, 3) if use_diff else None}
 
     @torch.no_grad()
     def _validate(self) -> None:
@@ -253,7 +299,7 @@ class Trainer:
         if self.ctx.is_main:
             report.write_json(self.out / "metrics.json", self.metrics())
             if self.history:
-                report.plot_losses(self.out / "loss.png", self.history)
+                report.plot_losses(self.out / "loss.png", self.history, self.val_history)
 
     def run(self) -> dict:
         args = self.args
