@@ -24,6 +24,11 @@
 #   benchmarks/device_check.sh all      core and extra
 #   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms (its compilation
 #                                       outran 190 s on an H200)
+#   benchmarks/device_check.sh verify   the standing check on HEAD (records the commit): first the
+#                                       CUDA tests of the training-loop patterns (autocast +
+#                                       GradScaler, CUDA graphs by default with several forwards
+#                                       before one backward), then every CUDA test file, then
+#                                       reference / fast / fast-fused / fast-graphed at batch 8
 #
 # Needs the guided-diffusion-sdk wheel in .whl/ (pip wheel --no-deps guided-diffusion-sdk -w .whl)
 # where the machine cannot reach a package index. Keeps logs and JSON in a scratch folder and packs
@@ -155,6 +160,18 @@ if [[ $part == extra || $part == all ]]; then
   wait $build
   step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
     -q -p no:cacheprovider -k "cuda or backends"
+fi
+
+if [[ $part == verify ]]; then
+  git rev-parse HEAD >"$raw/commit.txt" 2>/dev/null || echo "${COMMIT:-unknown}" >"$raw/commit.txt"
+  step tests_training_loop 120 python3 -m pytest tests/test_training_loop.py tests/test_cuda_graph.py \
+    -q -p no:cacheprovider
+  step tests_cuda_all 240 python3 -m pytest tests/test_cuda.py tests/test_fused_norm.py \
+    tests/test_group_norm_silu.py tests/test_memory.py tests/test_ops.py tests/test_resample_2x.py \
+    tests/test_residual_bias_add.py -q -p no:cacheprovider
+  step bench 150 python3 -m diffloss_fast bench "${quick[@]}" \
+    --variants reference fast fast-fused fast-graphed --terms both semantic \
+    --json "$raw/bench_b8.json"
 fi
 
 if [[ $part == graph ]]; then  # whole-graph compilation of both terms: minutes to compile
