@@ -12,8 +12,11 @@ your model's ``optimize_parameters``:
       prior: /path/to/256x256_diffusion_uncond.pt   # or "tiny" (random weights) to try it out
 
     # in a model subclassing SRModel
-    self.cri_diff = build_loss(train_opt["diffloss_opt"]).to(self.device)  # init_training_settings
-    l_total = l_total + self.cri_diff(self.output, self.gt)                # optimize_parameters
+    self.cri_diff = build_loss(train_opt["diffloss_opt"])      # init_training_settings
+    l_total = l_total + self.cri_diff(self.output, self.gt)    # optimize_parameters
+
+No ``.to(self.device)`` is needed (and one moves nothing): the prior is not a submodule, it
+stays on the CPU in fp32, and DiffLoss builds its compute-dtype copy on the images' device.
 """
 from __future__ import annotations
 
