@@ -48,7 +48,7 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     A bf16 profile of the tiny prior on the CPU stands in for a GPU profile."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    source = Path(__file__).parents[1] / "benchmarks/results/raw-2026-11-26-h200/bench_b8_nchw.json"
+    source = Path(__file__).parents[1] / "tests/data/h200-run3-bench_b8_nchw.json"
     (raw / "bench_b8_nchw.json").write_text(source.read_text())
     run(["profile", "--device", "cpu", "--precision", "bf16", "--batch", "1", "--steps", "1",
          "--warmup", "1", "--json", str(raw / "profile_fast_both.json")])
