@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import bench, hardware
-from .cli import add_measurement_arguments, positive_int, write_json
+from .cli import add_measurement_arguments, check_prior, positive_int, prior_source, write_json
 from .loss import resolve_precision
 
 VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> dict:
     batches = sorted(set(args.batch_sizes)) if args.batch_sizes else None
     if batches and batches[0] < 1:
         _fail(f"diffloss-fast memory: batch sizes must be positive, got {args.batch_sizes}")
-    config = args.prior or "adm-256-uncond"
+    weights, config = prior_source(args.prior or "adm-256-uncond", args.prior_config,
+                                   args.checkpoint)
     resolution = args.resolution or 256
     terms = args.terms or "both"
     backend = getattr(args, "backend", "auto") or "auto"
@@ -324,10 +325,10 @@ def run(args: argparse.Namespace) -> dict:
         for variant in variants:
             baseline = _leftover_bytes(device, 0)
             if variant == "reference" or fast_prior == "device":  # a device copy per variant
-                prior = bench.measurement_prior(args.checkpoint, config, device, "memory")
+                prior = bench.measurement_prior(weights, config, device, "memory")
             else:
                 cpu_prior = cpu_prior or bench.measurement_prior(
-                    args.checkpoint, config, torch.device("cpu"), "memory")
+                    weights, config, torch.device("cpu"), "memory")
                 prior = cpu_prior
             precision = "fp32" if variant == "reference" else resolve_precision(args.precision,
                                                                                 device)
@@ -374,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [asdict(r) for r in rows],
         "max_batch": best,
         "prior": config,
+        "weights": weights,  # None: random weights
         "fast_prior": fast_prior,
         "resolution": resolution,
         "device_total_gib": total / GIB,
@@ -388,6 +390,12 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors in the prior options, before anything is built (``run`` refuses a machine
+    without CUDA itself)."""
+    check_prior(parser, args.prior, args.prior_config, args.checkpoint)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "memory", help="peak memory per batch size, and the largest batch under a cap",
@@ -399,7 +407,8 @@ def add_parser(subparsers) -> None:
                     "out-of-memory error, then bisects to the largest batch that fits. Needs a "
                     "CUDA device.")
     add_measurement_arguments(p, device_help="cuda, cuda:1 (default: auto)",
-                              prior_default="adm-256-uncond", resolution_default=256)
+                              prior_default="adm-256-uncond",
+                              prior_default_text="default %(default)s", resolution_default=256)
     p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                    help="memory cap in GiB (default 24: an RTX 4090); at most the card's memory")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
@@ -417,4 +426,4 @@ def add_parser(subparsers) -> None:
                    help="upper limit of the search (default 1024)")
     p.add_argument("--json", default=None, help="write the rows and max batches to this file")
     p.add_argument("--plot", default=None, help="write a PNG plot of peak memory per batch")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -18,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import bench, hardware
-from .cli import add_measurement_arguments, positive_int, write_json
+from .cli import (add_measurement_arguments, check_device, check_fast_path, check_prior,
+                  positive_int, prior_source, write_json)
 from .loss import resolve_precision
 from .ops.group_norm_silu import active_row_launch
 
@@ -152,10 +153,11 @@ def format_summary(summary: dict, what: str) -> str:
 def run(args: argparse.Namespace) -> dict:
     device = hardware.resolve_device(args.device)
     cuda = device.type == "cuda"
-    config = args.prior or ("adm-256-uncond" if cuda else "tiny")
+    weights, config = prior_source(args.prior or ("adm-256-uncond" if cuda else "tiny"),
+                                   args.prior_config, args.checkpoint)
     resolution = args.resolution or (256 if cuda else 32)
     batch = args.batch or (8 if cuda else 2)
-    prior = bench.measurement_prior(args.checkpoint, config, device, "timing")
+    prior = bench.measurement_prior(weights, config, device, "timing")
     precision = "fp32" if args.variant == "reference" else resolve_precision(args.precision, device)
     loss_fn = bench.make_loss(prior, args.variant, args.terms, precision=precision,
                               backend=args.backend,
@@ -183,6 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         print(format_sources(summary["sources"]))
     result = {"what": what, "variant": args.variant, "terms": args.terms, "batch": batch,
               "resolution": resolution, "precision": precision, "prior": config,
+              "weights": weights,
               "torch": torch.__version__,
               "cudnn_benchmark": args.cudnn_benchmark,
               "norm_launch": str(active_row_launch()),  # the fused norms' launch; "": default
@@ -195,6 +198,13 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for what this machine cannot run, before anything is built."""
+    device = check_device(parser, args.device)
+    check_prior(parser, args.prior, args.prior_config, args.checkpoint)
+    check_fast_path(parser, device, (args.variant,), args.backend)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "profile", help="where one loss step's time goes, by kind of kernel",
@@ -204,7 +214,10 @@ def add_parser(subparsers) -> None:
                     "with the device's busy time against the wall time. Defaults: ADM-256, "
                     "batch 8 at 256x256 on CUDA; the tiny prior on the CPU (operators).")
     add_measurement_arguments(p, device_help="cuda, cuda:1, cpu (default: auto)",
-                              prior_default=None, resolution_default=None)
+                              prior_default=None,
+                              prior_default_text="default adm-256-uncond on CUDA, tiny on "
+                                                 "the CPU",
+                              resolution_default=None)
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
     p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
@@ -221,4 +234,4 @@ def add_parser(subparsers) -> None:
                         "--sources copy elementwise")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

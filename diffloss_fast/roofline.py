@@ -37,7 +37,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from . import hardware, replay
-from .cli import positive_int, write_json
+from .cli import (ACTIVATION_CHECKPOINTING_HELP, add_prior_arguments, check_device,
+                  check_prior, hidden_alias, positive_int, prior_source, write_json)
 from .loss import DiffLoss, _DTYPES
 from .ops.resample_2x import avg_pool_2x2, upsample_2x_torch
 from .profile import categorize
@@ -416,26 +417,28 @@ def run(args: argparse.Namespace) -> dict:
     if device is not None:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     card = _card(args, device)
+    _, config = prior_source(args.prior, args.prior_config)  # the weights are never read
     how = "".join((", fused norms" if args.fused_norm else "",
-                   ", checkpointing" if args.checkpoint else ""))
-    print(f"{args.prior}, batch {args.batch} at {args.resolution}x{args.resolution}, "
+                   ", activation checkpointing" if args.activation_checkpointing else ""))
+    print(f"{config}, batch {args.batch} at {args.resolution}x{args.resolution}, "
           f"{args.precision}{how}, on {card.name}: {card.peak_tflops:g} TFLOP/s, "
           f"{card.bandwidth_tbs:g} TB/s")
     result = {"computed": "floors from the roofline model, not measured; a 'convolutions' entry "
                           "holds timings made on the device it names",
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "prior": args.prior, "batch": args.batch, "resolution": args.resolution,
+              "prior": config, "batch": args.batch, "resolution": args.resolution,
               "precision": args.precision, "fused_norm": args.fused_norm,
-              "checkpoint": args.checkpoint, "card": asdict(card), "terms": {}}
+              "activation_checkpointing": args.activation_checkpointing,
+              "card": asdict(card), "terms": {}}
     if device is not None:
         result["cudnn_benchmark"] = args.cudnn_benchmark
     for terms in args.terms:
         options = dict(terms=terms, batch=args.batch, resolution=args.resolution,
                        precision=args.precision, fused_norm=args.fused_norm,
-                       checkpoint=args.checkpoint)
-        ops = trace_step(args.prior, **options)
+                       checkpoint=args.activation_checkpointing)
+        ops = trace_step(config, **options)
         analysis = result["terms"][terms] = analyse(ops, card)
-        analysis["saved_gib_per_image"] = (saved_activation_bytes(args.prior, **options)
+        analysis["saved_gib_per_image"] = (saved_activation_bytes(config, **options)
                                            / args.batch / 2 ** 30)
         print("\n" + format_analysis(terms, analysis))
         if device is not None:
@@ -455,6 +458,14 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors in the prior options, and a --time-convolutions device this machine lacks,
+    before anything is traced."""
+    check_prior(parser, args.prior, args.prior_config)
+    if args.time_convolutions:
+        check_device(parser, args.device)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "roofline", help="the least time a loss step can take on a card (no GPU needed)",
@@ -462,7 +473,9 @@ def add_parser(subparsers) -> None:
                     "and bounds its time on a card by FLOPs / peak and bytes / bandwidth, "
                     "with every op a pass over memory (eager), with the elementwise work "
                     "fused into the convolutions (fused), and at 100% MFU (compute).")
-    p.add_argument("--prior", default="adm-256-uncond", help="preset name: adm-256-uncond | tiny")
+    add_prior_arguments(p, default="adm-256-uncond",
+                        default_text="only its architecture is traced (default %(default)s)",
+                        legacy_weights=False)
     p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--resolution", type=positive_int, default=256)
     p.add_argument("--precision", default="bf16", choices=tuple(_DTYPES))
@@ -470,8 +483,10 @@ def add_parser(subparsers) -> None:
                    choices=("both", "semantic", "natural"))
     p.add_argument("--fused-norm", action="store_true",
                    help="trace the step as DiffLoss(fused_norm=True) runs it")
-    p.add_argument("--checkpoint", action="store_true",
-                   help="trace the step as DiffLoss(checkpoint=True) runs it")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="trace the step as DiffLoss(checkpoint=True) runs it: "
+                        + ACTIVATION_CHECKPOINTING_HELP)
+    hidden_alias(p, "--checkpoint", "activation_checkpointing", action="store_true")
     p.add_argument("--card", default=None, choices=tuple(CARDS),
                    help="spec-sheet peak and bandwidth (default: the device timed, if known, "
                         "else rtx-4090)")
@@ -489,4 +504,4 @@ def add_parser(subparsers) -> None:
                    help="for --time-convolutions: channels_last activations and weights")
     p.add_argument("--json", default=None, help="write the analysis to this JSON file")
     p.add_argument("--plot", default=None, help="draw the floors, by kind of op, to this PNG")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -216,6 +216,7 @@ def test_run_glue_on_a_faked_card(monkeypatch, tmp_path, capsys):
     assert {"device", "date", "torch", "cap_gib", "rows", "max_batch"} <= set(saved)
     assert saved["cap_gib"] == 24 and saved["device"] == "Fake GPU 40GB"
     assert saved["fast_prior"] == "cpu"
+    assert saved["prior"] == "adm-256-uncond" and saved["weights"] is None
     assert saved["max_batch"] == result["max_batch"]
     assert set(saved["rows"][0]) == {"variant", "precision", "terms", "batch", "fits",
                                      "peak_allocated_gib", "nvml_used_gib"}

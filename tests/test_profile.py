@@ -68,6 +68,7 @@ def test_cpu_run_writes_json(tmp_path, capsys):
     result = args.func(args)
     saved = json.loads(out.read_text())
     assert saved["kernels"] == "CPU operators (self time)" and saved["batch"] == 1
+    assert saved["prior"] == "tiny" and saved["weights"] is None
     by_name = {c["category"]: c["ms_per_step"] for c in saved["categories"]}
     assert by_name["convolution"] > 0 and by_name["norm"] > 0 and by_name["attention"] > 0
     assert sum(by_name.values()) == pytest.approx(saved["busy_ms_per_step"])

@@ -193,6 +193,7 @@ def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
     assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     assert result["card"]["peak_tflops"] == 800 and result["card"]["bandwidth_tbs"] == 3.35
+    assert result["prior"] == "tiny" and result["activation_checkpointing"] is False
     for terms in ("both", "semantic"):
         floors = result["terms"][terms]["floors_ms"]
         assert floors["eager"] >= floors["fused"] >= floors["compute"] > 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import positive_int
+from ..cli import (ACTIVATION_CHECKPOINTING_HELP, PRIOR_CONFIG_HELP, check_device, check_prior,
+                   hidden_alias, positive_int)
+from ..prior import PRESETS
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -109,14 +111,13 @@ def _add_train(subparsers) -> None:
                       help="the frozen diffusion prior: a guided-diffusion checkpoint (.pt/.pth "
                            "state dict or .safetensors, never unpickled), or 'tiny' for a small "
                            "random-weight preset that only checks the pipeline")
-    loss.add_argument("--prior-config", metavar="PRESET|JSON",
-                      help="the checkpoint's architecture: a preset name or a JSON object of "
-                           "guided-diffusion create_model arguments (default adm-256-uncond)")
+    loss.add_argument("--prior-config", metavar="PRESET|JSON", help=PRIOR_CONFIG_HELP)
     loss.add_argument("--natural-weight", type=float, default=1e-3, metavar="W",
                       help="weight of the noise-prediction term (default %(default)s)")
     loss.add_argument("--semantic-weight", type=float, default=1e-6, metavar="W",
-                      help="weight of the h-space term; 0 skips the prior's decoder "
-                           "(default %(default)s)")
+                      help="weight of the h-space term; 0 drops that term only (the prior's "
+                           "decoder still runs for the noise-prediction term: --natural-weight 0 "
+                           "is what skips it) (default %(default)s)")
     loss.add_argument("--target", choices=["eps", "x_prev"], default="eps",
                       help="natural term on predicted noise (the authors' code) or on the "
                            "posterior mean x_{t-1} (the paper's equations) (default %(default)s)")
@@ -125,9 +126,9 @@ def _add_train(subparsers) -> None:
     loss.add_argument("--backend", default="auto", metavar="NAME",
                       help="DiffLoss fused-op backend: auto, torch, triton, native")
     loss.add_argument("--compile", action="store_true", help="torch.compile the prior")
-    loss.add_argument("--grad-checkpoint", action="store_true",
-                      help="recompute the prior's activations in the backward pass (less "
-                           "memory, more time)")
+    loss.add_argument("--activation-checkpointing", action="store_true",
+                      help=ACTIVATION_CHECKPOINTING_HELP)
+    hidden_alias(loss, "--grad-checkpoint", "activation_checkpointing", action="store_true")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
@@ -171,7 +172,7 @@ def _add_train(subparsers) -> None:
                           "DiffLoss's timesteps and noise (default %(default)s)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="default: CUDA when available")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, check=check_train)
 
 
 def _add_eval(subparsers) -> None:
@@ -190,7 +191,25 @@ def _add_eval(subparsers) -> None:
                    help="pad inputs to multiples of N (default: the net's size_multiple, else 32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: CUDA when available")
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=run_eval, check=check_eval)
+
+
+def check_train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for a device this machine lacks and a prior that cannot be built."""
+    check_device(parser, args.device)
+    check_prior(parser, args.prior, args.prior_config)
+    if args.prior in PRESETS and args.prior != "tiny":
+        parser.error(f"argument --prior: train builds only the 'tiny' preset (random weights, "
+                     f"a pipeline check); for {args.prior}, give its checkpoint file")
+
+
+def check_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for a device this machine lacks, and for a run that would leave nothing:
+    images without targets are not measured, so without --out nothing would be kept."""
+    check_device(parser, args.device)
+    if args.input_dir and not args.target_dir and not args.out:
+        parser.error("--input-dir without --target-dir restores images without measuring them: "
+                     "give --out DIR to save them")
 
 
 def add_parsers(subparsers) -> None:

@@ -72,8 +72,7 @@ def build_diffloss(args, say):
                        semantic_weight=args.semantic_weight, target=args.target,
                        precision=args.precision, backend=args.backend, compile=args.compile,
                        check_range=False,
-                       checkpoint=getattr(args, "activation_checkpointing",
-                                          getattr(args, "grad_checkpoint", False)))
+                       checkpoint=args.activation_checkpointing)
 
 
 def lr_factor(args):
