@@ -1,25 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, sized for a short device lease: run from the repository root on a CUDA machine.
 #
-#   benchmarks/device_check.sh tune     CUDA tests of the fused norms, residual sums,
-#                                       resampling, frozen convolutions, CUDA graphs and the whole
-#                                       loss; reference / fast / fast-fused / fast-graphed at
-#                                       batch 8, both terms and semantic; a sweep of the norms'
-#                                       launch shapes, and the fused step again with the fastest
-#                                       (benchmarks/pick_norm_launch.py); profiles of the fused
-#                                       step naming what launched its copies, elementwise and
-#                                       other kernels; batches 1 and 4; the norm, residual and
-#                                       resampling ops; the largest batch under 24 GiB (~10 min)
-#   benchmarks/device_check.sh sweep    the sweep and the tuned fused step alone (for a second
-#                                       call should the first lease cut them)
-#   benchmarks/device_check.sh confirm  the graphed step at batch 8 again with 20 repeats, both terms
-#                                       and semantic, with the default norm launch and with
-#                                       NORM_LAUNCH (a DIFFLOSS_FAST_NORM_LAUNCH value); the CUDA
-#                                       tests of the norms, residual sums and resampling; batches
-#                                       1 and 4 (~5 min: a second call after tune)
 #   benchmarks/device_check.sh core     CUDA tests, eager bench (reference vs fast), ops + loss suites
 #   benchmarks/device_check.sh extra    regionally compiled bench (reference, eager and compiled in
-#                                       one run), 24 GiB memory sweep, fused norms in NCHW,
+#                                       one run), 24 GiB memory sweep,
 #                                       native CUDA build + tests
 #   benchmarks/device_check.sh all      core and extra
 #   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms (its compilation
@@ -73,65 +57,6 @@ step() {  # step NAME TIMEOUT_S CMD...: run one step, log it, never stop the scr
 head -n 20 "$raw/env.txt"
 
 quick=(--batch-sizes 8 --repeats 5 --warmup 2)
-if [[ $part == tune ]]; then  # ratios between its steps hold: one machine, one run
-  # In order of what the open goals need, should the lease run out: the CUDA tests of the fused
-  # kernels, frozen convolutions, CUDA graphs and the whole loss; the step with and without the
-  # fused kernels and CUDA graphs; the norm kernels' launch shapes swept and the fused step
-  # again with the fastest; where the fused step's time goes and what launched it; batches 1
-  # and 4; the fused ops alone; the largest batch under 24 GiB.
-  step tests_gpu 120 python3 -m pytest tests/test_cuda_graph.py tests/test_fused_norm.py \
-    tests/test_cuda.py tests/test_group_norm_silu.py tests/test_residual_bias_add.py \
-    tests/test_resample_2x.py -q -x -p no:cacheprovider \
-    -k "graph or fused_norm or fast_matches_reference or prior_sized or x_bias or residual or resample or launch_shapes or passed_on or without_silu"
-  step bench 150 python3 -m diffloss_fast bench "${quick[@]}" \
-    --variants reference fast fast-fused fast-graphed --terms both semantic \
-    --json "$raw/bench_b8.json"
-fi
-
-if [[ $part == tune || $part == sweep ]]; then
-  # The sweep names the fastest setting of DIFFLOSS_FAST_NORM_LAUNCH (the default unless one
-  # beats it by 2%); the later steps of this run use it, and their JSON records it.
-  step sweep_norm 110 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k launch --benchmark-max-time 0.2 --benchmark-json "$raw/suite_sweep_norm.json"
-  launch=$(python3 benchmarks/pick_norm_launch.py "$raw/suite_sweep_norm.json" \
-    2>"$raw/pick_norm_launch.log") || launch=""
-  echo "norm launch: '${launch}' ('' = default)" | tee -a "$raw/steps.txt"
-  cat "$raw/pick_norm_launch.log"
-  if [[ -n $launch ]]; then
-    export DIFFLOSS_FAST_NORM_LAUNCH=$launch
-    step bench_tuned 70 python3 -m diffloss_fast bench "${quick[@]}" \
-      --variants fast-fused fast-graphed --terms both semantic --json "$raw/bench_tuned.json"
-  fi
-fi
-
-if [[ $part == tune ]]; then
-  for terms in both semantic; do
-    step "profile_fast-fused_$terms" 35 python3 -m diffloss_fast profile --variant fast-fused \
-      --terms "$terms" --sources copy elementwise other --json "$raw/profile_fast-fused_$terms.json"
-  done
-  step bench_small 50 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
-    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
-  step suite_norm 30 python3 -m pytest benchmarks/test_bench_ops.py --benchmark-only -q \
-    -p no:cacheprovider -k "(group_norm_silu or residual_bias_add or resample_2x) and not launch" \
-    --benchmark-json "$raw/suite_norm.json"
-  step memory_fused 50 python3 -m diffloss_fast memory --cap-gib 24 --variants fast fast-fused \
-    --json "$raw/memory.json" --plot "$raw/memory.png"
-fi
-
-if [[ $part == confirm ]]; then  # the semantic ratio sits near its goal: more repeats
-  repeat=(--batch-sizes 8 --repeats 20 --warmup 3 --variants fast-graphed --terms both semantic)
-  if [[ -n ${NORM_LAUNCH:-} ]]; then
-    step bench_repeat_tuned 60 env DIFFLOSS_FAST_NORM_LAUNCH="$NORM_LAUNCH" \
-      python3 -m diffloss_fast bench "${repeat[@]}" --json "$raw/bench_repeat_tuned.json"
-  fi
-  step bench_repeat 60 python3 -m diffloss_fast bench "${repeat[@]}" --json "$raw/bench_repeat.json"
-  step tests_norm_gpu 100 python3 -m pytest tests/test_group_norm_silu.py \
-    tests/test_residual_bias_add.py tests/test_resample_2x.py -q -x -p no:cacheprovider \
-    -k "without_silu or passed_on or prior_sized or residual or resample"
-  step bench_small 75 python3 -m diffloss_fast bench --batch-sizes 1 4 --repeats 5 --warmup 2 \
-    --variants reference fast fast-graphed --terms both --json "$raw/bench_small.json"
-fi
-
 if [[ $part == core || $part == all ]]; then
   step tests_cuda 180 python3 -m pytest tests/test_cuda.py tests/test_ops.py -q -x -p no:cacheprovider
   step bench_eager 180 python3 -m diffloss_fast bench --batch-sizes 1 4 8 \
@@ -155,8 +80,6 @@ if [[ $part == extra || $part == all ]]; then
     --variants reference fast fast-compiled --terms both semantic --json "$raw/bench_compiled.json"
   step memory 150 python3 -m diffloss_fast memory --cap-gib 24 --json "$raw/memory.json" \
     --plot "$raw/memory.png"
-  step bench_fused_nchw 50 python3 -m diffloss_fast bench "${quick[@]}" --channels-last off \
-    --variants fast-fused --terms both semantic --json "$raw/bench_fused_nchw.json"
   wait $build
   step tests_native 35 python3 -m pytest tests/test_native.py tests/test_cuda.py::test_cuda_backends_match_torch \
     -q -p no:cacheprovider -k "cuda or backends"
@@ -182,7 +105,6 @@ fi
 pack
 echo "=== steps"; cat "$raw/steps.txt"
 for f in "$raw"/bench*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -v "bench:" "$f" | tail -n 22; }; done
-[[ -f $raw/pick_norm_launch.log ]] && { echo "=== norm launch sweep"; cat "$raw/pick_norm_launch.log"; }
 for f in "$raw"/profile*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 12 "device busy" "$f"; grep -A 5 "launched from" "$f" | cut -c1-200; }; done
 for f in "$raw"/convs*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; grep -A 8 "convolutions alone" "$f"; }; done
 for f in "$raw"/memory*.log; do [[ -f $f ]] && { echo "=== $(basename "$f")"; tail -n 12 "$f"; }; done

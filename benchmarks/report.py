@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from diffloss_fast import roofline
+from diffloss_fast.tools import roofline
 
 ROW_KEYS = ("variant", "precision", "compiled", "backend", "terms", "batch", "resolution",
             "ms_per_step", "images_per_s", "tflops", "mfu", "peak_mem_gib", "channels_last")
@@ -38,9 +38,8 @@ def merge(raw: Path) -> dict:
                 continue
             norms = "fused" if r["variant"] in ("fast-fused", "fast-graphed") else "plain"
             tuned = b.get("cudnn_benchmark", False)
-            launch = b.get("norm_launch", "") if norms == "fused" else None
             key = (r["variant"], r["precision"], r["terms"], r["batch"], r["resolution"],
-                   r.get("channels_last"), r.get("compile_mode"), tuned, launch)
+                   r.get("channels_last"), r.get("compile_mode"), tuned)
             if key in seen:  # the same configuration timed twice: keep the first run's row
                 continue
             seen.add(key)
@@ -48,7 +47,6 @@ def merge(raw: Path) -> dict:
             row["channels_last"] = r.get("channels_last", "auto")
             row["variant"] = "reference" if r["variant"] == "reference" else "fast"
             row["norms"] = norms
-            row["norm_launch"] = launch  # the fused norms' launch shape ("": the default)
             row["cuda_graph"] = r["variant"] == "fast-graphed"
             row["cudnn_benchmark"] = tuned
             row["compile_mode"] = r.get("compile_mode")
@@ -152,7 +150,7 @@ def markdown(result: dict) -> str:
         layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
         graph = "yes" if r.get("cuda_graph") else "no"
-        norms = r.get("norms", "plain") + (f" ({r['norm_launch']})" if r.get("norm_launch") else "")
+        norms = r.get("norms", "plain")
         out.append(f"| {r['variant']} | {r['precision']} | {compiled} | {norms} | "
                    f"{graph} | {layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
                    f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
@@ -176,8 +174,7 @@ def markdown(result: dict) -> str:
             out.append(f"| `{name.split('::')[-1]}` | {b['group']} | "
                        + (f"{ms:.1f} ms" if ms >= 1 else f"{ms * 1e3:.0f} us") + " |")
     for p in result.get("profiles", []):
-        launch = f", norm launch {p['norm_launch']}" if p.get("norm_launch") else ""
-        out += ["", f"## Profile: {p['what']}{launch}", "",
+        out += ["", f"## Profile: {p['what']}", "",
                 f"Device busy {p['busy_ms_per_step']:.1f} ms of {p['wall_ms_per_step']:.1f} ms "
                 f"wall per step ({p['busy_ms_per_step'] / p['wall_ms_per_step']:.0%}).", "",
                 "| kernel kind | ms/step | share | roofline ms |", "| --- | ---: | ---: | ---: |"]
@@ -225,8 +222,7 @@ def row_name(r: dict) -> str:
     if r["compiled"]:
         parts.append(f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled")
     if r.get("norms") == "fused":
-        launch = r.get("norm_launch")
-        parts.append("fused norms" + (f" ({launch})" if launch else ""))
+        parts.append("fused norms")
     else:
         parts.append("PyTorch norms")
     if r.get("cuda_graph"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from diffloss_fast import ops
-from diffloss_fast.bench import loss_step, make_inputs, make_loss
-from diffloss_fast.hardware import synchronize
+from diffloss_fast.tools.harness import loss_step, make_inputs, make_loss
+from diffloss_fast.tools.hardware import synchronize
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -4,7 +4,8 @@
     python -m pytest benchmarks/test_bench_ops.py --benchmark-disable -q    # CPU smoke run
 
 CUDA: DiffLoss's real sizes (B=8, 3x256x256 images, 1024x8x8 h-space; for the norms, ADM-256's
-first level, 256x256x256, and its middle block) in the compute dtype (bf16, channels_last). CPU: small fp32 tensors, so the suite stays a quick smoke test there.
+first level, 256x256x256, and its middle block) in the compute dtype (bf16, channels_last). CPU:
+small fp32 tensors, so the suite stays a quick smoke test there.
 ``triton`` runs on CUDA only (the interpreter is no benchmark); ``native`` only where its
 extension builds (set DIFFLOSS_BENCH_NATIVE=0 to skip even trying the build).
 """
@@ -137,11 +138,13 @@ GNS_CASES = {"level0": (B, 256, 256, 256) if CUDA else (B, 32, 16, 16),
              "middle": (B, 1024, 8, 8) if CUDA else (B, 64, 4, 4)}
 
 
+# PyTorch's norms in either layout against the kernels, which read channels_last (given NCHW,
+# they would time the wrapper's copies)
 @pytest.mark.benchmark(group="op:group_norm_silu")
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", list(GNS_CASES))
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_group_norm_silu(benchmark, backend, case, layout):
+@pytest.mark.parametrize("backend, layout", [("torch", "nchw"), ("torch", "channels_last"),
+                                             ("triton", "channels_last")])
+def test_group_norm_silu(benchmark, backend, layout, case):
     from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
     _use(backend)
     torch.manual_seed(0)
@@ -243,53 +246,3 @@ def test_resample_2x(benchmark, backend, op):
 
     _run(benchmark, step, backend=backend, op=op, shape=shape, dtype=COMPUTE,
          channels_last=CHANNELS_LAST)
-
-
-# The channels_last norm kernels' launch shape, swept at three of ADM-256's levels (8, 16 and 32
-# channels a group). The pixel-row kernels: each role (``reduce``: the passes that only read and
-# sum; ``apply``: the passes that write y or dx) with its elements per loop step and tiles in
-# flight (software pipelining), and the programs a launch aims for, as DIFFLOSS_FAST_NORM_LAUNCH
-# sets them (``RowLaunch``; the empty setting is the default). Against them, the group-wise
-# kernels ("groups:TILE": a group's channels of a pixel are 16, 32 or 64 bytes in bf16).
-# `benchmarks/pick_norm_launch.py` reads the results and names the fastest setting.
-# CUDA only (run by `device_check.sh tune`).
-NORM_LEVELS = {"256x256x256": (8, 256, 256, 256), "512x64x64": (8, 512, 64, 64),
-               "1024x16x16": (8, 1024, 16, 16)}
-NORM_LAUNCHES = [
-    "", "reduce_stages=2", "reduce_stages=3", "reduce_stages=4", "reduce_stages=3,apply_stages=2",
-    "reduce_stages=3,apply_stages=3", "reduce_tile=2048,reduce_stages=3", "apply_tile=2048",
-    "reduce_tile=8192,apply_tile=8192", "reduce_stages=3,programs=2048", "groups:2048",
-    "groups:4096"]
-
-
-@pytest.mark.benchmark(group="sweep:group_norm_silu channels_last launch")
-@pytest.mark.parametrize("launch", NORM_LAUNCHES, ids=lambda v: v or "default")
-@pytest.mark.parametrize("level", list(NORM_LEVELS))
-def test_group_norm_silu_launch(benchmark, monkeypatch, level, launch):
-    from diffloss_fast.ops import group_norm_silu as gns
-    if not CUDA:
-        pytest.skip("a sweep of GPU launch shapes: CUDA only")
-    _use("triton")
-    if launch.startswith("groups:"):
-        monkeypatch.setattr(gns, "_MAX_ROW_CHANNELS", 0)
-        monkeypatch.setattr(gns, "_TILE", int(launch.split(":")[1]))
-        setting = launch
-    else:
-        monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
-        setting = str(gns._ROW_LAUNCH)
-    torch.manual_seed(0)
-    shape = NORM_LEVELS[level]
-    N, C = shape[:2]
-    x = torch.randn(shape, device=DEVICE, dtype=COMPUTE).contiguous(
-        memory_format=torch.channels_last).requires_grad_(True)
-    dy = torch.randn_like(x)
-    weight, bias = (torch.randn(C, device=DEVICE, dtype=COMPUTE) for _ in range(2))
-    scale, shift = torch.randn(N, 2 * C, 1, 1, device=DEVICE, dtype=COMPUTE).chunk(2, dim=1)
-
-    def step():
-        y = gns.group_norm_silu_triton(x, 32, weight, bias, 1e-5, scale, shift, bias)
-        (grad,) = torch.autograd.grad(y, x, dy)
-        _sync()
-        return grad
-
-    _run(benchmark, step, level=level, launch=setting, dtype=COMPUTE)

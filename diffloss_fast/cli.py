@@ -1,162 +1,18 @@
 """The ``diffloss-fast`` command line: bench, memory, profile, roofline, train, eval.
 
-One flag name per meaning across the subcommands: ``--prior`` is the diffusion prior (a
-checkpoint file, or a preset's architecture with random weights), ``--prior-config`` a
-checkpoint file's architecture, ``--activation-checkpointing`` recomputation of the restored
-branch's activations in the backward pass. Earlier spellings stay as hidden aliases.
+The only module that imports the measuring tools (:mod:`diffloss_fast.tools`) and the training
+commands (:mod:`diffloss_fast.train`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
-from pathlib import Path
 
-PRIOR_CONFIG_HELP = ("the architecture of a --prior checkpoint file: a preset name or a JSON "
-                     "object of guided-diffusion create_model arguments (default adm-256-uncond)")
-ACTIVATION_CHECKPOINTING_HELP = ("recompute the restored branch's activations in the backward "
-                                 "pass instead of keeping them (less memory, one more forward)")
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose subcommands check their arguments together once parsed
-    (``set_defaults(check=fn)``, called as ``fn(parser, args)``), so that what this machine
-    cannot run is a usage error before any work, from ``main`` and ``parse_args`` alike."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        check = self.get_default("check")
-        if check is not None:
-            check(self, namespace)
-        return namespace, extras
-
-
-def positive_int(text: str) -> int:
-    """argparse type of batch sizes, resolutions and step counts."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def hidden_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
-    """An earlier spelling of an option, still accepted for one release, no longer listed."""
-    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, **kwargs)
-
-
-def add_prior_arguments(p: argparse.ArgumentParser, *, default: str | None, default_text: str,
-                        legacy_weights: bool) -> None:
-    """``--prior PATH|PRESET`` and ``--prior-config``; ``legacy_weights``: also the hidden
-    ``--checkpoint FILE`` of earlier releases, whose architecture was ``--prior``."""
-    from .prior import PRESETS
-    p.add_argument("--prior", default=default, metavar="PATH|PRESET",
-                   help="the diffusion prior: a guided-diffusion checkpoint file (.pt/.pth state "
-                        "dict or .safetensors), or a preset's architecture with random weights "
-                        f"({', '.join(PRESETS)}); {default_text}")
-    p.add_argument("--prior-config", default=None, metavar="PRESET|JSON", help=PRIOR_CONFIG_HELP)
-    if legacy_weights:
-        hidden_alias(p, "--checkpoint", "checkpoint", default=None)
-
-
-def _parse_config(text: str | None):
-    """A --prior-config value: a preset name, or a dict from a JSON object."""
-    if text and text.lstrip().startswith("{"):
-        return json.loads(text)
-    return text
-
-
-def prior_source(prior: str, prior_config: str | None, legacy_weights: str | None = None):
-    """(weights file, or None for random weights; architecture) named by ``--prior``,
-    ``--prior-config`` and the hidden ``--checkpoint FILE`` (its architecture ``--prior``)."""
-    from .prior import DEFAULT_PRESET, PRESETS
-    config = _parse_config(prior_config)
-    if legacy_weights:
-        return legacy_weights, config or prior
-    if prior in PRESETS:
-        return None, prior
-    return prior, config or DEFAULT_PRESET
-
-
-def check_prior(parser: argparse.ArgumentParser, prior: str | None, prior_config: str | None,
-                legacy_weights: str | None = None) -> None:
-    """A usage error unless the prior options name a preset or an existing file, and a
-    readable architecture."""
-    from .prior import PRESETS
-    if legacy_weights:
-        if prior is not None and prior not in PRESETS:
-            parser.error(f"argument --prior: {prior} and --checkpoint {legacy_weights} both name "
-                         "weights; give the file once, as --prior FILE")
-        prior = legacy_weights
-    if prior is not None and prior not in PRESETS and not Path(prior).is_file():
-        parser.error(f"argument --prior: {prior} is neither a file nor a preset "
-                     f"({', '.join(PRESETS)})")
-    if prior_config is None:
-        return
-    if prior in PRESETS and not legacy_weights:
-        parser.error(f"argument --prior-config: --prior {prior} is a preset, its own "
-                     "architecture; --prior-config describes a checkpoint file's")
-    try:
-        config = _parse_config(prior_config)
-    except json.JSONDecodeError as err:
-        parser.error(f"argument --prior-config: not valid JSON ({err})")
-    if isinstance(config, str) and config not in PRESETS:
-        parser.error(f"argument --prior-config: {config!r} is neither a preset "
-                     f"({', '.join(PRESETS)}) nor a JSON object")
-
-
-def check_device(parser: argparse.ArgumentParser, text: str):
-    """The torch device ``--device`` names; one this machine lacks is a usage error."""
-    import torch
-
-    from . import hardware
-    try:
-        device = hardware.resolve_device(text)
-    except (ValueError, RuntimeError) as err:
-        parser.error(f"argument --device: {err}")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"argument --device: {device} asked for, but this torch sees "
-                     f"{torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def check_fast_path(parser: argparse.ArgumentParser, device, variants, backend: str) -> None:
-    """A usage error for the variants and the backend ``device`` cannot run: CUDA graphs need
-    CUDA, the fused norms Triton on CUDA (or under its interpreter)."""
-    from . import ops
-    if "fast-graphed" in variants and device.type != "cuda":
-        parser.error(f"fast-graphed replays CUDA graphs: it needs a CUDA device, and this run "
-                     f"is on {device}")
-    if "fast-fused" in variants and not ops.triton_available(device):
-        parser.error(f"fast-fused runs the fused norms' Triton kernels: they need a CUDA "
-                     f"device, and this run is on {device}")
-    try:
-        ops.resolve_backend(backend, device)
-    except ValueError as err:
-        parser.error(f"argument --backend: {err}")
-
-
-def add_measurement_arguments(p: argparse.ArgumentParser, *, device_help: str,
-                              prior_default: str | None, prior_default_text: str,
-                              resolution_default: int | None) -> None:
-    """The options bench, memory and profile share: what to measure, on which device."""
-    p.add_argument("--device", default="auto", help=device_help)
-    add_prior_arguments(p, default=prior_default, default_text=prior_default_text,
-                        legacy_weights=True)
-    p.add_argument("--resolution", type=positive_int, default=resolution_default)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="of the fast variants; the reference is always fp32")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """A command's numbers as indented JSON, its folder made first; says where it went."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2))
-    print(f"wrote {path}")
+from .tools.harness import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, memory, profile, roofline
+    from .tools import bench, memory, profile, roofline
     from .train.cli import add_parsers as add_training_parsers
     parser = Parser(
         prog="diffloss-fast",

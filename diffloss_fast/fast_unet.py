@@ -5,16 +5,15 @@ attention weights are cast once to the compute dtype (the upstream fp16 recipe: 
 statistics and the timestep MLP stay fp32), attention runs through
 ``F.scaled_dot_product_attention`` (or xformers), the output convolution is sliced to the three
 noise channels, and without the natural term the decoder is not built at all. Each
-GroupNorm (+ FiLM) + SiLU runs as plain PyTorch ops or, with ``fused_norm``, as fused Triton
-kernels (:mod:`diffloss_fast.ops.group_norm_silu`); each convolution keeps only its weight for
-the backward pass (:mod:`diffloss_fast.ops.frozen_conv`). The ResBlocks' convolutions leave
-their biases to the ops after them: the first one's to the norm that reads its output, the last
-one's (and a 1x1 skip convolution's) to the residual sum
-(:mod:`diffloss_fast.ops.residual_bias_add`). With ``fused_norm`` those are Triton kernels that
-add the biases as they load, instead of a pass of their own over each output, and the 2x
-pooling and upsampling are Triton kernels too (:mod:`diffloss_fast.ops.resample_2x`). Every
-ResBlock's projection of the timestep embedding (its FiLM scale and shift) comes out of one
-stacked matmul per forward instead of one silu, matmul and cast per block.
+GroupNorm (+ FiLM) + SiLU, residual sum and 2x resampling runs as the op plan says
+(:func:`diffloss_fast.ops.plan_ops`): plain PyTorch ops or fused Triton kernels. Each
+convolution keeps only its weight for the backward pass (:mod:`diffloss_fast.ops.frozen_conv`).
+The ResBlocks' convolutions leave their biases to the ops after them: the first one's to the
+norm that reads its output, the last one's (and a 1x1 skip convolution's) to the residual sum
+(:mod:`diffloss_fast.ops.residual_bias_add`); the fused kernels add them as they load, instead
+of a pass of their own over each output. Every ResBlock's projection of the timestep embedding
+(its FiLM scale and shift) comes out of one stacked matmul per forward instead of one silu,
+matmul and cast per block.
 """
 from __future__ import annotations
 
@@ -27,10 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .ops import OpPlan, plan_ops
 from .ops.frozen_conv import frozen_conv2d
-from .ops.group_norm_silu import group_norm_silu_torch
-from .ops.resample_2x import avg_pool_2x2, upsample_2x_torch
-from .ops.residual_bias_add import residual_bias_add_torch
 from .prior import UNetModel
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
@@ -74,13 +71,15 @@ def _eps_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 class FastUNet(nn.Module):
-    """``forward(x_t, t) -> (eps or None, h)``: predicted noise and middle-block features."""
+    """``forward(x_t, t) -> (eps or None, h)``: predicted noise and middle-block features.
+    ``plan``: the ops to run (:func:`diffloss_fast.ops.plan_ops`); None: the PyTorch twins.
+    The fused kernels read ``channels_last`` activations in place (others they copy)."""
 
     def __init__(self, unet: UNetModel, *, dtype: torch.dtype, decoder: bool,
                  device: torch.device | str | None = None,
                  channels_last: bool = False, attention: str = "sdpa",
                  checkpoint: bool = False, compile_blocks: bool = False,
-                 fused_norm: bool = False):
+                 plan: OpPlan | None = None):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -94,22 +93,12 @@ class FastUNet(nn.Module):
             raise ValueError("class-conditional priors are not supported")
         self.dtype, self.decoder, self.attention = dtype, decoder, attention
         self.channels_last, self.checkpoint = channels_last, checkpoint
-        if fused_norm:
-            from .ops.group_norm_silu import group_norm_silu_triton
-            from .ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
-            from .ops.residual_bias_add import residual_bias_add_triton
-            self._norm_silu_impl = group_norm_silu_triton
-            self._residual_impl = residual_bias_add_triton
-            self._pool_impl, self._upsample_impl = avg_pool_2x2_triton, upsample_2x_triton
-        else:
-            self._norm_silu_impl = group_norm_silu_torch
-            self._residual_impl = residual_bias_add_torch
-            self._pool_impl, self._upsample_impl = avg_pool_2x2, upsample_2x_torch
         # Regional compilation: one compiled function for all blocks, so blocks of the same
         # structure and input shape share one compiled graph instead of being compiled again.
         self._run_compiled = torch.compile(self._run, dynamic=False) if compile_blocks else None
         self.model_channels = unet.model_channels
         device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.plan = plan if plan is not None else plan_ops("torch", False, device, dtype)
         cast = lambda m: _cast_copy(m, dtype, channels_last, device)  # noqa: E731
         # guided-diffusion's sinusoid frequencies, computed as it computes them (fp32, on the
         # CPU) and kept on the device: its timestep_embedding copies them over on every call,
@@ -171,11 +160,11 @@ class FastUNet(nn.Module):
     def _norm_silu(self, norm: nn.GroupNorm, h: torch.Tensor, scale=None, shift=None,
                    x_bias=None, pass_x=False, silu=True):
         """silu(GroupNorm(h + x_bias), FiLM'd by scale/shift if given), without the silu if
-        ``silu=False``: fused kernels or the twin; with ``pass_x``, (that, h). GroupNorm32
+        ``silu=False``, as the plan runs it; with ``pass_x``, (that, h). GroupNorm32
         semantics: both accumulate the statistics of bf16/fp16 inputs in fp32 and round the
         result once, so no fp32 copy of h is made (or saved for the backward pass)."""
-        return self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                    scale, shift, x_bias, pass_x, silu)
+        return self.plan.norm_silu(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                   scale, shift, x_bias, pass_x, silu)
 
     def _resblock(self, blk: ResBlock, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -195,13 +184,13 @@ class FastUNet(nn.Module):
         h = frozen_conv2d(out_conv, h, bias=False)
         skip = blk.skip_connection
         x = frozen_conv2d(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else skip(x)
-        return self._residual_impl(x, h, blk.residual_bias)
+        return self.plan.residual_bias_add(x, h, blk.residual_bias)
 
     def _resample(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
-            return frozen_conv2d(layer.op, h) if layer.use_conv else self._pool_impl(h)
+            return frozen_conv2d(layer.op, h) if layer.use_conv else self.plan.avg_pool(h)
         if isinstance(layer, Upsample):
-            h = self._upsample_impl(h)
+            h = self.plan.upsample(h)
             return frozen_conv2d(layer.conv, h) if layer.use_conv else h
         return h  # nn.Identity
 

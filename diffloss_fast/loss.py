@@ -30,6 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
                  "regional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_NOT_GIVEN = object()  # the default of an alias: None is a value (and refused)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -57,9 +58,15 @@ class _DiffLossBase(nn.Module):
                  check_finite: bool = True, check_range: bool = True,
                  channels_last: bool | str = "auto",
                  attention: str = "sdpa", checkpoint: bool = False,
-                 fused_norm: bool | str = "auto",
-                 cuda_graph: bool | str = "auto", schedule: LinearSchedule | None = None):
+                 fused_kernels: bool | str = "auto",
+                 cuda_graph: bool | str = "auto", schedule: LinearSchedule | None = None,
+                 fused_norm: bool | str = _NOT_GIVEN):
         super().__init__()
+        if fused_norm is not _NOT_GIVEN:  # the option's first name, kept as an alias
+            if fused_kernels != "auto":
+                raise ValueError("fused_norm is the old name of fused_kernels: pass one of "
+                                 "them, not both")
+            fused_kernels = fused_norm
         if not isinstance(prior, UNetModel):
             raise TypeError(f"prior must be a guided-diffusion UNetModel (from load_prior or "
                             f"build_prior), got {type(prior).__name__}")
@@ -72,11 +79,16 @@ class _DiffLossBase(nn.Module):
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, "
                              f"got {compile!r}")
-        if not (isinstance(fused_norm, bool) or fused_norm == "auto"):
-            raise ValueError(f"fused_norm must be True, False or 'auto', got {fused_norm!r}")
-        if fused_norm is True and compile:
-            raise ValueError("fused_norm=True is for the eager path: with compile, torch.compile "
-                             "fuses the norms itself")
+        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):
+            raise ValueError(f"fused_kernels must be True, False or 'auto', got "
+                             f"{fused_kernels!r}")
+        if fused_kernels is True and compile:
+            raise ValueError("fused_kernels=True is for the eager path: with compile, "
+                             "torch.compile fuses the norms itself")
+        if fused_kernels is True and not channels_last:
+            raise ValueError("fused_kernels=True reads channels_last activations: leave "
+                             "channels_last at 'auto' (or True), or pass fused_kernels=False "
+                             "to run PyTorch's norms in NCHW")
         if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
             raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
         if cuda_graph is True and (compile or checkpoint):
@@ -94,7 +106,7 @@ class _DiffLossBase(nn.Module):
         self.target, self.precision, self.backend = target, precision, backend
         self.compile, self.check_finite, self.check_range = compile, check_finite, check_range
         self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
-        self.fused_norm, self.cuda_graph = fused_norm, cuda_graph
+        self.fused_kernels, self.cuda_graph = fused_kernels, cuda_graph
         self.timestep_weight = timestep_weight
         self.schedule = schedule or LinearSchedule()
         low, high = float(input_range[0]), float(input_range[1])
@@ -185,7 +197,7 @@ class ReferenceDiffLoss(_DiffLossBase):
     It is what a careful user writes from the paper, and what every speed number is measured
     against. It always runs the full UNet and reports both terms; the options that steer only
     the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``,
-    ``fused_norm``, ``cuda_graph``) are accepted so that both classes share keyword arguments,
+    ``fused_kernels``, ``cuda_graph``) are accepted so that both classes share keyword arguments,
     and ignored. ``precision`` defaults to fp32 here; bf16/fp16 run the same code under
     ``torch.autocast``. The prior is its submodule: ``.to(device)`` moves it (the reference
     runs it in place, with no copy of its own).
@@ -248,8 +260,11 @@ class DiffLoss(_DiffLossBase):
       SDPA (or xformers), optional ``torch.compile`` (with channels_last activations);
     - fused kernels (``backend``) noise both branches in one pass and reduce both terms with
       fp32 accumulation;
-    - ``fused_norm`` (eager, CUDA; on by default there) runs each GroupNorm (+ FiLM) + SiLU as
-      one Triton kernel in the forward pass and one in the backward pass;
+    - ``fused_kernels`` (eager, CUDA; on by default there) runs each GroupNorm (+ FiLM) + SiLU
+      of the prior as one Triton pass forward and one backward, adds the convolutions' biases
+      inside the norms and residual sums, and resamples with Triton kernels too. They read
+      channels_last activations: ``channels_last=False`` turns ``"auto"`` off and refuses
+      True. (``fused_norm``, the option's first name, is accepted for it.)
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
       to fit larger batches;
     - ``cuda_graph`` (``"auto"``: on for eager CUDA steps) replays both branches as CUDA
@@ -268,6 +283,7 @@ class DiffLoss(_DiffLossBase):
 
     def __init__(self, prior: UNetModel, **kwargs):
         super().__init__(prior, **kwargs)
+        self._plans: dict[tuple, ops.OpPlan] = {}
         self._nets: dict[tuple, nn.Module] = {}
         self._graphs = GraphCache()
 
@@ -283,22 +299,23 @@ class DiffLoss(_DiffLossBase):
         return _DTYPES[precision]
 
     def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """``auto``: channels_last on CUDA only where the norms read it in place, i.e. compiled
-        graphs and the fused norm kernels. Eager PyTorch's GroupNorm works in NCHW, and
+        """``auto``: channels_last where the norms read it in place, i.e. the fused kernels
+        and compiled graphs on CUDA. Eager PyTorch's GroupNorm works in NCHW, and
         channels_last around it adds a layout copy per norm."""
         if self.channels_last == "auto":
-            return (device.type == "cuda" and dtype != torch.float64
-                    and (bool(self.compile) or self._fused_norm(device, dtype)))
+            return self._plan(device, dtype).fused or (
+                device.type == "cuda" and dtype != torch.float64 and bool(self.compile))
         return bool(self.channels_last)
 
-    def _fused_norm(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """``auto``: the fused norm kernels on an eager step on CUDA, where Triton builds them
-        (never on the CPU, where they would run interpreted): fewer passes over each
-        activation, and fewer activations kept for the backward pass."""
-        if self.fused_norm == "auto":
-            return (device.type == "cuda" and not self.compile and dtype != torch.float64
-                    and ops.triton_available(device))
-        return self.fused_norm
+    def _plan(self, device: torch.device, dtype: torch.dtype) -> ops.OpPlan:
+        """Every op's implementation for this device and dtype (:func:`ops.plan_ops`), chosen
+        once. ``fused_kernels`` applies to eager channels_last steps: compiled steps leave the
+        prior's ops to inductor, and ``channels_last=False`` keeps PyTorch's norms in NCHW."""
+        key = (device, dtype)
+        if key not in self._plans:
+            fused = self.fused_kernels if self.channels_last and not self.compile else False
+            self._plans[key] = ops.plan_ops(self.backend, fused, device, dtype)
+        return self._plans[key]
 
     def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:
         """The truncated prior for this device and dtype, built once and cached."""
@@ -310,8 +327,7 @@ class DiffLoss(_DiffLossBase):
             net = FastUNet(self.prior, dtype=dtype, decoder=decoder, device=device,
                            channels_last=channels_last,
                            attention=self.attention, checkpoint=self.checkpoint,
-                           compile_blocks=regional,
-                           fused_norm=self._fused_norm(device, dtype))
+                           compile_blocks=regional, plan=self._plan(device, dtype))
             if self.compile and not regional:
                 mode = self.compile if isinstance(self.compile, str) else None
                 net = torch.compile(net, mode=mode, dynamic=False)
@@ -334,17 +350,15 @@ class DiffLoss(_DiffLossBase):
             self.last_terms = {"natural": None, "semantic": None}
             return restored.new_zeros((), dtype=torch.promote_types(restored.dtype, torch.float32))
         device = restored.device
-        backend = ops.resolve_backend(self.backend, device)
-        if self.fused_norm is True and not ops.triton_available(device):
-            raise ValueError(f"fused_norm=True needs Triton on a CUDA device, got {device}")
         dtype = self._compute_dtype(resolve_precision(self.precision, device))
+        plan = self._plan(device, dtype)
         coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
         net = self._net(device, dtype, decoder=want_natural)
 
-        xt_res, xt_gt = ops.q_sample_pair(
+        xt_res, xt_gt = plan.q_sample_pair(
             restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
             scale=self.scale, offset=self.offset, out_dtype=dtype,
-            channels_last=self._channels_last(device, dtype), backend=backend)
+            channels_last=self._channels_last(device, dtype))
         if self._cuda_graph(device):
             self._graphs.drop_unless(list(self._nets.values()))
             eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
@@ -357,15 +371,14 @@ class DiffLoss(_DiffLossBase):
         loss = 0.0
         if want_natural:
             if self.target == "eps":
-                natural = ops.weighted_l2(eps_res, eps_gt, coef["weight"], backend=backend)
+                natural = plan.weighted_l2(eps_res, eps_gt, coef["weight"])
             else:
-                natural = ops.weighted_l2(
+                natural = plan.weighted_l2(
                     eps_res, eps_gt, coef["weight"] / coef["alpha"], x=restored, y=gt,
-                    x_coef=coef["sqrt_abar"] * self.scale, p_coef=coef["eps_coef"],
-                    backend=backend)
+                    x_coef=coef["sqrt_abar"] * self.scale, p_coef=coef["eps_coef"])
             loss = loss + self.natural_weight * natural
         if want_semantic:
-            semantic = ops.weighted_l2(h_res, h_gt, coef["weight"], backend=backend)
+            semantic = plan.weighted_l2(h_res, h_gt, coef["weight"])
             loss = loss + self.semantic_weight * semantic
         self.last_terms = {"natural": None if natural is None else natural.detach(),
                            "semantic": None if semantic is None else semantic.detach()}

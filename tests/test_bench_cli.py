@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from diffloss_fast import bench
+from diffloss_fast.tools import bench
 from diffloss_fast.cli import build_parser
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffloss_fast import cli, ops
-from diffloss_fast.cli import build_parser, main, prior_source
+from diffloss_fast.cli import build_parser, main
+from diffloss_fast.tools.harness import prior_source
 
 MEASURING = ("bench", "memory", "profile", "roofline")
 

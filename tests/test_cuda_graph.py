@@ -118,6 +118,7 @@ def test_prior_step_moves_nothing_from_the_host(decoder, fused_norm, monkeypatch
                             lambda self, *args, grid, warmup, **kwargs: launches.append(self))
 
     from diffloss_fast.fast_unet import FastUNet
+    from diffloss_fast.ops import plan_ops
     from diffloss_fast.prior import prior_architecture
 
     class HostTraffic(TorchDispatchMode):
@@ -133,7 +134,8 @@ def test_prior_step_moves_nothing_from_the_host(decoder, fused_norm, monkeypatch
             return func(*args, **(kwargs or {}))
 
     net = FastUNet(prior_architecture("tiny"), dtype=torch.bfloat16, decoder=decoder,
-                   device="meta", channels_last=True, fused_norm=fused_norm)
+                   device="meta", channels_last=True,
+                   plan=plan_ops("torch", fused_norm, "meta", torch.bfloat16))
     x = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
     t = torch.zeros(2, dtype=torch.long, device="meta")
     with HostTraffic() as mode:

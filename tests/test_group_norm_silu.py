@@ -1,9 +1,9 @@
 """The fused GroupNorm (+ FiLM) + SiLU kernels against their plain-PyTorch twin.
 
-On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small.
+The kernels read channels_last tensors; every other layout is also checked, through the copies
+the wrapper makes. On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py), so
+shapes stay small.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,8 +72,8 @@ def test_fp32_matches_twin(shape, film, x_layout):
     ((1, 64, 56, 80, 8), "cl")], ids=str)
 def test_x_bias_matches_twin(shape, x_layout):
     """A preceding convolution's bias, added to x inside the kernels (every statistic, output
-    and gradient is of x + x_bias), against the twin that adds it first; a group split over
-    several programs in both kernel families (NCHW groups, channels_last pixel rows)."""
+    and gradient is of x + x_bias), against the twin that adds it first; a sample's pixels
+    split over several programs."""
     x, G, w, b, sc, sh = inputs(shape, torch.float32, True, x_layout)
     x_bias = torch.randn(shape[1], device=DEVICE) * 2
     dy = torch.randn(x.shape, device=DEVICE)
@@ -149,15 +149,37 @@ def test_channels_last_sample_split_over_many_programs():
     assert y.stride() == dx.stride() == x.stride()
 
 
-@pytest.mark.parametrize("launch", [
-    "reduce_tile=256,programs=7",  # 4 pixels a tile, 4 programs a sample of 5 tiles each
-    "reduce_tile=1024,apply_tile=256,programs=3",  # slices of 48 and of 36 pixels
-    "reduce_tile=8192,apply_tile=512,reduce_stages=3,apply_stages=2"])  # 1 and 9 programs
-def test_channels_last_launch_shapes(launch, monkeypatch):
-    """Every launch shape DIFFLOSS_FAST_NORM_LAUNCH may set computes the same op: the reducing
-    and applying passes split each sample's pixels independently of each other."""
+def test_launch_shape_follows_the_problem_size():
+    """Tile, split and warps come from the shape alone: ADM-256's first level, its middle
+    block, and a sample split over more programs than the group kernel folds in one step."""
+    from diffloss_fast.ops.group_norm_silu import _launch
+    assert _launch(8, 32, 256 * 256, 256) == (16, 256, 8, 64, 128, 512, 8)
+    assert _launch(8, 32, 8 * 8, 1024) == (4, 1024, 32, 16, 16, 4, 8)
+    assert _launch(1, 8, 56 * 80, 64) == (64, 64, 8, 64, 70, 64, 8)
+    assert _launch(2, 2, 1, 4) == (2, 4, 2, 2, 1, 2, 4)  # every block dim at least 2
+
+
+@pytest.fixture
+def small_launches(monkeypatch):
+    """Smaller tiles and fewer programs than a GPU launch gets: what only prior-sized tensors
+    reach there (several tiles a program, a last program with fewer) at interpreter sizes."""
     from diffloss_fast.ops import group_norm_silu as gns
-    monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
+
+    def use(tile, programs):
+        monkeypatch.setattr(gns, "_TILE", tile)
+        monkeypatch.setattr(gns, "_PROGRAMS", programs)
+        gns._launch.cache_clear()
+
+    yield use
+    gns._launch.cache_clear()  # shapes of the patched constants must not outlive the test
+
+
+@pytest.mark.parametrize("tile, programs", [
+    (256, 7),    # 4 pixels a tile, 4 programs a sample of 5 tiles each
+    (1024, 3),   # 16 pixels a tile, 2 programs a sample: 3 tiles, then 1.5
+    (8192, 1)])  # the whole sample in one program and one tile
+def test_other_launch_shapes_compute_the_same_op(small_launches, tile, programs):
+    small_launches(tile, programs)
     x, G, w, b, sc, sh = inputs((2, 64, 9, 8, 8), torch.float32, True, "cl")
     x_bias = torch.randn(64, device=DEVICE)
     dy = torch.randn(x.shape, device=DEVICE)
@@ -167,39 +189,15 @@ def test_channels_last_launch_shapes(launch, monkeypatch):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5 * dx_ref.abs().max().item())
 
 
-def test_launch_setting_parses_and_refuses():
-    from diffloss_fast.ops.group_norm_silu import RowLaunch
-    launch = RowLaunch.parse(" reduce_tile=8192, reduce_stages=3 ,programs=2048")
-    assert (launch.reduce_tile, launch.reduce_stages, launch.programs) == (8192, 3, 2048)
-    assert (launch.apply_tile, launch.apply_stages) == (RowLaunch().apply_tile,
-                                                        RowLaunch().apply_stages)
-    assert RowLaunch.parse(str(launch)) == launch
-    assert str(launch) == "reduce_tile=8192,reduce_stages=3,programs=2048"
-    assert str(RowLaunch()) == ""
-    assert RowLaunch.parse("") == RowLaunch.parse(None) == RowLaunch()
-    for text, message in [("reduce_tile=3000", "power of two"), ("apply_tile=128", "from 256"),
-                          ("apply_tile=16384", "to 8192"),
-                          ("apply_stages=0", "1 to 4"), ("programs=-1", "1 to 65536"),
-                          ("tile=4096", "unknown setting 'tile'"),
-                          ("reduce_stages=three", "must be an integer")]:
-        with pytest.raises(ValueError, match=message):
-            RowLaunch.parse(text)
-
-
-def test_launch_setting_read_from_the_environment():
-    """The variable is read when the module loads: a fresh interpreter sees it, and a bad
-    value stops the import with its reason."""
-    import subprocess
-    import sys
-    code = ("from diffloss_fast.ops import group_norm_silu as g; "
-            "print(g._ROW_LAUNCH.reduce_stages, g._ROW_LAUNCH.apply_tile)")
-    env = {**os.environ, "DIFFLOSS_FAST_NORM_LAUNCH": "reduce_stages=2,apply_tile=2048"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "2048"]
-    env["DIFFLOSS_FAST_NORM_LAUNCH"] = "reduce_stages=9"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "reduce_stages must be 1 to 4" in done.stderr
+def test_rows_wider_than_a_tile_take_the_twin():
+    """More channels than the kernels hold a row of: the twin's result, gradient included."""
+    from diffloss_fast.ops.group_norm_silu import _MAX_CHANNELS
+    C = 2 * _MAX_CHANNELS
+    x = torch.randn(1, C, 1, 2, device=DEVICE).requires_grad_(True)
+    w, b = torch.randn(C, device=DEVICE), torch.randn(C, device=DEVICE)
+    y, passed = group_norm_silu_triton(x, 32, w, b, 1e-5, pass_x=True)
+    torch.testing.assert_close(y, group_norm_silu_torch(x, 32, w, b, 1e-5), rtol=0, atol=0)
+    assert passed is x
 
 
 @pytest.mark.parametrize("x_layout", ["nchw", "cl"])
@@ -301,15 +299,9 @@ def test_bad_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="prior-sized tensors: CUDA only")
-@pytest.mark.parametrize("x_layout, launch", [
-    ("nchw", ""), ("cl", ""), ("cl", "reduce_stages=3,apply_stages=3"),
-    ("cl", "reduce_tile=8192,reduce_stages=2,apply_tile=2048")])
-def test_prior_sized_on_cuda(x_layout, launch, monkeypatch):
-    """ADM-256's shapes (a group split over many programs, many tiles each) in bf16; the
-    channels_last kernels also with their loads pipelined (as the benchmark sweep runs them;
-    Triton's interpreter ignores pipelining, so only a GPU checks it)."""
-    from diffloss_fast.ops import group_norm_silu as gns
-    monkeypatch.setattr(gns, "_ROW_LAUNCH", gns.RowLaunch.parse(launch))
+@pytest.mark.parametrize("x_layout", ["nchw", "cl"])
+def test_prior_sized_on_cuda(x_layout):
+    """ADM-256's shapes (a sample split over many programs, many tiles each) in bf16."""
     for shape in [(4, 256, 128, 128, 32), (4, 1024, 8, 8, 32), (4, 768, 32, 32, 32)]:
         x, G, w, b, sc, sh = inputs(shape, torch.bfloat16, True, x_layout)
         dy = torch.randn(x.shape, device=DEVICE).to(x.dtype)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from diffloss_fast.ops.launch_math import cdiv, next_power_of_2
+from diffloss_fast.ops._triton_common import cdiv, next_power_of_2
 
 triton = pytest.importorskip("triton")
 VALUES = [*range(1, 4100), 2**20 - 1, 2**20, 2**20 + 1, 3 * 2**31, 2**40 + 7]

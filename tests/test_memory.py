@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from diffloss_fast import memory
+from diffloss_fast.tools import memory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,7 +127,7 @@ def test_parser_defaults():
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
 def test_without_cuda_the_sweep_refuses_with_exit_code_2(device, capsys, monkeypatch, tmp_path):
     built = []
-    monkeypatch.setattr(memory.bench, "build_prior", lambda *a, **k: built.append(a) or 1 / 0)
+    monkeypatch.setattr(memory.harness, "build_prior", lambda *a, **k: built.append(a) or 1 / 0)
     json_path = tmp_path / "out.json"
     with pytest.raises(SystemExit) as excinfo:
         memory.run(namespace(device=device, json=str(json_path), plot=str(tmp_path / "p.png")))
@@ -178,9 +178,9 @@ class FakeCuda:
             "set_per_process_memory_fraction": lambda f, d=None: self.fractions.append(f),
         }.items():
             monkeypatch.setattr(cuda, name, value)
-        real_inputs, real_step, real_measure = (memory.bench.make_inputs,
-                                                memory.bench.loss_step, memory.measure_step)
-        monkeypatch.setattr(memory.bench, "make_inputs",
+        real_inputs, real_step, real_measure = (memory.harness.make_inputs,
+                                                memory.harness.loss_step, memory.measure_step)
+        monkeypatch.setattr(memory.harness, "make_inputs",
                             lambda b, r, device, seed=0: real_inputs(b, r, torch.device("cpu")))
 
         def measure_step(loss_fn, variant, *args, **kwargs):
@@ -194,9 +194,9 @@ class FakeCuda:
             if self.batch == 1:  # one real step per variant (a busy 2-core CPU is slow)
                 real_step(loss_fn, restored, *rest)  # checks an OOM in the middle of a step)
         monkeypatch.setattr(memory, "measure_step", measure_step)
-        monkeypatch.setattr(memory.bench, "loss_step", loss_step)
-        real_build = memory.bench.build_prior
-        monkeypatch.setattr(memory.bench, "build_prior", lambda config: argparse.Namespace(
+        monkeypatch.setattr(memory.harness, "loss_step", loss_step)
+        real_build = memory.harness.build_prior
+        monkeypatch.setattr(memory.harness, "build_prior", lambda config: argparse.Namespace(
             to=lambda device: real_build(SMALLEST)))
         monkeypatch.setattr(memory.hardware, "resolve_device",
                             lambda d: torch.device("cuda", 0))

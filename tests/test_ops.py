@@ -304,7 +304,7 @@ def test_weighted_l2_bad_input():
 def test_int64_indexing_path(monkeypatch):
     """Tensors past 2^31 elements switch the kernels to int64 offsets: force that path here."""
     for mod in ("noising", "weighted_l2"):  # modules: ops.weighted_l2 is the dispatcher
-        monkeypatch.setattr(importlib.import_module(f"diffloss_fast.ops.{mod}"), "_needs_i64",
+        monkeypatch.setattr(importlib.import_module(f"diffloss_fast.ops.{mod}"), "needs_i64",
                             lambda *ts: True)
     r, gt, noise, a, b = _qs_inputs(SHAPES[0], torch.float32, "permuted")
     kw = dict(scale=2.0, offset=-1.0, out_dtype=torch.float32, channels_last=True)

@@ -71,36 +71,14 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     assert profile_png.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_report_keeps_fused_rows_of_each_norm_launch_apart(tmp_path):
-    """Two benches of the fused step that differ only in DIFFLOSS_FAST_NORM_LAUNCH (a tuned
-    rerun in the same device check) stay two rows, each naming its setting."""
-    raw = tmp_path / "raw"
-    bench = run(["bench", "--device", "cpu", "--batch-sizes", "1", "--repeats", "1",
-                 "--warmup", "1", "--variants", "fast", "--json", str(raw / "bench_a.json")])
-    assert bench["norm_launch"] == ""  # this process's setting: the default
-    for name, launch, ms in (("bench_b8.json", "", 10.0), ("bench_tuned.json",
-                                                            "reduce_stages=3", 8.0)):
-        for r in bench["rows"]:
-            r.update(variant="fast-fused", ms_per_step=ms)
-        (raw / name).write_text(json.dumps({**bench, "norm_launch": launch}))
-    (raw / "bench_a.json").unlink()
-    load("report").main([str(raw), "--card", "cpu", "--out", str(tmp_path / "results")])
-    [path] = (tmp_path / "results").glob("*.json")
-    rows = json.loads(path.read_text())["rows"]
-    assert sorted((r["norm_launch"], r["ms_per_step"]) for r in rows) == [
-        ("", 10.0), ("reduce_stages=3", 8.0)]
-    assert "fused (reduce_stages=3)" in path.with_suffix(".md").read_text()
-
-
 def test_row_names_say_what_differs():
     """The speed plot's labels: each option a row ran, and nothing it did not."""
     name = load("report").row_name
     assert name({"variant": "reference", "precision": "fp32"}) == "ReferenceDiffLoss fp32"
     plain = {"variant": "fast", "precision": "bf16", "compiled": False, "norms": "plain"}
     assert name(plain) == "DiffLoss bf16, PyTorch norms"
-    graphed = dict(plain, norms="fused", norm_launch="reduce_stages=3", cuda_graph=True,
-                   channels_last=True)
-    assert name(graphed) == "DiffLoss bf16, fused norms (reduce_stages=3), CUDA graphs, NHWC"
+    graphed = dict(plain, norms="fused", cuda_graph=True, channels_last=True)
+    assert name(graphed) == "DiffLoss bf16, fused norms, CUDA graphs, NHWC"
     compiled = dict(plain, compiled=True, compile_mode="regional", cudnn_benchmark=True,
                     channels_last="auto")
     assert name(compiled) == "DiffLoss bf16, compiled (regional), PyTorch norms, cuDNN autotuned"

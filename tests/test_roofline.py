@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffloss_fast import DiffLoss, build_prior
 from diffloss_fast.cli import main
-from diffloss_fast.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, by_category,
+from diffloss_fast.tools.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, by_category,
                                      card_for, floors_ms, saved_activation_bytes, trace_step)
 
 META = torch.device("meta")
@@ -128,8 +128,8 @@ def test_fused_norm_adds_the_skip_paths_gradient(monkeypatch):
     passed = trace_step("tiny", terms="both", batch=2, resolution=32, fused_norm=True)
 
     def fan_out(self, norm, h, scale=None, shift=None, x_bias=None, pass_x=False, silu=True):
-        y = self._norm_silu_impl(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale,
-                                 shift, x_bias, False, silu)
+        y = self.plan.norm_silu(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale,
+                                shift, x_bias, False, silu)
         return (y, h) if pass_x else y
 
     monkeypatch.setattr(FastUNet, "_norm_silu", fan_out)

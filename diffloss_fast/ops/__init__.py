@@ -1,22 +1,60 @@
-"""The two fused ops of DiffLoss behind one interface, with a choice of backend.
+"""The fused ops of DiffLoss, and the one place that chooses which implementation runs.
 
-- ``torch``: plain PyTorch, the reference every other backend is tested against.
-- ``triton``: fused Triton kernels (CUDA; on the CPU only under ``TRITON_INTERPRET=1``).
-- ``native``: C++/CUDA extension from ``csrc/``, built on first use.
+Each op is a file of its own: its Triton kernels, its autograd.Function and a plain-PyTorch
+twin that defines it. Two groups of ops, chosen by two options of DiffLoss:
 
-``backend="auto"`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``.
+- the loss's own ops (``noising.q_sample_pair``, ``weighted_l2``), by ``backend``:
+  ``torch`` (the twins), ``triton`` (CUDA; on the CPU only under ``TRITON_INTERPRET=1``) or
+  ``native`` (the C++/CUDA extension from ``csrc/``, built on first use); ``auto`` picks
+  ``triton`` for CUDA tensors when Triton imports, else ``torch``;
+- the prior's ops (``group_norm_silu``, ``residual_bias_add``, ``resample_2x``), by
+  ``fused_kernels``: the Triton kernels or the twins. (``frozen_conv`` has one
+  implementation, always used.)
+
+:func:`plan_ops` makes both choices once per device and dtype, into an :class:`OpPlan`.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .noising import q_sample_pair_torch
-from .weighted_l2 import weighted_l2_torch
+from ._triton_common import TRITON_DTYPES
+from .group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
+from .native import q_sample_pair_native, weighted_l2_native
+from .noising import q_sample_pair_torch, q_sample_pair_triton
+from .resample_2x import avg_pool_2x2, avg_pool_2x2_triton, upsample_2x_torch, upsample_2x_triton
+from .residual_bias_add import residual_bias_add_torch, residual_bias_add_triton
+from .weighted_l2 import weighted_l2_torch, weighted_l2_triton
 
 BACKENDS = ("auto", "torch", "triton", "native")
+
+# backend -> (q_sample_pair, weighted_l2)
+_LOSS_OPS = {"torch": (q_sample_pair_torch, weighted_l2_torch),
+             "triton": (q_sample_pair_triton, weighted_l2_triton),
+             "native": (q_sample_pair_native, weighted_l2_native)}
+# fused kernels or not -> (norm_silu, residual_bias_add, avg_pool, upsample)
+_PRIOR_OPS = {True: (group_norm_silu_triton, residual_bias_add_triton, avg_pool_2x2_triton,
+                     upsample_2x_triton),
+              False: (group_norm_silu_torch, residual_bias_add_torch, avg_pool_2x2,
+                      upsample_2x_torch)}
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    """The implementation of every op, for one device and dtype (see :func:`plan_ops`).
+    ``fused``: the prior's ops are the Triton kernels, which read channels_last activations."""
+
+    q_sample_pair: Callable
+    weighted_l2: Callable
+    fused: bool
+    norm_silu: Callable
+    residual_bias_add: Callable
+    avg_pool: Callable
+    upsample: Callable
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -44,26 +82,45 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def _impl(backend: str):
-    if backend == "torch":
-        return q_sample_pair_torch, weighted_l2_torch
-    if backend == "triton":
-        from .noising import q_sample_pair_triton
-        from .weighted_l2 import weighted_l2_triton
-        return q_sample_pair_triton, weighted_l2_triton
-    if backend == "native":
-        from .native import q_sample_pair_native, weighted_l2_native
-        return q_sample_pair_native, weighted_l2_native
-    raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {backend!r}")
+def _resolve_fused(fused_kernels: bool | str, device: torch.device, dtype: torch.dtype) -> bool:
+    """``auto``: the Triton kernels on CUDA where Triton builds them (never on the CPU, where
+    they would run interpreted), in the dtypes they take; True where they cannot run raises."""
+    if fused_kernels == "auto":
+        return device.type == "cuda" and dtype in TRITON_DTYPES and triton_available(device)
+    if fused_kernels and not triton_available(device):
+        raise ValueError(f"fused_kernels=True needs Triton on a CUDA device, got {device}")
+    if fused_kernels and dtype not in TRITON_DTYPES:
+        raise ValueError(f"fused_kernels=True computes in fp32/fp16/bf16, got {dtype}")
+    return bool(fused_kernels)
+
+
+def plan_ops(backend: str, fused_kernels: bool | str, device: torch.device | str,
+             dtype: torch.dtype) -> OpPlan:
+    """Every op's implementation for tensors of ``dtype`` on ``device``: the loss's ops from
+    ``backend`` (:func:`resolve_backend`), the prior's from ``fused_kernels`` (True, False or
+    ``"auto"``). Raises ValueError for a choice that cannot run there."""
+    device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    fused = _resolve_fused(fused_kernels, device, dtype)
+    q_sample, l2 = _LOSS_OPS[backend]
+    norm_silu, residual, pool, upsample = _PRIOR_OPS[fused]
+    return OpPlan(q_sample_pair=q_sample, weighted_l2=l2, fused=fused, norm_silu=norm_silu,
+                  residual_bias_add=residual, avg_pool=pool, upsample=upsample)
+
+
+def _loss_ops(backend: str):
+    if backend not in _LOSS_OPS:
+        raise ValueError(f"backend must be one of {tuple(_LOSS_OPS)} here, got {backend!r}")
+    return _LOSS_OPS[backend]
 
 
 def q_sample_pair(restored, gt, noise, coef_signal, coef_noise, *, scale, offset, out_dtype,
                   channels_last=False, backend="torch"):
     """Noise both branches with shared noise; see :mod:`diffloss_fast.ops.noising`."""
-    return _impl(backend)[0](restored, gt, noise, coef_signal, coef_noise, scale=scale,
-                             offset=offset, out_dtype=out_dtype, channels_last=channels_last)
+    return _loss_ops(backend)[0](restored, gt, noise, coef_signal, coef_noise, scale=scale,
+                                 offset=offset, out_dtype=out_dtype, channels_last=channels_last)
 
 
 def weighted_l2(p, q, weight, x=None, y=None, x_coef=None, p_coef=None, *, backend="torch"):
     """Per-sample weighted squared error; see :mod:`diffloss_fast.ops.weighted_l2`."""
-    return _impl(backend)[1](p, q, weight, x, y, x_coef, p_coef)
+    return _loss_ops(backend)[1](p, q, weight, x, y, x_coef, p_coef)

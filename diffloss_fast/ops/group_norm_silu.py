@@ -16,27 +16,26 @@ an attention block's residual sum); the backward then adds that op's gradient as
 The prior is frozen, so only x is differentiable: weight, bias, scale and shift must not
 require grad. Statistics and arithmetic are fp32 whatever the storage dtype.
 
-Two kernel families, by layout. NCHW (and strided) tensors: a group's channels are one
-contiguous run per sample, so each (sample, group) is split over several programs and the
-partial sums are combined by the next kernel. channels_last tensors: a group's channels are a
-few elements of every pixel's row of C (16 bytes at ADM-256's 256-channel levels), so reading
-them group by group leaves most of each memory transaction unused (3.1x slower than NCHW on an
-H200). There each program reads whole pixel rows of one sample, all groups at once, and keeps
-per-channel partial sums; a small kernel folds them into per-group statistics.
+The kernels read channels_last tensors, the layout the fused path keeps its activations in.
+There a group's channels are a few elements of every pixel's row of C (16 bytes at ADM-256's
+256-channel levels), so reading them group by group would leave most of each memory
+transaction unused. Each program instead reads whole pixel rows of one sample, all groups at
+once, and keeps per-channel partial sums; a small kernel folds them into per-group statistics.
+A tensor in another layout is copied to channels_last and its results copied back.
 """
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._triton_common import TRITON_DTYPES, cdiv, next_power_of_2, require_triton, triton, tl
 from .autocast import without_autocast
-from .checks import is_channels_last
-from .launch_math import cdiv, next_power_of_2
+
+_CL = torch.channels_last
 
 
 def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=None,
@@ -56,113 +55,30 @@ def group_norm_silu_torch(x, num_groups, weight, bias, eps, scale=None, shift=No
     return (y, inp) if pass_x else y
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the torch twin still works
-    triton = None
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TILE = 2048          # elements per loop step of one program
-_TARGET_PROGRAMS = 1024  # enough programs to cover every SM several times
-_MAX_ROW_CHANNELS = 4096  # wider channels_last tensors take the group-wise kernels
-LAUNCH_ENV = "DIFFLOSS_FAST_NORM_LAUNCH"
-
-
-@dataclass(frozen=True)
-class RowLaunch:
-    """Launch shape of the channels_last (pixel-row) kernels, by role: ``reduce``, the passes
-    that only read and sum (forward statistics, backward sums), and ``apply``, the passes that
-    write y or dx. Each role has its elements per loop step (``*_tile``, whole pixel rows) and
-    the tiles each program has in flight (``*_stages``: software pipelining of the loop's loads
-    through shared memory; 1 loads each tile as it is used); ``programs`` is how many programs
-    a launch aims for. The roles differ in what keeps them waiting: a reducing pass has only
-    its loads in flight, an applying pass also its stores. Set from the environment variable
-    ``DIFFLOSS_FAST_NORM_LAUNCH`` (see :meth:`parse`); swept on a GPU by
-    ``benchmarks/test_bench_ops.py``."""
-
-    reduce_tile: int = 4096
-    reduce_stages: int = 1
-    apply_tile: int = 4096
-    apply_stages: int = 1
-    programs: int = 1024
-
-    def __post_init__(self):
-        for name in ("reduce_tile", "apply_tile"):
-            tile = getattr(self, name)
-            if not 256 <= tile <= 8192 or tile & (tile - 1):
-                raise ValueError(f"{LAUNCH_ENV}: {name} must be a power of two from 256 to "
-                                 f"8192, got {tile}")
-        for name in ("reduce_stages", "apply_stages"):
-            if not 1 <= getattr(self, name) <= 4:
-                raise ValueError(f"{LAUNCH_ENV}: {name} must be 1 to 4, got "
-                                 f"{getattr(self, name)}")
-        if not 1 <= self.programs <= 65536:
-            raise ValueError(f"{LAUNCH_ENV}: programs must be 1 to 65536, got {self.programs}")
-
-    @classmethod
-    def parse(cls, text: str | None) -> "RowLaunch":
-        """From ``"reduce_tile=8192,reduce_stages=3"``: comma-separated ``name=integer`` pairs,
-        any subset of the fields (the rest keep their defaults); empty or None: the defaults."""
-        fields = {}
-        for item in filter(None, (part.strip() for part in (text or "").split(","))):
-            name, _, value = item.partition("=")
-            name = name.strip()
-            if name not in cls.__dataclass_fields__:
-                raise ValueError(f"{LAUNCH_ENV}: unknown setting {name!r} in {text!r}; known: "
-                                 f"{', '.join(cls.__dataclass_fields__)}")
-            try:
-                fields[name] = int(value)
-            except ValueError:
-                raise ValueError(f"{LAUNCH_ENV}: {name} must be an integer, got "
-                                 f"{value.strip()!r}") from None
-        return cls(**fields)
-
-    def __str__(self) -> str:
-        """The settings that differ from the defaults, in the form :meth:`parse` reads ("" for
-        the defaults)."""
-        default = RowLaunch()
-        return ",".join(f"{name}={getattr(self, name)}" for name in self.__dataclass_fields__
-                        if getattr(self, name) != getattr(default, name))
-
-
-_ROW_LAUNCH = RowLaunch.parse(os.environ.get(LAUNCH_ENV))
-
-
-def active_row_launch() -> RowLaunch:
-    """The launch shape the channels_last kernels use in this process."""
-    return _ROW_LAUNCH
-
-
 if triton is not None:
 
     @triton.jit
-    def _group_base(ng, G, Cg, sN, sC):
-        n = ng // G
-        g = ng % G
-        return n, g, n.to(tl.int64) * sN + (g * Cg).to(tl.int64) * sC
-
-    @triton.jit
-    def _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _rows(n, start, HW, C, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """Offsets and mask of pixels [start, start + BLOCK_S) of sample n, all channels, in a
+        channels_last-contiguous tensor (pixel p's channels at (n * HW + p) * C)."""
         s = start + tl.arange(0, BLOCK_S)
-        c = tl.arange(0, BLOCK_C)
-        mask = (s < HW)[:, None] & (c < Cg)[None, :]
-        return s[:, None].to(tl.int64) * sS + c[None, :].to(tl.int64) * sC, mask
+        c = tl.arange(0, BLOCK_CC)
+        mask = (s < HW)[:, None] & (c < C)[None, :]
+        return (n.to(tl.int64) * HW + s[:, None]) * C + c[None, :], mask
 
     @triton.jit
-    def _store_partials(part_ptr, ng, sp, SPLIT, a, b):
-        """This program's sums of the tiles a and b, for ``_combine`` in the next kernel."""
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2, tl.sum(tl.sum(a, axis=1), axis=0))
-        tl.store(part_ptr + (ng * SPLIT + sp) * 2 + 1, tl.sum(tl.sum(b, axis=1), axis=0))
+    def _row_channels(n, G, C, Cg: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """The channels of a row, their mask, and the index of their (sample, group)."""
+        c = tl.arange(0, BLOCK_CC)
+        cm = c < C
+        return c, cm, n * G + c // Cg
 
     @triton.jit
-    def _combine(part_ptr, ng, SPLIT, BLOCK_P: tl.constexpr):
-        """Sum the per-program partial sums (a, b) of one group."""
-        p = tl.arange(0, BLOCK_P)
-        m = p < SPLIT
-        a = tl.sum(tl.load(part_ptr + (ng * SPLIT + p) * 2, mask=m, other=0.0), axis=0)
-        b = tl.sum(tl.load(part_ptr + (ng * SPLIT + p) * 2 + 1, mask=m, other=0.0), axis=0)
-        return a, b
+    def _store_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b):
+        """This program's per-channel sums of the tiles a and b: part[n, sp, 0 | 1, c]."""
+        p = part_ptr + (n * SPLIT + sp).to(tl.int64) * 2 * C + c
+        tl.store(p, tl.sum(a, axis=0), mask=cm)
+        tl.store(p + C, tl.sum(b, axis=0), mask=cm)
 
     @triton.jit
     def _x_bias(xb_ptr, c, cm, HAS_XB: tl.constexpr):
@@ -182,20 +98,11 @@ if triton is not None:
         return k
 
     @triton.jit
-    def _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN, mean, rstd,
-                BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
-        """``_affine_at`` for the channels of group g."""
-        c = g * Cg + tl.arange(0, BLOCK_C)
-        cm = tl.arange(0, BLOCK_C) < Cg
-        return _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN, mean, rstd,
-                          HAS_FILM, HAS_XB)
-
-    @triton.jit
-    def _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN, mean, rstd,
-                   HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
+    def _affine(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN, mean, rstd,
+                HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
         """At channels c (masked by cm): (mul, add) with u = x * mul + add, the FiLM'd weight
         w * (1 + scale), and the centre, the x of zero xhat (mean - x_bias). mean and rstd are
-        scalars or per-channel vectors."""
+        per-channel vectors (their groups')."""
         w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
         centre = mean - _x_bias(xb_ptr, c, cm, HAS_XB)
@@ -208,54 +115,16 @@ if triton is not None:
         return w * rstd * gain, add, w * gain, centre
 
     @triton.jit
-    def _gn_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, S_PER,
-                         SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                         HAS_XB: tl.constexpr):
-        """Partial sums of (x + x_bias - k) and its square over one slice of a group, k the
-        group's first element of x + x_bias: shifted sums keep the variance accurate when
-        |mean| >> std."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        n, g, base = _group_base(ng, G, Cg, sN, sC)
-        k = _shift(x_ptr, base, xb_ptr, g * Cg, True, HAS_XB)
-        k = k - _x_bias(xb_ptr, g * Cg + tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_C) < Cg,
-                        HAS_XB)  # subtracted from x: (x + x_bias) - k
-        s1 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        s2 = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
-            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            v = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) - k[None, :]
-            v = tl.where(mask, v, 0.0)
-            s1 += v
-            s2 += v * v
-        _store_partials(part_ptr, ng, sp, SPLIT, s1, s2)
-
-    @triton.jit
-    def _gn_silu_fwd_kernel(x_ptr, y_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                            sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS, scN, S_PER,
-                            SPLIT, eps, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                            BLOCK_P: tl.constexpr, HAS_FILM: tl.constexpr,
-                            HAS_XB: tl.constexpr, SILU: tl.constexpr):
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        n, g, base = _group_base(ng, G, Cg, sN, sC)
-        k = _shift(x_ptr, base, xb_ptr, g * Cg, True, HAS_XB)
-        s1, s2 = _combine(part_ptr, ng, SPLIT, BLOCK_P)
-        count = HW * Cg * 1.0
-        d = s1 / count
-        mean = k + d
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - d * d, 0.0) + eps)
-        if sp == 0:
-            tl.store(mean_ptr + ng, mean)
-            tl.store(rstd_ptr + ng, rstd)
-        mul, add, _, _ = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN, mean, rstd,
-                                 BLOCK_C, HAS_FILM, HAS_XB)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
-            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            u = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
-                + add[None, :]
-            tl.store(y_ptr + base + off, _activation(u, SILU).to(y_ptr.dtype.element_ty),
-                     mask=mask)
+    def _row_affine(n, G, C, Cg: tl.constexpr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
+                    xb_ptr, scN, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
+                    HAS_XB: tl.constexpr):
+        """Per-channel statistics of the channel's group and the affine terms of a row."""
+        c, cm, grp = _row_channels(n, G, C, Cg, BLOCK_CC)
+        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+        mul, add, dgain, centre = _affine(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN,
+                                          mean, rstd, HAS_FILM, HAS_XB)
+        return c, cm, grp, centre, rstd, mul, add, dgain
 
     @triton.jit
     def _activation(u, SILU: tl.constexpr):
@@ -265,114 +134,25 @@ if triton is not None:
         return u
 
     @triton.jit
-    def _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain, centre, rstd,
-               SILU: tl.constexpr):
+    def _dxhat(x_ptr, dy_ptr, off, mask, mul, add, dgain, centre, rstd, SILU: tl.constexpr):
         """Recompute the forward for one tile: the normalized input and its gradient."""
-        x = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
-        du = tl.load(dy_ptr + dbase + doff, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        du = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             u = x * mul[None, :] + add[None, :]
             sig = tl.sigmoid(u)
             du = du * sig * (1.0 + u * (1.0 - sig))
-        return (x - centre) * rstd, tl.where(mask, du * dgain[None, :], 0.0)
+        return (x - centre[None, :]) * rstd[None, :], tl.where(mask, du * dgain[None, :], 0.0)
+
+    # Each loop keeps one tile in flight (num_stages=1): a streaming pass gains nothing from
+    # software pipelining (benchmarks/NOTES.md).
 
     @triton.jit
-    def _bwd_group(ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC,
-                   dsN, dsC, scN, BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr,
-                   HAS_XB: tl.constexpr):
-        """Where a group starts in x (and dx) and in dy, its statistics and affine terms."""
-        n, g, base = _group_base(ng, G, Cg, sN, sC)
-        _, _, dbase = _group_base(ng, G, Cg, dsN, dsC)
-        mean = tl.load(mean_ptr + ng)
-        rstd = tl.load(rstd_ptr + ng)
-        mul, add, dgain, centre = _affine(w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, g, Cg, scN,
-                                          mean, rstd, BLOCK_C, HAS_FILM, HAS_XB)
-        return base, dbase, centre, rstd, mul, add, dgain
-
-    @triton.jit
-    def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-                                  sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS,
-                                  dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
-                                  BLOCK_C: tl.constexpr, HAS_FILM: tl.constexpr,
-                                  HAS_XB: tl.constexpr, SILU: tl.constexpr):
-        """Partial sums of dxhat and dxhat * xhat over one slice of a group."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        base, dbase, centre, rstd, mul, add, dgain = _bwd_group(
-            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC, dsN,
-            dsC, scN, BLOCK_C, HAS_FILM, HAS_XB)
-        a = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        b = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
-            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
-            xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 centre[None, :], rstd, SILU)
-            a += dxhat
-            b += dxhat * xhat
-        _store_partials(part_ptr, ng, sp, SPLIT, a, b)
-
-    @triton.jit
-    def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, dp_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
-                            b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, Cg: tl.constexpr, sN, sC, sS,
-                            dsN, dsC, dsS, scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
-                            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
-                            HAS_DP: tl.constexpr, SILU: tl.constexpr):
-        """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, plus
-        dp (x's strides), the gradient of x passed through, if given."""
-        ng = tl.program_id(0)
-        sp = tl.program_id(1)
-        base, dbase, centre, rstd, mul, add, dgain = _bwd_group(
-            ng, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, G, Cg, sN, sC, dsN,
-            dsC, scN, BLOCK_C, HAS_FILM, HAS_XB)
-        sa, sb = _combine(part_ptr, ng, SPLIT, BLOCK_P)
-        count = HW * Cg * 1.0
-        ma = sa / count
-        mb = sb / count
-        for start in range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S):
-            off, mask = _tile_offsets(start, HW, Cg, sS, sC, BLOCK_S, BLOCK_C)
-            doff, _ = _tile_offsets(start, HW, Cg, dsS, dsC, BLOCK_S, BLOCK_C)
-            xhat, dxhat = _dxhat(x_ptr, dy_ptr, base, dbase, off, doff, mask, mul, add, dgain,
-                                 centre[None, :], rstd, SILU)
-            dx = rstd * (dxhat - ma - xhat * mb)
-            if HAS_DP:
-                dx += tl.load(dp_ptr + base + off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-    # --- channels_last: whole pixel rows of one sample per program -----------------------
-
-    @triton.jit
-    def _rows(n, start, HW, C, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr):
-        """Offsets and mask of pixels [start, start + BLOCK_S) of sample n, all channels, in a
-        channels_last-contiguous tensor (pixel p's channels at (n * HW + p) * C)."""
-        s = start + tl.arange(0, BLOCK_S)
-        c = tl.arange(0, BLOCK_CC)
-        mask = (s < HW)[:, None] & (c < C)[None, :]
-        return (n.to(tl.int64) * HW + s[:, None]) * C + c[None, :], mask
-
-    @triton.jit
-    def _row_channels(n, G, C, Cg: tl.constexpr, BLOCK_CC: tl.constexpr):
-        """The channels of a row, their mask, and the index of their (sample, group)."""
-        c = tl.arange(0, BLOCK_CC)
-        cm = c < C
-        return c, cm, n * G + c // Cg
-
-    @triton.jit
-    def _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b):
-        """This program's per-channel sums of the tiles a and b: part[n, sp, 0 | 1, c]."""
-        p = part_ptr + (n * SPLIT + sp).to(tl.int64) * 2 * C + c
-        tl.store(p, tl.sum(a, axis=0), mask=cm)
-        tl.store(p + C, tl.sum(b, axis=0), mask=cm)
-
-    @triton.jit
-    def _gn_rows_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER,
-                              SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                              HAS_XB: tl.constexpr, STAGES: tl.constexpr):
+    def _gn_stats_kernel(x_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr, S_PER, SPLIT,
+                         BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr, HAS_XB: tl.constexpr):
         """Per-channel partial sums of (x + x_bias - k) and its square over a slice of pixels,
-        k the first element of x + x_bias in the channel's group (as in
-        ``_gn_stats_kernel``)."""
+        k the first element of x + x_bias in the channel's group: shifted sums keep the
+        variance accurate when |mean| >> std."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
         c, cm, _ = _row_channels(n, G, C, Cg, BLOCK_CC)
@@ -381,19 +161,18 @@ if triton is not None:
             - _x_bias(xb_ptr, c, cm, HAS_XB)
         s1 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         s2 = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
-        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             v = tl.where(mask, tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
                          - k[None, :], 0.0)
             s1 += v
             s2 += v * v
-        _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, s1, s2)
+        _store_partials(part_ptr, n, sp, SPLIT, C, c, cm, s1, s2)
 
     @triton.jit
-    def _gn_rows_group_kernel(part_ptr, x_ptr, xb_ptr, out1_ptr, out2_ptr, HW, G, C,
-                              Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
-                              BLOCK_G: tl.constexpr, FORWARD: tl.constexpr,
-                              HAS_XB: tl.constexpr):
+    def _gn_group_kernel(part_ptr, x_ptr, xb_ptr, out1_ptr, out2_ptr, HW, G, C,
+                         Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
+                         BLOCK_G: tl.constexpr, FORWARD: tl.constexpr, HAS_XB: tl.constexpr):
         """One (sample, group): fold its channels' partial sums into the group's statistics.
         Forward: mean and 1/std. Backward: the means of dxhat and of dxhat * xhat."""
         ng = tl.program_id(0)
@@ -420,41 +199,27 @@ if triton is not None:
             tl.store(out2_ptr + ng, sb)
 
     @triton.jit
-    def _row_affine(n, G, C, Cg: tl.constexpr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
-                    xb_ptr, scN, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                    HAS_XB: tl.constexpr):
-        """Per-channel statistics of the channel's group and the affine terms of a row."""
-        c, cm, grp = _row_channels(n, G, C, Cg, BLOCK_CC)
-        mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-        rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
-        mul, add, dgain, centre = _affine_at(c, cm, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, n, scN,
-                                             mean, rstd, HAS_FILM, HAS_XB)
-        return c, cm, grp, centre, rstd, mul, add, dgain
-
-    @triton.jit
-    def _gn_rows_silu_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr,
-                                 sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
-                                 BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                                 HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
-                                 STAGES: tl.constexpr, SILU: tl.constexpr):
+    def _gn_silu_fwd_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr,
+                            xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
+                            BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr, SILU: tl.constexpr):
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, _, _, _, _, mul, add, _ = _row_affine(n, G, C, Cg, mean_ptr, rstd_ptr, w_ptr, b_ptr,
                                                  sc_ptr, sh_ptr, xb_ptr, scN, BLOCK_CC,
                                                  HAS_FILM, HAS_XB)
-        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
             u = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * mul[None, :] \
                 + add[None, :]
             tl.store(y_ptr + off, _activation(u, SILU).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gn_rows_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr,
-                                       b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr,
-                                       scN, S_PER, SPLIT, BLOCK_S: tl.constexpr,
-                                       BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                       HAS_XB: tl.constexpr, STAGES: tl.constexpr,
-                                       SILU: tl.constexpr):
+    def _gn_silu_bwd_stats_kernel(x_ptr, dy_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+                                  sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN,
+                                  S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                                  HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
+                                  SILU: tl.constexpr):
         """Per-channel partial sums of dxhat and dxhat * xhat over a slice of pixels."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
@@ -463,21 +228,19 @@ if triton is not None:
             HAS_FILM, HAS_XB)
         a = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         b = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
-        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
-            xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 centre[None, :], rstd[None, :], SILU)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, off, mask, mul, add, dgain, centre, rstd, SILU)
             a += dxhat
             b += dxhat * xhat
-        _store_row_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
+        _store_partials(part_ptr, n, sp, SPLIT, C, c, cm, a, b)
 
     @triton.jit
-    def _gn_rows_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, dp_ptr, mean_ptr, rstd_ptr, ma_ptr,
-                                 mb_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C,
-                                 Cg: tl.constexpr, scN, S_PER, BLOCK_S: tl.constexpr,
-                                 BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
-                                 HAS_XB: tl.constexpr, HAS_DP: tl.constexpr,
-                                 STAGES: tl.constexpr, SILU: tl.constexpr):
+    def _gn_silu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, dp_ptr, mean_ptr, rstd_ptr, ma_ptr, mb_ptr,
+                            w_ptr, b_ptr, sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr,
+                            scN, S_PER, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                            HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
+                            HAS_DP: tl.constexpr, SILU: tl.constexpr):
         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group, plus
         dp, the gradient of x passed through, if given."""
         n = tl.program_id(0)
@@ -487,96 +250,51 @@ if triton is not None:
             HAS_FILM, HAS_XB)
         ma = tl.load(ma_ptr + grp, mask=cm, other=0.0)
         mb = tl.load(mb_ptr + grp, mask=cm, other=0.0)
-        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=STAGES):
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
             off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
-            xhat, dxhat = _dxhat(x_ptr, dy_ptr, 0, 0, off, off, mask, mul, add, dgain,
-                                 centre[None, :], rstd[None, :], SILU)
+            xhat, dxhat = _dxhat(x_ptr, dy_ptr, off, mask, mul, add, dgain, centre, rstd, SILU)
             dx = rstd[None, :] * (dxhat - ma[None, :] - xhat * mb[None, :])
             if HAS_DP:
                 dx += tl.load(dp_ptr + off, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _spatial_stride(t: torch.Tensor) -> int | None:
-    """The stride s with element (h, w) at offset (h * W + w) * s, if H and W flatten."""
-    _, _, H, W = t.shape
-    if H == 1 or W == 1:
-        return t.stride(3) if H == 1 else t.stride(2)
-    return t.stride(3) if t.stride(2) == W * t.stride(3) else None
+_TILE = 4096          # elements of x a program holds per loop step: whole pixel rows
+_PROGRAMS = 1024      # programs a launch aims for: enough to cover every SM several times
+_MAX_CHANNELS = 4096  # two rows of more would put over 16 elements on each thread of 16 warps
 
 
-def _flat(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``dy`` itself when its spatial dims flatten (the kernels take its own strides), else a
-    copy in ``x``'s memory format."""
-    if _spatial_stride(dy) is not None:
-        return dy
-    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return dy.contiguous(memory_format=layout)
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """x as NCHW- or channels_last-contiguous, so that y and dx (``empty_like``) share its
-    strides and the kernels index all three alike."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
-
-
-def _strides(t: torch.Tensor):
-    return t.stride(0), t.stride(1), _spatial_stride(t)
-
-
-def _split(HW: int, block_s: int, units: int, programs: int) -> tuple[int, int]:
-    """Programs per unit (a sample's group, or a sample) and the pixels each covers, a whole
-    number of tiles: about ``programs`` programs over all units, to fill the GPU several times."""
-    split = max(1, min(cdiv(programs, units), cdiv(HW, block_s)))
-    s_per = cdiv(cdiv(HW, split), block_s) * block_s
-    return cdiv(HW, s_per), s_per
+class _Launch(NamedTuple):
+    block_s: int   # pixels per tile
+    block_cc: int  # channels per pixel row, padded to a power of two
+    block_g: int   # channels per group, padded
+    block_p: int   # partial sums the group kernel folds per step
+    split: int     # programs per sample
+    s_per: int     # pixels per program, a whole number of tiles
+    num_warps: int
 
 
 @functools.lru_cache(maxsize=256)  # one entry per shape a network's norms see; read only
-def _launch(N, G, HW, Cg, tile, programs):
-    """Block shape and the split of each group over programs. Every block dim is at least 2
-    (masked): one-element aranges are where Triton's code generation is least exercised."""
-    block_c = max(2, next_power_of_2(Cg))
-    block_s = max(2, min(next_power_of_2(HW), tile // block_c))
-    split, s_per = _split(HW, block_s, N * G, programs)
-    return dict(rows=False, block_s=block_s, block_c=block_c,
-                block_p=max(2, next_power_of_2(split)), split=split, s_per=s_per)
-
-
-def _by_rows(x: torch.Tensor) -> bool:
-    """Whether x takes the pixel-row kernels: channels_last, with a row of channels that fits
-    a tile."""
-    return is_channels_last(x) and x.shape[1] <= _MAX_ROW_CHANNELS
-
-
-def _row_pass(N, HW, block_cc, tile, stages, programs):
-    """One role's tile of whole pixel rows and the split of each sample's pixels over
-    programs; a warp per 512 elements of the tile (16 a thread), 4 to 16 warps. More elements
-    a thread spill the backward kernels' registers on sm_90 (``tests/kernel_compile.py``)."""
-    block_s = max(2, min(next_power_of_2(HW), tile // block_cc))
-    split, s_per = _split(HW, block_s, N, programs)
-    return dict(block_s=block_s, split=split, s_per=s_per, stages=stages,
-                num_warps=min(16, max(4, block_s * block_cc // 512)))
-
-
-@functools.lru_cache(maxsize=256)
-def _launch_rows(N, G, HW, C, launch: RowLaunch):
-    """The reducing and the applying passes' launch shapes (``RowLaunch``), and the block of
-    partial sums the group kernel folds at a time."""
+def _launch(N, G, HW, C) -> _Launch:
+    """The launch shape, from the problem size alone (as Liger-Kernel's
+    ``calculate_settings``): a tile of whole pixel rows, each sample's pixels split over
+    programs to about ``_PROGRAMS`` in all, and a warp per 512 elements of the tile (16 a
+    thread), 4 to 16 warps; more elements a thread spill the backward kernels' registers
+    (``tests/kernel_compile.py``). Every block dim is at least 2 (masked): one-element aranges
+    are where Triton's code generation is least exercised."""
     block_cc = max(2, next_power_of_2(C))
-    reduce = _row_pass(N, HW, block_cc, launch.reduce_tile, launch.reduce_stages,
-                       launch.programs)
-    return dict(rows=True, block_cc=block_cc, block_g=max(2, next_power_of_2(C // G)),
-                block_p=max(2, min(64, next_power_of_2(reduce["split"]))), reduce=reduce,
-                apply=_row_pass(N, HW, block_cc, launch.apply_tile, launch.apply_stages,
-                                launch.programs))
+    block_s = max(2, min(next_power_of_2(HW), _TILE // block_cc))
+    split = max(1, min(cdiv(_PROGRAMS, N), cdiv(HW, block_s)))
+    s_per = cdiv(cdiv(HW, split), block_s) * block_s
+    split = cdiv(HW, s_per)
+    return _Launch(block_s=block_s, block_cc=block_cc, block_g=max(2, next_power_of_2(C // G)),
+                   block_p=max(2, min(64, next_power_of_2(split))), split=split, s_per=s_per,
+                   num_warps=min(16, max(4, block_s * block_cc // 512)))
 
 
 def _forward(x, G, weight, bias, eps, scale, shift, x_bias, silu):
     """y, the per-group mean and 1/std (of x + x_bias), and the launch shape (reused by the
-    backward pass)."""
+    backward pass); x channels_last."""
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
     film, has_xb = scale is not None, x_bias is not None
@@ -585,83 +303,46 @@ def _forward(x, G, weight, bias, eps, scale, shift, x_bias, silu):
     mean = torch.empty(N * G, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
-    if _by_rows(x):
-        k = _launch_rows(N, G, HW, C, _ROW_LAUNCH)
-        r, a = k["reduce"], k["apply"]
-        part = torch.empty(N * r["split"] * 2 * C, dtype=torch.float32, device=x.device)
-        _gn_rows_stats_kernel[(N, r["split"])](
-            x, xb, part, HW, G, C, Cg, r["s_per"], r["split"], BLOCK_S=r["block_s"],
-            BLOCK_CC=k["block_cc"], HAS_XB=has_xb, STAGES=r["stages"], num_warps=r["num_warps"])
-        _gn_rows_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, r["split"],
-                                        float(eps), BLOCK_P=k["block_p"],
-                                        BLOCK_G=k["block_g"], FORWARD=True, HAS_XB=has_xb,
-                                        num_warps=4)
-        _gn_rows_silu_fwd_kernel[(N, a["split"])](
-            x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0), a["s_per"],
-            BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film, HAS_XB=has_xb,
-            STAGES=a["stages"], SILU=silu, num_warps=a["num_warps"])
-        return y, mean, rstd, k
-    k = _launch(N, G, HW, Cg, _TILE, _TARGET_PROGRAMS)
-    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
-    grid = (N * G, k["split"])
-    _gn_stats_kernel[grid](x, xb, part, HW, G, Cg, *_strides(x), k["s_per"], k["split"],
-                           BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], HAS_XB=has_xb,
-                           num_warps=4)
-    _gn_silu_fwd_kernel[grid](x, y, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg,
-                              *_strides(x), sc.stride(0), k["s_per"], k["split"],
-                              float(eps), BLOCK_S=k["block_s"], BLOCK_C=k["block_c"],
-                              BLOCK_P=k["block_p"], HAS_FILM=film, HAS_XB=has_xb, SILU=silu,
-                              num_warps=4)
+    k = _launch(N, G, HW, C)
+    part = torch.empty(N * k.split * 2 * C, dtype=torch.float32, device=x.device)
+    _gn_stats_kernel[(N, k.split)](x, xb, part, HW, G, C, Cg, k.s_per, k.split,
+                                   BLOCK_S=k.block_s, BLOCK_CC=k.block_cc, HAS_XB=has_xb,
+                                   num_warps=k.num_warps)
+    _gn_group_kernel[(N * G,)](part, x, xb, mean, rstd, HW, G, C, Cg, k.split, float(eps),
+                               BLOCK_P=k.block_p, BLOCK_G=k.block_g, FORWARD=True,
+                               HAS_XB=has_xb, num_warps=4)
+    _gn_silu_fwd_kernel[(N, k.split)](x, y, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg,
+                                      sc.stride(0), k.s_per, BLOCK_S=k.block_s,
+                                      BLOCK_CC=k.block_cc, HAS_FILM=film, HAS_XB=has_xb,
+                                      SILU=silu, num_warps=k.num_warps)
     return y, mean, rstd, k
 
 
-def _strided_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t with x's strides (x dense): one offset indexes both."""
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
-
-
-def _backward_rows(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, silu,
-                   k):
+def _backward(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, silu, k):
+    """dx, channels_last like x, dy and dp (the gradient of the passed-on x, or None)."""
     N, C, H, W = x.shape
     HW, Cg = H * W, C // G
-    dy = _strided_like(dy, x)
     dx = torch.empty_like(x)
-    r, a = k["reduce"], k["apply"]
-    part = torch.empty(N * r["split"] * 2 * C, dtype=torch.float32, device=x.device)
+    part = torch.empty(N * k.split * 2 * C, dtype=torch.float32, device=x.device)
     ma, mb = torch.empty_like(mean), torch.empty_like(mean)
-    _gn_rows_silu_bwd_stats_kernel[(N, r["split"])](
-        x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
-        r["s_per"], r["split"], BLOCK_S=r["block_s"], BLOCK_CC=k["block_cc"], HAS_FILM=film,
-        HAS_XB=has_xb, STAGES=r["stages"], SILU=silu, num_warps=r["num_warps"])
-    _gn_rows_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, r["split"], 0.0,
-                                    BLOCK_P=k["block_p"], BLOCK_G=k["block_g"],
-                                    FORWARD=False, HAS_XB=has_xb, num_warps=4)
-    _gn_rows_silu_bwd_kernel[(N, a["split"])](
+    _gn_silu_bwd_stats_kernel[(N, k.split)](
+        x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0), k.s_per,
+        k.split, BLOCK_S=k.block_s, BLOCK_CC=k.block_cc, HAS_FILM=film, HAS_XB=has_xb,
+        SILU=silu, num_warps=k.num_warps)
+    _gn_group_kernel[(N * G,)](part, x, xb, ma, mb, HW, G, C, Cg, k.split, 0.0,
+                               BLOCK_P=k.block_p, BLOCK_G=k.block_g, FORWARD=False,
+                               HAS_XB=has_xb, num_warps=4)
+    _gn_silu_bwd_kernel[(N, k.split)](
         x, dy, dx, dx if dp is None else dp, mean, rstd, ma, mb, weight, bias, sc, sh, xb, HW,
-        G, C, Cg, sc.stride(0), a["s_per"], BLOCK_S=a["block_s"], BLOCK_CC=k["block_cc"],
-        HAS_FILM=film, HAS_XB=has_xb, HAS_DP=dp is not None, STAGES=a["stages"],
-        SILU=silu, num_warps=a["num_warps"])
+        G, C, Cg, sc.stride(0), k.s_per, BLOCK_S=k.block_s, BLOCK_CC=k.block_cc,
+        HAS_FILM=film, HAS_XB=has_xb, HAS_DP=dp is not None, SILU=silu,
+        num_warps=k.num_warps)
     return dx
 
 
-def _backward_groups(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, G, film, has_xb, silu,
-                     k):
-    N, C, H, W = x.shape
-    HW, Cg = H * W, C // G
-    dy = _flat(dy, x)
-    dx = torch.empty_like(x)
-    part = torch.empty(N * G * k["split"] * 2, dtype=torch.float32, device=x.device)
-    grid = (N * G, k["split"])
-    _gn_silu_bwd_stats_kernel[grid](
-        x, dy, part, mean, rstd, weight, bias, sc, sh, xb, HW, G, Cg, *_strides(x),
-        *_strides(dy), sc.stride(0), k["s_per"], k["split"], BLOCK_S=k["block_s"],
-        BLOCK_C=k["block_c"], HAS_FILM=film, HAS_XB=has_xb, SILU=silu, num_warps=4)
-    _gn_silu_bwd_kernel[grid](
-        x, dy, dx, dx if dp is None else dp, part, mean, rstd, weight, bias, sc, sh, xb, HW, G,
-        Cg, *_strides(x), *_strides(dy), sc.stride(0), k["s_per"], k["split"],
-        BLOCK_S=k["block_s"], BLOCK_C=k["block_c"], BLOCK_P=k["block_p"], HAS_FILM=film,
-        HAS_XB=has_xb, HAS_DP=dp is not None, SILU=silu, num_warps=4)
-    return dx
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of y and dx: channels_last for x dense in it, else NCHW."""
+    return _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -670,30 +351,33 @@ class _GroupNormSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, scale, shift, x_bias, silu, pass_x):
-        y, mean, rstd, k = _forward(x, num_groups, weight, bias, eps, scale, shift, x_bias,
+        rows = x.contiguous(memory_format=_CL)
+        y, mean, rstd, k = _forward(rows, num_groups, weight, bias, eps, scale, shift, x_bias,
                                     silu)
         film, has_xb = scale is not None, x_bias is not None
         sc, sh = (scale, shift) if film else (weight, weight)
-        ctx.save_for_backward(x, mean, rstd, weight, bias, sc, sh,
+        ctx.save_for_backward(rows, mean, rstd, weight, bias, sc, sh,
                               x_bias if has_xb else weight)
         ctx.num_groups, ctx.film, ctx.has_xb, ctx.silu, ctx.launch = (num_groups, film, has_xb,
                                                                       silu, k)
+        ctx.layout = _layout(x)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        y = y.contiguous(memory_format=ctx.layout)
         return (y, x) if pass_x else y
 
     @staticmethod
     @without_autocast
     @once_differentiable
     def backward(ctx, dy, dp=None):
-        x, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors
+        rows, mean, rstd, weight, bias, sc, sh, xb = ctx.saved_tensors
         nones = (None,) * 9
         if dy is None:  # only the passed-on x was used
-            return (None if dp is None else _strided_like(dp, x),) + nones
+            return (None if dp is None else dp.contiguous(memory_format=ctx.layout),) + nones
         if dp is not None:
-            dp = _strided_like(dp, x)
-        backward = _backward_rows if ctx.launch["rows"] else _backward_groups
-        return (backward(x, dy, dp, mean, rstd, weight, bias, sc, sh, xb, ctx.num_groups,
-                         ctx.film, ctx.has_xb, ctx.silu, ctx.launch),) + nones
+            dp = dp.contiguous(memory_format=_CL)
+        dx = _backward(rows, dy.contiguous(memory_format=_CL), dp, mean, rstd, weight, bias,
+                       sc, sh, xb, ctx.num_groups, ctx.film, ctx.has_xb, ctx.silu, ctx.launch)
+        return (dx.contiguous(memory_format=ctx.layout),) + nones
 
 
 def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None,
@@ -701,14 +385,14 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
     """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only.
     ``pass_x``: return (y, x), x to use beside the norm (a ResBlock's skip path), so that its
     gradient is added to the norm's by the kernel that writes dx. ``silu=False``: the norm
-    alone (an attention block's)."""
-    if triton is None:
-        raise ValueError("group_norm_silu_triton needs the triton package, which is not installed")
+    alone (an attention block's). Rows wider than ``_MAX_CHANNELS`` (no ADM prior has them)
+    take the twin."""
+    require_triton("group_norm_silu_triton")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"group_norm_silu: x must be a 4-D (N, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     N, C = x.shape[:2]
-    if x.dtype not in _TRITON_DTYPES:
+    if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"group_norm_silu: the triton backend takes fp32/fp16/bf16, got "
                          f"{x.dtype}; use the torch twin for it")
     if num_groups < 1 or C % num_groups:
@@ -732,14 +416,19 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
                              f"(a frozen prior), but {name} requires grad")
         if t.device != x.device:
             raise ValueError(f"group_norm_silu: {name} is on {t.device}, x on {x.device}")
+    if C > _MAX_CHANNELS:
+        return group_norm_silu_torch(x, num_groups, weight, bias, eps, scale, shift, x_bias,
+                                     pass_x, silu)
     weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
     if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
         scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
-    x = _dense(x)
     if x.numel() == 0:
-        return (torch.empty_like(x), x) if pass_x else torch.empty_like(x)
+        y = torch.empty_like(x, memory_format=_layout(x))
+        return (y, x) if pass_x else y
     if x.requires_grad and torch.is_grad_enabled():
         return _GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift, x_bias,
                                     silu, pass_x)
-    y = _forward(x.detach(), num_groups, weight, bias, eps, scale, shift, x_bias, silu)[0]
+    rows = x.detach().contiguous(memory_format=_CL)
+    y = _forward(rows, num_groups, weight, bias, eps, scale, shift, x_bias, silu)[0]
+    y = y.contiguous(memory_format=_layout(x))
     return (y, x) if pass_x else y

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._triton_common import (TRITON_DTYPES, cdiv, channels_innermost, dense_alike, needs_i64,
+                             require_triton, triton, tl)
 from .autocast import without_autocast
 from .checks import check_q_sample_pair
-from .launch_math import cdiv
 
 
 def _out_format(channels_last: bool) -> torch.memory_format:
@@ -37,77 +38,12 @@ def q_sample_pair_torch(restored, gt, noise, coef_signal, coef_noise, *, scale, 
     return xt_res.contiguous(memory_format=fmt), xt_gt.contiguous(memory_format=fmt)
 
 
-# ---------------------------------------------------------------------------------------------
 # Triton backend. Every tensor is indexed through its own 4 strides, so NCHW, channels_last and
 # non-contiguous views are read and written in place, without a copy.
-# ---------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the torch twin still works
-    triton = None
-
 _BLOCK = 1024
-_INT32_MAX = 2 ** 31 - 1
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _sample_dense(t: torch.Tensor) -> bool:
-    """Whether one sample of ``t`` (dims 1..3) is one dense block, in whatever dim order."""
-    dims = sorted((t.stride(i), t.size(i)) for i in range(1, 4) if t.size(i) > 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _dense_alike(*ts: torch.Tensor) -> bool:
-    """Same strides (size-1 dims aside) and dense samples: then a flat in-sample index is the
-    same logical element in every tensor and the kernel skips the (c, h, w) arithmetic."""
-    ref = ts[0]
-    if not _sample_dense(ref):
-        return False
-    return all(t.stride(i) == ref.stride(i) for t in ts[1:] for i in range(1, 4)
-               if ref.size(i) > 1)
-
-
-def _is_cl(t: torch.Tensor) -> bool:
-    """Channels are the innermost dim in memory: iterate (h, w, c) so accesses coalesce."""
-    return t.size(1) > 1 and t.stride(1) == 1 and t.stride(3) != 1
-
-
-def _needs_i64(*ts: torch.Tensor) -> bool:
-    """Offsets overflow int32 beyond 2^31 elements of span; only then pay for int64 math."""
-    for t in ts:
-        if t.numel() > _INT32_MAX:
-            return True
-        if sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= _INT32_MAX:
-            return True
-    return False
-
-
-def _strides(t: torch.Tensor):
-    return tuple(t.stride())
-
 
 if triton is not None:
-
-    @triton.jit
-    def _chw(i, C, H, W, CL: tl.constexpr):
-        """Logical (c, h, w) of in-sample index i, in NCHW or NHWC iteration order."""
-        if CL:
-            c = i % C
-            hw = i // C
-            w = hw % W
-            h = hw // W
-        else:
-            w = i % W
-            ch = i // W
-            h = ch % H
-            c = ch // H
-        return c, h, w
+    from ._triton_common import chw
 
     @triton.jit
     def _q_sample_pair_fwd_kernel(
@@ -128,7 +64,7 @@ if triton is not None:
             n_off = b * ns0 + i
             o_off = b * os0 + i
         else:
-            c, h, w = _chw(i, C, H, W, CL)
+            c, h, w = chw(i, C, H, W, CL)
             r_off = b * rs0 + c * rs1 + h * rs2 + w * rs3
             g_off = b * gs0 + c * gs1 + h * gs2 + w * gs3
             n_off = b * ns0 + c * ns1 + h * ns2 + w * ns3
@@ -158,7 +94,7 @@ if triton is not None:
             s_off = b * ss0 + i
             d_off = b * ds0 + i
         else:
-            c, h, w = _chw(i, C, H, W, CL)
+            c, h, w = chw(i, C, H, W, CL)
             s_off = b * ss0 + c * ss1 + h * ss2 + w * ss3
             d_off = b * ds0 + c * ds1 + h * ds2 + w * ds3
         a = tl.load(a_ptr + b)
@@ -191,9 +127,9 @@ def _q_sample_pair_fwd(restored, gt, noise, a, bn, scale, offset, out_dtype, cha
     grid = (B, cdiv(C * H * W, _BLOCK))
     _q_sample_pair_fwd_kernel[grid](
         restored, gt, noise, a, bn, xt_res, xt_gt, C, H, W, float(scale), float(offset),
-        *_strides(restored), *_strides(gt), *_strides(noise), *_strides(xt_res),
-        BLOCK=_BLOCK, CL=_is_cl(xt_res), DENSE=_dense_alike(xt_res, restored, gt, noise),
-        I64=_needs_i64(restored, gt, noise, xt_res), num_warps=4)
+        *restored.stride(), *gt.stride(), *noise.stride(), *xt_res.stride(),
+        BLOCK=_BLOCK, CL=channels_innermost(xt_res), DENSE=dense_alike(xt_res, restored, gt, noise),
+        I64=needs_i64(restored, gt, noise, xt_res), num_warps=4)
     return xt_res, xt_gt
 
 
@@ -224,9 +160,9 @@ class _QSamplePair(torch.autograd.Function):
             grid = (B, cdiv(C * H * W, _BLOCK))
             _q_sample_pair_bwd_kernel[grid](
                 grad_res, a, grad_r, C, H, W, ctx.scale,
-                *_strides(grad_res), *_strides(grad_r),
-                BLOCK=_BLOCK, CL=_is_cl(grad_r), DENSE=_dense_alike(grad_r, grad_res),
-                I64=_needs_i64(grad_res, grad_r), num_warps=4)
+                *grad_res.stride(), *grad_r.stride(),
+                BLOCK=_BLOCK, CL=channels_innermost(grad_r), DENSE=dense_alike(grad_r, grad_res),
+                I64=needs_i64(grad_res, grad_r), num_warps=4)
         return grad_r, None, None, None, None, None, None, None, None
 
 
@@ -235,10 +171,9 @@ def q_sample_pair_triton(restored, gt, noise, coef_signal, coef_noise, *, scale,
     """Fused Triton version of :func:`q_sample_pair_torch`: one pass over the three inputs.
 
     Arithmetic in fp32 (fp64 inputs are refused: use the torch twin for gradcheck)."""
-    if triton is None:
-        raise ValueError("q_sample_pair_triton needs the triton package, which is not installed")
+    require_triton("q_sample_pair_triton")
     check_q_sample_pair(restored, gt, noise, out_dtype, backend="triton",
-                        in_dtypes=_TRITON_DTYPES, out_dtypes=_TRITON_DTYPES)
+                        in_dtypes=TRITON_DTYPES, out_dtypes=TRITON_DTYPES)
     _check_coefs(restored, coef_signal, coef_noise)
     a = coef_signal.detach().to(torch.float32).contiguous()
     bn = coef_noise.detach().to(torch.float32).contiguous()

@@ -8,12 +8,11 @@ upsampling), and each input pixel of the upsampling the sum of its four copies' 
 pooling, times 4). So neither needs to keep anything of its input for the backward pass.
 
 - :func:`avg_pool_2x2` and :func:`upsample_2x_torch`: PyTorch's ops with these backward passes
-  (autograd's pooling backward took 0.69 ms per call at 256x256 on an H200, several passes over
-  memory);
+  (autograd's own pooling backward makes several passes over memory);
 - :func:`avg_pool_2x2_triton` and :func:`upsample_2x_triton`: one Triton kernel per direction,
-  each a single pass that reads and writes in the tensors' own layout. PyTorch's pooling and
-  upsampling kernels took 17.5 ms of a 215 ms batch-8 step with channels_last activations
-  (run 5b), against a floor of 1.4 ms at the H200's bandwidth.
+  each a single pass that reads and writes in the tensors' own layout, where PyTorch's
+  channels_last pooling and upsampling kernels run far above the bandwidth floor
+  (``benchmarks/test_bench_ops.py`` times both).
 """
 from __future__ import annotations
 
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._triton_common import INT32_MAX, TRITON_DTYPES, cdiv, require_triton, triton, tl
 from .autocast import without_autocast
 from .checks import is_channels_last
-from .launch_math import cdiv
 
 
 class _AvgPool2x2(torch.autograd.Function):
@@ -51,24 +50,16 @@ def upsample_2x_torch(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the torch ops still work
-    triton = None
-
 _BLOCK = 1024
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_INDEX = 2 ** 31 - 1  # the kernels index elements with int32
 
 if triton is not None:
 
     @triton.jit
     def _nchw_at(i, C, H, W, CHANNELS_LAST: tl.constexpr):
         """(n, c, h, w) of element i of an (N, C, H, W) tensor dense in the given layout.
-        (``noising._chw`` splits an index within one sample; splitting i by C * H * W first
-        hides from Triton that channels_last c runs contiguously, and its loads stop being
-        vectorized.)"""
+        (``_triton_common.chw`` splits an index within one sample; splitting i by C * H * W
+        first hides from Triton that channels_last c runs contiguously, and its loads stop
+        being vectorized.)"""
         if CHANNELS_LAST:
             c = i % C
             r = i // C
@@ -161,15 +152,15 @@ def _resample_2x(x: torch.Tensor, there: tuple, back: tuple) -> torch.Tensor:
 
 
 def _triton_ready(x: torch.Tensor, op: str, out_numel: int) -> bool:
-    """Whether the kernel takes x; refuses what the torch op would not take either."""
-    if triton is None:
-        raise ValueError(f"{op}_triton needs the triton package, which is not installed")
+    """Whether the kernel takes x (it indexes elements with int32); refuses what the torch op
+    would not take either."""
+    require_triton(f"{op}_triton")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: x must be a 4-D (N, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _TRITON_DTYPES:
+    if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"{op}: the triton kernel takes fp32/fp16/bf16, got {x.dtype}")
-    return max(out_numel, x.numel()) <= _MAX_INDEX
+    return max(out_numel, x.numel()) <= INT32_MAX
 
 
 def avg_pool_2x2_triton(x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._triton_common import (TRITON_DTYPES, cdiv, channels_innermost, dense_alike, needs_i64,
+                             require_triton, triton, tl)
 from .autocast import without_autocast
-from .launch_math import cdiv
 
 
 def _check(p, q, weight, x, y, x_coef, p_coef):
@@ -46,22 +47,12 @@ def weighted_l2_torch(p, q, weight, x=None, y=None, x_coef=None, p_coef=None):
     return (weight.to(acc).view(view) * d.square()).sum() / p.numel()
 
 
-# ---------------------------------------------------------------------------------------------
 # Triton backend: 4D strided indexing (p may be channels_last while x is NCHW), fp32
 # accumulation, and a deterministic reduction: one partial sum per program, summed by torch.
-# ---------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the torch twin still works
-    triton = None
-
-from .noising import _TRITON_DTYPES, _dense_alike, _is_cl, _needs_i64, _strides
-
 _BLOCK = 1024
 
 if triton is not None:
-    from .noising import _chw
+    from ._triton_common import chw
 
     @triton.jit
     def _wl2_diff(p_ptr, q_ptr, x_ptr, y_ptr, xc, pc, b, i, mask, C, H, W,
@@ -75,7 +66,7 @@ if triton is not None:
             x_off = b * xs0 + i
             y_off = b * ys0 + i
         else:
-            c, h, w = _chw(i, C, H, W, CL)
+            c, h, w = chw(i, C, H, W, CL)
             p_off = b * ps0 + c * ps1 + h * ps2 + w * ps3
             q_off = b * qs0 + c * qs1 + h * qs2 + w * qs3
             x_off = b * xs0 + c * xs1 + h * xs2 + w * xs3
@@ -147,7 +138,7 @@ if triton is not None:
             if DENSE:
                 gp_off = b * gps0 + i
             else:
-                c, h, w = _chw(i, C, H, W, CL)
+                c, h, w = chw(i, C, H, W, CL)
                 gp_off = b * gps0 + c * gps1 + h * gps2 + w * gps3
             if HAS_X:
                 gp = -pc * gd
@@ -158,7 +149,7 @@ if triton is not None:
             if DENSE:
                 gx_off = b * gxs0 + i
             else:
-                c, h, w = _chw(i, C, H, W, CL)
+                c, h, w = chw(i, C, H, W, CL)
                 gx_off = b * gxs0 + c * gxs1 + h * gxs2 + w * gxs3
             tl.store(gx_ptr + gx_off, (xc * gd).to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -176,7 +167,7 @@ def _check_triton(p, q, weight, x, y, x_coef, p_coef):
             continue
         if not t.is_floating_point():
             raise TypeError(f"weighted_l2: {name} must be a float tensor, got {t.dtype}")
-        if t.dtype not in _TRITON_DTYPES:
+        if t.dtype not in TRITON_DTYPES:
             raise ValueError(f"weighted_l2: the triton backend takes fp32/fp16/bf16 {name}, got "
                              f"{t.dtype}; use backend='torch' (fp64 accumulation) for it")
     if not 1 <= p.dim() <= 4:
@@ -217,9 +208,9 @@ def _wl2_forward(p, q, weight, x, y, x_coef, p_coef):
     partials = torch.empty(B * nblk, dtype=torch.float32, device=p.device)
     _wl2_fwd_kernel[(B, nblk)](
         p4, q4, x4, y4, w, xc, pc, partials, C, H, W,
-        *_strides(p4), *_strides(q4), *_strides(x4), *_strides(y4),
-        HAS_X=has_x, BLOCK=_BLOCK, CL=_is_cl(p4), DENSE=_dense_alike(p4, q4, x4, y4),
-        I64=_needs_i64(p4, q4, x4, y4), num_warps=4)
+        *p4.stride(), *q4.stride(), *x4.stride(), *y4.stride(),
+        HAS_X=has_x, BLOCK=_BLOCK, CL=channels_innermost(p4), DENSE=dense_alike(p4, q4, x4, y4),
+        I64=needs_i64(p4, q4, x4, y4), num_warps=4)
     return partials.sum() / n
 
 
@@ -248,11 +239,11 @@ class _WeightedL2(torch.autograd.Function):
             go = grad_out.detach().to(torch.float32).reshape(1)
             _wl2_bwd_kernel[(B, cdiv(C * H * W, _BLOCK))](
                 p4, q4, x4, y4, w, xc, pc, go, gp4, gx4, 1.0 / p.numel(), C, H, W,
-                *_strides(p4), *_strides(q4), *_strides(x4), *_strides(y4),
-                *_strides(gp4), *_strides(gx4),
-                HAS_X=has_x, NEED_P=need_p, NEED_X=need_x, BLOCK=_BLOCK, CL=_is_cl(p4),
-                DENSE=_dense_alike(p4, q4, x4, y4, gp4, gx4),
-                I64=_needs_i64(p4, q4, x4, y4, gp4, gx4), num_warps=4)
+                *p4.stride(), *q4.stride(), *x4.stride(), *y4.stride(),
+                *gp4.stride(), *gx4.stride(),
+                HAS_X=has_x, NEED_P=need_p, NEED_X=need_x, BLOCK=_BLOCK, CL=channels_innermost(p4),
+                DENSE=dense_alike(p4, q4, x4, y4, gp4, gx4),
+                I64=needs_i64(p4, q4, x4, y4, gp4, gx4), num_warps=4)
         return grad_p, None, None, grad_x, None, None, None
 
 
@@ -260,8 +251,7 @@ def weighted_l2_triton(p, q, weight, x=None, y=None, x_coef=None, p_coef=None):
     """Fused Triton version of :func:`weighted_l2_torch`; returns a 0-dim fp32 tensor.
 
     Gradients go to p and x only (weight and coefficients are schedule constants)."""
-    if triton is None:
-        raise ValueError("weighted_l2_triton needs the triton package, which is not installed")
+    require_triton("weighted_l2_triton")
     _check(p, q, weight, x, y, x_coef, p_coef)
     _check_triton(p, q, weight, x, y, x_coef, p_coef)
     q = q.detach()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import (ACTIVATION_CHECKPOINTING_HELP, PRIOR_CONFIG_HELP, check_device, check_prior,
-                   hidden_alias, positive_int)
 from ..prior import PRESETS
+from ..tools.harness import (ACTIVATION_CHECKPOINTING_HELP, PRIOR_CONFIG_HELP, check_device,
+                             check_prior, hidden_alias, positive_int)
 
 TRAIN_EXAMPLES = """\
 examples:

@@ -11,35 +11,20 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from . import hardware, ops
-from .cli import (ACTIVATION_CHECKPOINTING_HELP, add_measurement_arguments, check_device,
-                  check_fast_path, check_prior, hidden_alias, positive_int, prior_source,
-                  write_json)
+from .. import ops
+from ..loss import resolve_precision
+from . import hardware
 from .flops import count_flops
-from .loss import DiffLoss, ReferenceDiffLoss, resolve_precision
-from .ops.group_norm_silu import active_row_launch
-from .prior import build_prior, load_prior
+from .harness import (ACTIVATION_CHECKPOINTING_HELP, CHANNELS_LAST_CHOICES, COMPILE_CHOICES,
+                      TERMS, VARIANTS, add_measurement_arguments, check_device, check_fast_path,
+                      check_prior, compile_option, hidden_alias, loss_step, make_inputs,
+                      make_loss, measurement_prior, positive_int, prior_source, write_json)
 
-TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
-# fast: eager with PyTorch's norms (DiffLoss(fused_norm=False))
-# fast-fused: eager with the fused GroupNorm + SiLU kernels (fused_norm=True; the default on CUDA)
-# fast-graphed: fast-fused with both branches replayed as CUDA graphs (cuda_graph=True)
-VARIANTS = ("reference", "fast", "fast-fused", "fast-graphed", "fast-compiled")
-# --compile: how fast-compiled compiles; "graph" is torch.compile's default mode on the whole
-# truncated UNet, the others are DiffLoss compile modes (reduce-overhead adds CUDA graphs)
-COMPILE_CHOICES = ("graph", "regional", "reduce-overhead", "max-autotune",
-                   "max-autotune-no-cudagraphs")
-CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
 # On the CPU a step of the tiny prior is bound by per-op overhead: at small sizes the
 # comparison times that overhead and its noise, so the CPU default is big enough for the work
 # to show.
 CPU_DEFAULTS = dict(resolution=64, batches=[4], warmup=2, repeats=10)
 CUDA_DEFAULTS = dict(resolution=256, batches=[1, 4, 8], warmup=3, repeats=10)
-
-
-def compile_option(choice: str) -> bool | str:
-    """DiffLoss's ``compile`` argument for a ``--compile`` choice."""
-    return True if choice == "graph" else choice
 
 
 @dataclass
@@ -63,51 +48,6 @@ class Row:
     status: str = "ok"
     channels_last: str = "auto"
     compile_mode: str | None = None
-
-
-def measurement_prior(weights: str | None, config, device: torch.device, what: str):
-    """The prior to measure with: real weights from the file ``weights``, else random ones
-    (``what``, timing or memory, does not depend on the weights), on ``device``."""
-    if weights:
-        prior = load_prior(weights, config=config)
-        print(f"prior: {weights} ({config})")
-    else:
-        prior = build_prior(config)
-        print(f"prior: {config} with random weights ({what} does not depend on the weights; "
-              "pass --prior FILE for real ones)")
-    return prior.to(device)
-
-
-def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
-              checkpoint: bool = False, channels_last: bool | str = "auto",
-              compile_mode: bool | str = True):
-    natural_weight, semantic_weight = TERMS[terms]
-    if variant == "reference":
-        return ReferenceDiffLoss(prior, natural_weight=natural_weight,
-                                 semantic_weight=semantic_weight, precision="fp32")
-    return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
-                    precision=precision, backend=backend, checkpoint=checkpoint,
-                    channels_last=channels_last,
-                    fused_norm=variant in ("fast-fused", "fast-graphed"),
-                    cuda_graph=variant == "fast-graphed",
-                    compile=compile_mode if variant == "fast-compiled" else False)
-
-
-def make_inputs(batch: int, resolution: int, device: torch.device, seed: int = 0):
-    """Random restored/gt images in [0, 1], timesteps and noise (never zeros)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (batch, 3, resolution, resolution)
-    restored = torch.rand(shape, device=device, generator=gen).requires_grad_(True)
-    gt = torch.rand(shape, device=device, generator=gen)
-    t = torch.randint(0, 1000, (batch,), device=device, generator=gen)
-    noise = torch.randn(shape, device=device, generator=gen)
-    return restored, gt, t, noise
-
-
-def loss_step(loss_fn, restored, gt, t, noise):
-    """One training step's worth of the loss: forward, then backward to the restored image."""
-    restored.grad = None
-    loss_fn(restored, gt, t=t, noise=noise).backward()
 
 
 def measure(prior, variant: str, terms: str, batch: int, resolution: int,
@@ -256,7 +196,6 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": warmup,
         "repeats": repeats,
         "cudnn_benchmark": args.cudnn_benchmark,
-        "norm_launch": str(active_row_launch()),  # the fused norms' launch shape; "": default
         "rows": [asdict(r) for r in rows],
     }
     if args.json:
@@ -276,7 +215,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors for what this machine cannot run, before anything is built."""
     device = check_device(parser, args.device)
     check_prior(parser, args.prior, args.prior_config, args.checkpoint)
-    check_fast_path(parser, device, args.variants or (), args.backend)
+    check_fast_path(parser, device, args.variants or (), args.backend, args.channels_last)
 
 
 def add_parser(subparsers) -> None:
@@ -294,9 +233,9 @@ def add_parser(subparsers) -> None:
                               resolution_default=None)
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                   help="fast: eager with PyTorch's norms (fused_norm=False); fast-fused: eager "
-                        "with the fused norm kernels (the default on CUDA); fast-graphed: "
-                        "fast-fused replayed as CUDA graphs; fast-compiled: torch.compile "
+                   help="fast: eager with PyTorch's norms (fused_kernels=False); fast-fused: "
+                        "eager with the fused kernels; fast-graphed: fast-fused replayed as "
+                        "CUDA graphs (the default on CUDA); fast-compiled: torch.compile "
                         "(--compile). Default: reference, fast, fast-fused and fast-graphed "
                         "on CUDA; reference and fast on the CPU")
     p.add_argument("--terms", nargs="+", choices=tuple(TERMS), default=["both"],

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from diffloss_fast import hardware
+from diffloss_fast.tools import hardware
 from diffloss_fast.cli import main
-from diffloss_fast.replay import TensorSpec, _thaw, freeze
-from diffloss_fast.roofline import CARDS, time_convolutions, trace_step
+from diffloss_fast.tools.conv_replay import TensorSpec, _thaw, freeze
+from diffloss_fast.tools.roofline import CARDS, time_convolutions, trace_step
 
 CPU = torch.device("cpu")
 

@@ -20,11 +20,12 @@ own launches (and the CPU time to issue them) are not in the floors; their count
 
 The same trace counts the activations the restored branch keeps for its backward pass (the
 part of peak memory that grows with the batch), and ``--time-convolutions`` runs the step's
-convolutions on a device one by one (:mod:`diffloss_fast.replay`).
+convolutions on a device one by one (:mod:`diffloss_fast.tools.conv_replay`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -36,13 +37,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from . import hardware, replay
-from .cli import (ACTIVATION_CHECKPOINTING_HELP, add_prior_arguments, check_device,
-                  check_prior, hidden_alias, positive_int, prior_source, write_json)
-from .loss import DiffLoss, _DTYPES
-from .ops.resample_2x import avg_pool_2x2, upsample_2x_torch
-from .profile import categorize
-from .prior import prior_architecture
+from ..loss import _DTYPES, DiffLoss
+from ..prior import prior_architecture
+from . import conv_replay, hardware
+from .harness import (ACTIVATION_CHECKPOINTING_HELP, add_prior_arguments, categorize,
+                      check_device, check_prior, hidden_alias, positive_int, prior_source,
+                      write_json)
 
 aten = torch.ops.aten
 COMPUTE_CATEGORIES = ("convolution", "matmul", "attention")
@@ -118,7 +118,7 @@ def aten_op(func, args, kwargs, out) -> Op | None:
     name = func._schema.name
     category = categorize(name)
     stat = sum(_nbytes(t) for t in _tensors(args) if t.dim() == 4) if category == "norm" else 0
-    call = (func, replay.freeze(args)) if category == "convolution" and not kwargs else None
+    call = (func, conv_replay.freeze(args)) if category == "convolution" and not kwargs else None
     return Op(name, category, int(flops), moved, stat, call)
 
 
@@ -217,13 +217,13 @@ def _traced_network(config, terms: str, precision: str, checkpoint: bool, fused_
     natural = terms in ("both", "natural")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
                        semantic_weight=float(terms in ("both", "semantic")),
-                       precision=precision, checkpoint=checkpoint, fused_norm=fused_norm)
+                       precision=precision, checkpoint=checkpoint, fused_kernels=False)
     net = loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
     if fused_norm:
-        net._norm_silu_impl = _fused_norm_silu(ops)
-        net._residual_impl = _fused_residual(ops)
-        # PyTorch's ops move what the resampling kernels move: x read, the result written
-        net._pool_impl, net._upsample_impl = avg_pool_2x2, upsample_2x_torch
+        # the plan's PyTorch resampling moves what the resampling kernels move: x read, the
+        # result written; the norms and residual sums record their kernels' traffic
+        net.plan = dataclasses.replace(net.plan, fused=True, norm_silu=_fused_norm_silu(ops),
+                                       residual_bias_add=_fused_residual(ops))
     return net
 
 
@@ -388,7 +388,7 @@ def time_convolutions(ops: list[Op], card: Card, device: torch.device, *,
     """The traced convolutions run one distinct call at a time on ``device``, against their
     floor: their own rate, apart from everything around them."""
     convs = [op for op in ops if op.call is not None]
-    rows = replay.time_calls([op.call for op in convs], {op.call: op.flops for op in convs},
+    rows = conv_replay.time_calls([op.call for op in convs], {op.call: op.flops for op in convs},
                              device, channels_last=channels_last)
     tflops = sum(op.flops for op in convs) / sum(r["total_ms"] for r in rows) / 1e9
     return {"device": hardware.device_name(device), "channels_last": channels_last,

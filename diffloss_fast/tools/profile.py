@@ -17,39 +17,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from . import bench, hardware
-from .cli import (add_measurement_arguments, check_device, check_fast_path, check_prior,
-                  positive_int, prior_source, write_json)
-from .loss import resolve_precision
-from .ops.group_norm_silu import active_row_launch
-
-# (category, lower-case name fragments). Convolutions before matmuls: cuDNN's convolution
-# kernels are implicit GEMMs and carry "gemm" in their names too. "copy" is every copy kernel:
-# layout changes (NCHW <-> NHWC, concatenation) and dtype casts alike.
-CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "attn")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
-    ("matmul", ("gemm", "matmul", "cutlass", "aten::mm", "aten::bmm", "aten::addmm",
-                "aten::linear")),
-    ("norm", ("group_norm", "groupnorm", "_gn_", "native_norm", "batch_norm", "moments",
-              "internalgradients", "fusedparams", "gammabeta")),
-    ("fused loss ops", ("q_sample", "weighted_l2", "_wl2_")),
-    ("copy", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "aten::cat", "catarray",
-                     "contiguous", "permute", "clone")),
-    ("elementwise", ("elementwise", "vectorized", "silu", "sigmoid", "add", "mul", "triton_poi",
-                     "triton_")),
-    ("reduction", ("reduce", "sum", "mean")),
-)
-
-
-def categorize(name: str) -> str:
-    """The category of a kernel or operator name; ``other`` when no rule matches."""
-    low = name.lower()
-    for category, fragments in CATEGORIES:
-        if any(f in low for f in fragments):
-            return category
-    return "other"
-
+from ..loss import resolve_precision
+from . import hardware, harness
+from .harness import (CATEGORIES, add_measurement_arguments, categorize, check_device,
+                      check_fast_path, check_prior, positive_int, prior_source, write_json)
 
 def _self_time_us(event, device: bool) -> float:
     if device:  # the attribute was renamed from *_cuda_* in torch 2.4
@@ -157,15 +128,15 @@ def run(args: argparse.Namespace) -> dict:
                                    args.prior_config, args.checkpoint)
     resolution = args.resolution or (256 if cuda else 32)
     batch = args.batch or (8 if cuda else 2)
-    prior = bench.measurement_prior(weights, config, device, "timing")
+    prior = harness.measurement_prior(weights, config, device, "timing")
     precision = "fp32" if args.variant == "reference" else resolve_precision(args.precision, device)
-    loss_fn = bench.make_loss(prior, args.variant, args.terms, precision=precision,
+    loss_fn = harness.make_loss(prior, args.variant, args.terms, precision=precision,
                               backend=args.backend,
-                              channels_last=bench.CHANNELS_LAST_CHOICES[args.channels_last],
-                              compile_mode=bench.compile_option(args.compile))
+                              channels_last=harness.CHANNELS_LAST_CHOICES[args.channels_last],
+                              compile_mode=harness.compile_option(args.compile))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    inputs = bench.make_inputs(batch, resolution, device)
-    step = lambda: bench.loss_step(loss_fn, *inputs)  # noqa: E731
+    inputs = harness.make_inputs(batch, resolution, device)
+    step = lambda: harness.loss_step(loss_fn, *inputs)  # noqa: E731
     for _ in range(args.warmup):  # compilation, autotuning and allocator growth stay outside
         step()
     hardware.synchronize(device)
@@ -188,7 +159,6 @@ def run(args: argparse.Namespace) -> dict:
               "weights": weights,
               "torch": torch.__version__,
               "cudnn_benchmark": args.cudnn_benchmark,
-              "norm_launch": str(active_row_launch()),  # the fused norms' launch; "": default
               "kernels": "CUDA kernels" if cuda else "CPU operators (self time)", **summary}
     if args.json:
         write_json(args.json, result)
@@ -202,7 +172,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors for what this machine cannot run, before anything is built."""
     device = check_device(parser, args.device)
     check_prior(parser, args.prior, args.prior_config, args.checkpoint)
-    check_fast_path(parser, device, (args.variant,), args.backend)
+    check_fast_path(parser, device, (args.variant,), args.backend, args.channels_last)
 
 
 def add_parser(subparsers) -> None:
@@ -219,10 +189,10 @@ def add_parser(subparsers) -> None:
                                                  "the CPU",
                               resolution_default=None)
     p.add_argument("--batch", type=positive_int, default=None)
-    p.add_argument("--variant", default="fast", choices=bench.VARIANTS)
-    p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
-    p.add_argument("--channels-last", default="auto", choices=tuple(bench.CHANNELS_LAST_CHOICES))
-    p.add_argument("--compile", default="graph", choices=bench.COMPILE_CHOICES,
+    p.add_argument("--variant", default="fast", choices=harness.VARIANTS)
+    p.add_argument("--terms", default="both", choices=tuple(harness.TERMS))
+    p.add_argument("--channels-last", default="auto", choices=tuple(harness.CHANNELS_LAST_CHOICES))
+    p.add_argument("--compile", default="graph", choices=harness.COMPILE_CHOICES,
                    help="how fast-compiled compiles (as in bench)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time its convolution algorithms (as in bench)")

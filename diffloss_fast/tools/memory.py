@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import bench, hardware
-from .cli import add_measurement_arguments, check_prior, positive_int, prior_source, write_json
-from .loss import resolve_precision
+from ..loss import resolve_precision
+from . import hardware, harness
+from .harness import (add_measurement_arguments, check_prior, positive_int, prior_source,
+                      write_json)
 
 VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
 DEFAULT_CAP_GIB = 24.0  # an RTX 4090
@@ -239,8 +240,8 @@ def measure_step(loss_fn, variant: str, precision: str, terms: str, batch: int,
     inputs = None
     oom = False
     try:
-        inputs = bench.make_inputs(batch, resolution, device)
-        bench.loss_step(loss_fn, *inputs)
+        inputs = harness.make_inputs(batch, resolution, device)
+        harness.loss_step(loss_fn, *inputs)
         torch.cuda.synchronize(device)
         row.peak_allocated_gib = hardware.peak_memory_gib(device)
         row.nvml_used_gib = nvml.used_gib()  # inputs and their gradient are still alive
@@ -325,14 +326,14 @@ def run(args: argparse.Namespace) -> dict:
         for variant in variants:
             baseline = _leftover_bytes(device, 0)
             if variant == "reference" or fast_prior == "device":  # a device copy per variant
-                prior = bench.measurement_prior(weights, config, device, "memory")
+                prior = harness.measurement_prior(weights, config, device, "memory")
             else:
-                cpu_prior = cpu_prior or bench.measurement_prior(
+                cpu_prior = cpu_prior or harness.measurement_prior(
                     weights, config, torch.device("cpu"), "memory")
                 prior = cpu_prior
             precision = "fp32" if variant == "reference" else resolve_precision(args.precision,
                                                                                 device)
-            loss_fn = bench.make_loss(prior, "fast" if variant == "fast-ckpt" else variant,
+            loss_fn = harness.make_loss(prior, "fast" if variant == "fast-ckpt" else variant,
                                       terms, precision=precision, backend=backend,
                                       checkpoint=variant == "fast-ckpt")
 
@@ -415,7 +416,7 @@ def add_parser(subparsers) -> None:
                    help="fast: PyTorch's norms; fast-fused: the fused norm kernels (the default "
                         "on CUDA); fast-ckpt: fast with activation checkpointing of the restored "
                         "branch (default: all four)")
-    p.add_argument("--terms", default="both", choices=tuple(bench.TERMS))
+    p.add_argument("--terms", default="both", choices=tuple(harness.TERMS))
     p.add_argument("--fast-prior", default="cpu", choices=("cpu", "device"),
                    help="where the fast variants' fp32 prior lives: on the CPU (DiffLoss then "
                         "puts only its compute-dtype copy on the device; the default, the lean "
