@@ -24,8 +24,13 @@ from .schedule import LinearSchedule
 from .timing import PriorTimer, mark_in_backward
 
 TARGETS = ("eps", "x_prev")
-# True or a torch.compile mode compiles the whole truncated UNet; "regional" compiles its
-# blocks, sharing one compiled graph among blocks of the same structure (much less to compile).
+# How DiffLoss runs the truncated prior: "eager"; "graphed", eager replayed as CUDA graphs;
+# "compiled", torch.compile of the whole truncated UNet; "regional", torch.compile of its
+# blocks, one compiled graph shared by blocks of the same structure (much less to compile);
+# "auto", graphed on an eager CUDA step where that is safe, else eager.
+EXECUTIONS = ("auto", "eager", "graphed", "compiled", "regional")
+# compile=, the older spelling: True or a torch.compile mode means "compiled" (with that mode),
+# "regional" means "regional"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
                  "regional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -42,6 +47,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def _resolve_execution(execution: str, compile: bool | str, cuda_graph) -> tuple[str, str | None]:
+    """``execution`` and the torch.compile mode, from ``execution`` or its older spellings
+    ``compile=`` and ``cuda_graph=`` (one of them at a time)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if cuda_graph is not _NOT_GIVEN and not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
+        raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+    older = None
+    if compile:
+        older = "regional" if compile == "regional" else "compiled"
+        if cuda_graph is True:
+            raise ValueError("cuda_graph=True replays the eager path; it is not combined with "
+                             "compile (compile='reduce-overhead' captures graphs itself)")
+    elif cuda_graph is not _NOT_GIVEN and cuda_graph != "auto":
+        older = "graphed" if cuda_graph else "eager"
+    if older is not None and execution not in ("auto", older):
+        raise ValueError(f"execution={execution!r} and the older spelling of {older!r} "
+                         f"(compile= / cuda_graph=) disagree: pass execution= alone")
+    mode = compile if isinstance(compile, str) and compile not in ("default", "regional") else None
+    return older or execution, mode
+
+
 class _DiffLossBase(nn.Module):
     """Options, input checks, the draw of t and noise, the caller's autocast switched off and
     the opt-in timing, shared by both implementations (which differ in ``_loss``)."""
@@ -56,17 +83,8 @@ class _DiffLossBase(nn.Module):
                  backend: str = "auto", compile: bool | str = False,
                  timestep_weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  check_finite: bool = True, check_range: bool = True,
-                 channels_last: bool | str = "auto",
-                 attention: str = "sdpa", checkpoint: bool = False,
-                 fused_kernels: bool | str = "auto",
-                 cuda_graph: bool | str = "auto", schedule: LinearSchedule | None = None,
-                 fused_norm: bool | str = _NOT_GIVEN):
+                 schedule: LinearSchedule | None = None):
         super().__init__()
-        if fused_norm is not _NOT_GIVEN:  # the option's first name, kept as an alias
-            if fused_kernels != "auto":
-                raise ValueError("fused_norm is the old name of fused_kernels: pass one of "
-                                 "them, not both")
-            fused_kernels = fused_norm
         if not isinstance(prior, UNetModel):
             raise TypeError(f"prior must be a guided-diffusion UNetModel (from load_prior or "
                             f"build_prior), got {type(prior).__name__}")
@@ -74,27 +92,9 @@ class _DiffLossBase(nn.Module):
                                  target=target, input_range=input_range, precision=precision,
                                  backend=backend, targets=TARGETS, precisions=PRECISIONS,
                                  backends=ops.BACKENDS)
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, "
                              f"got {compile!r}")
-        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):
-            raise ValueError(f"fused_kernels must be True, False or 'auto', got "
-                             f"{fused_kernels!r}")
-        if fused_kernels is True and compile:
-            raise ValueError("fused_kernels=True is for the eager path: with compile, "
-                             "torch.compile fuses the norms itself")
-        if fused_kernels is True and not channels_last:
-            raise ValueError("fused_kernels=True reads channels_last activations: leave "
-                             "channels_last at 'auto' (or True), or pass fused_kernels=False "
-                             "to run PyTorch's norms in NCHW")
-        if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
-            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
-        if cuda_graph is True and (compile or checkpoint):
-            raise ValueError("cuda_graph=True replays the eager path; it is not combined with "
-                             "compile (compile='reduce-overhead' captures graphs itself) or "
-                             "checkpoint")
         if timestep_weight is not None and not callable(timestep_weight):
             raise ValueError("timestep_weight must be None or a callable t -> (B,) weights")
         prior.eval().requires_grad_(False)
@@ -104,9 +104,7 @@ class _DiffLossBase(nn.Module):
             object.__setattr__(self, "prior", prior)
         self.natural_weight, self.semantic_weight = float(natural_weight), float(semantic_weight)
         self.target, self.precision, self.backend = target, precision, backend
-        self.compile, self.check_finite, self.check_range = compile, check_finite, check_range
-        self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
-        self.fused_kernels, self.cuda_graph = fused_kernels, cuda_graph
+        self.check_finite, self.check_range = check_finite, check_range
         self.timestep_weight = timestep_weight
         self.schedule = schedule or LinearSchedule()
         low, high = float(input_range[0]), float(input_range[1])
@@ -195,11 +193,11 @@ class ReferenceDiffLoss(_DiffLossBase):
     """The plain baseline: upstream ``UNetModel.forward`` on both branches, eager, no fusion.
 
     It is what a careful user writes from the paper, and what every speed number is measured
-    against. It always runs the full UNet and reports both terms; the options that steer only
-    the fast path (``backend``, ``compile``, ``channels_last``, ``attention``, ``checkpoint``,
-    ``fused_kernels``, ``cuda_graph``) are accepted so that both classes share keyword arguments,
-    and ignored. ``precision`` defaults to fp32 here; bf16/fp16 run the same code under
-    ``torch.autocast``. The prior is its submodule: ``.to(device)`` moves it (the reference
+    against. It always runs the full UNet and reports both terms. It takes the loss's own
+    options (weights, target, input range, precision, timestep weight, checks, schedule);
+    ``backend`` and ``compile``, in the signature every DiffLoss shares, are accepted and
+    ignored; the options that only steer how DiffLoss runs the prior are refused.
+    ``precision`` defaults to fp32 here; bf16/fp16 run the same code under ``torch.autocast``. The prior is its submodule: ``.to(device)`` moves it (the reference
     runs it in place, with no copy of its own).
     """
 
@@ -267,9 +265,10 @@ class DiffLoss(_DiffLossBase):
       True. (``fused_norm``, the option's first name, is accepted for it.)
     - ``checkpoint=True`` recomputes the restored branch's activations in the backward pass
       to fit larger batches;
-    - ``cuda_graph`` (``"auto"``: on for eager CUDA steps) replays both branches as CUDA
-      graphs, captured on the first call per input shape: one launch instead of thousands
-      (:mod:`diffloss_fast.cuda_graph` for what stays eager and the memory it keeps).
+    - ``execution`` says how the prior runs (``EXECUTIONS``): ``"auto"`` replays both branches
+      as CUDA graphs on an eager CUDA step, captured on the first call per input shape: one
+      launch instead of thousands (:mod:`diffloss_fast.cuda_graph` for what stays eager and
+      the memory it keeps). ``compile=`` and ``cuda_graph=``, its older spellings, map onto it.
     A term whose weight is 0 is skipped, and reported as None in ``last_terms``.
 
     The prior is not a submodule: a model holding this loss has none of the prior's tensors in
@@ -281,8 +280,35 @@ class DiffLoss(_DiffLossBase):
 
     _prior_is_submodule = False
 
-    def __init__(self, prior: UNetModel, **kwargs):
-        super().__init__(prior, **kwargs)
+    def __init__(self, prior: UNetModel, *, execution: str = "auto",
+                 fused_kernels: bool | str = "auto", channels_last: bool | str = "auto",
+                 attention: str = "sdpa", checkpoint: bool = False,
+                 compile: bool | str = False, cuda_graph: bool | str = _NOT_GIVEN,
+                 fused_norm: bool | str = _NOT_GIVEN, **kwargs):
+        super().__init__(prior, compile=compile, **kwargs)
+        if fused_norm is not _NOT_GIVEN:  # the option's first name, kept as an alias
+            if fused_kernels != "auto":
+                raise ValueError("fused_norm is the old name of fused_kernels: pass one of "
+                                 "them, not both")
+            fused_kernels = fused_norm
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        execution, self._compile_mode = _resolve_execution(execution, compile, cuda_graph)
+        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):
+            raise ValueError(f"fused_kernels must be True, False or 'auto', got "
+                             f"{fused_kernels!r}")
+        if fused_kernels is True and execution in ("compiled", "regional"):
+            raise ValueError("fused_kernels=True is for the eager path: compiled, "
+                             "torch.compile fuses the norms itself")
+        if fused_kernels is True and not channels_last:
+            raise ValueError("fused_kernels=True reads channels_last activations: leave "
+                             "channels_last at 'auto' (or True), or pass fused_kernels=False "
+                             "to run PyTorch's norms in NCHW")
+        if execution == "graphed" and checkpoint:
+            raise ValueError("execution='graphed' replays the eager path without "
+                             "recomputation: it is not combined with checkpoint=True")
+        self.execution, self.fused_kernels = execution, fused_kernels
+        self.channels_last, self.attention, self.checkpoint = channels_last, attention, checkpoint
         self._plans: dict[tuple, ops.OpPlan] = {}
         self._nets: dict[tuple, nn.Module] = {}
         self._graphs = GraphCache()
@@ -298,13 +324,17 @@ class DiffLoss(_DiffLossBase):
             return next(self.prior.parameters()).dtype
         return _DTYPES[precision]
 
+    @property
+    def _compiled(self) -> bool:
+        return self.execution in ("compiled", "regional")
+
     def _channels_last(self, device: torch.device, dtype: torch.dtype) -> bool:
         """``auto``: channels_last where the norms read it in place, i.e. the fused kernels
         and compiled graphs on CUDA. Eager PyTorch's GroupNorm works in NCHW, and
         channels_last around it adds a layout copy per norm."""
         if self.channels_last == "auto":
             return self._plan(device, dtype).fused or (
-                device.type == "cuda" and dtype != torch.float64 and bool(self.compile))
+                device.type == "cuda" and dtype != torch.float64 and self._compiled)
         return bool(self.channels_last)
 
     def _plan(self, device: torch.device, dtype: torch.dtype) -> ops.OpPlan:
@@ -313,7 +343,7 @@ class DiffLoss(_DiffLossBase):
         prior's ops to inductor, and ``channels_last=False`` keeps PyTorch's norms in NCHW."""
         key = (device, dtype)
         if key not in self._plans:
-            fused = self.fused_kernels if self.channels_last and not self.compile else False
+            fused = self.fused_kernels if self.channels_last and not self._compiled else False
             self._plans[key] = ops.plan_ops(self.backend, fused, device, dtype)
         return self._plans[key]
 
@@ -323,26 +353,25 @@ class DiffLoss(_DiffLossBase):
         key = (device, dtype, decoder, channels_last)
         if key not in self._nets:
             self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
-            regional = self.compile == "regional"
             net = FastUNet(self.prior, dtype=dtype, decoder=decoder, device=device,
                            channels_last=channels_last,
                            attention=self.attention, checkpoint=self.checkpoint,
-                           compile_blocks=regional, plan=self._plan(device, dtype))
-            if self.compile and not regional:
-                mode = self.compile if isinstance(self.compile, str) else None
-                net = torch.compile(net, mode=mode, dynamic=False)
+                           compile_blocks=self.execution == "regional",
+                           plan=self._plan(device, dtype))
+            if self.execution == "compiled":
+                net = torch.compile(net, mode=self._compile_mode, dynamic=False)
             self._nets[key] = net
         return self._nets[key]
 
     def _cuda_graph(self, device: torch.device) -> bool:
-        """``auto``: on an eager CUDA step (not with compile, which captures its own graphs
-        with ``reduce-overhead``, nor with activation checkpointing, whose recomputation a
-        graph cannot hold); never inside ``inference_mode`` or a caller's own capture."""
-        if self.cuda_graph == "auto":
-            return (device.type == "cuda" and not self.compile and not self.checkpoint
+        """``auto``: graphed on an eager CUDA step (not with activation checkpointing, whose
+        recomputation a graph cannot hold); never inside ``inference_mode`` or a caller's own
+        capture. ``graphed``: always (refused off CUDA)."""
+        if self.execution == "auto":
+            return (device.type == "cuda" and not self.checkpoint
                     and not torch.is_inference_mode_enabled()
                     and not torch.cuda.is_current_stream_capturing())
-        return self.cuda_graph
+        return self.execution == "graphed"
 
     def _loss(self, restored, gt, t, noise, c):
         want_natural, want_semantic = self.natural_weight > 0, self.semantic_weight > 0

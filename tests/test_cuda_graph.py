@@ -275,6 +275,6 @@ def test_auto_uses_graphs_on_cuda_only(tiny_unet, recorded):
     loss_fn = dl.DiffLoss(tiny_unet, precision="fp32")
     x, y, t, n = cpu_inputs(0)
     loss_fn(x.requires_grad_(True), y, t=t, noise=n).backward()
-    assert loss_fn.cuda_graph == "auto" and len(loss_fn._graphs) == 0
+    assert loss_fn.execution == "auto" and len(loss_fn._graphs) == 0
     assert not dl.DiffLoss(tiny_unet, checkpoint=True)._cuda_graph(torch.device("cuda"))
     assert not dl.DiffLoss(tiny_unet, compile=True)._cuda_graph(torch.device("cuda"))

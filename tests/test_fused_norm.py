@@ -79,7 +79,6 @@ def test_fused_norm_is_an_alias(micro_unet):
     """The option's first name sets it; given beside the new name, it is refused."""
     for value in (True, False, "auto"):
         assert dl.DiffLoss(micro_unet, fused_norm=value).fused_kernels == value
-        assert dl.ReferenceDiffLoss(micro_unet, fused_norm=value).fused_kernels == value
     with pytest.raises(ValueError, match="not both"):
         dl.DiffLoss(micro_unet, fused_kernels=False, fused_norm=True)
     with pytest.raises(ValueError, match="eager path"):

@@ -103,7 +103,6 @@ def test_range_check_can_be_turned_off(tiny_unet):
     (dict(precision="fp8"), ["precision", "'fp8'"]),
     (dict(backend="cuda-magic"), ["backend", "'cuda-magic'"]),
     (dict(input_range=(1.0, 0.0)), ["input_range", "high > low"]),
-    (dict(attention="flash3"), ["attention", "'flash3'"]),
     (dict(compile="fastest"), ["compile", "'fastest'", "regional"]),
 ])
 def test_bad_options(tiny_unet, kwargs, words):
@@ -112,6 +111,39 @@ def test_bad_options(tiny_unet, kwargs, words):
             cls(tiny_unet, **kwargs)
         for word in words:
             assert word in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(attention="flash3"), ["attention", "'flash3'"]),
+    (dict(execution="fastest"), ["execution", "'fastest'", "graphed"]),
+    (dict(execution="eager", cuda_graph=True), ["disagree", "execution="]),
+    (dict(execution="graphed", compile="regional"), ["disagree"]),
+    (dict(compile=True, cuda_graph=True), ["not combined"]),
+    (dict(execution="graphed", checkpoint=True), ["not combined with checkpoint"]),
+])
+def test_bad_fast_path_options(tiny_unet, kwargs, words):
+    with pytest.raises(ValueError) as info:
+        dl.DiffLoss(tiny_unet, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("option", ["execution", "fused_kernels", "fused_norm", "cuda_graph",
+                                    "channels_last", "attention", "checkpoint"])
+def test_reference_refuses_what_only_steers_the_fast_path(tiny_unet, option):
+    """It runs upstream's UNet as it is: an option it would ignore is an error, not a no-op."""
+    with pytest.raises(TypeError, match=option):
+        dl.ReferenceDiffLoss(tiny_unet, **{option: "auto"})
+
+
+@pytest.mark.parametrize("kwargs, execution", [
+    (dict(), "auto"), (dict(cuda_graph=True), "graphed"), (dict(cuda_graph=False), "eager"),
+    (dict(cuda_graph="auto"), "auto"), (dict(compile=True), "compiled"),
+    (dict(compile="max-autotune"), "compiled"), (dict(compile="regional"), "regional"),
+    (dict(execution="regional", compile="regional"), "regional"),
+])
+def test_older_spellings_map_onto_execution(tiny_unet, kwargs, execution):
+    assert dl.DiffLoss(tiny_unet, **kwargs).execution == execution
 
 
 def test_prior_must_be_a_unet():

@@ -203,12 +203,14 @@ def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
     if variant == "reference":
         return ReferenceDiffLoss(prior, natural_weight=natural_weight,
                                  semantic_weight=semantic_weight, precision="fp32")
+    if variant == "fast-compiled":  # compile= carries torch.compile's mode too
+        how = dict(compile=compile_mode)
+    else:
+        how = dict(execution="graphed" if variant == "fast-graphed" else "eager")
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
-                    channels_last=channels_last,
-                    fused_kernels=variant in FUSED_VARIANTS,
-                    cuda_graph=variant == "fast-graphed",
-                    compile=compile_mode if variant == "fast-compiled" else False)
+                    channels_last=channels_last, fused_kernels=variant in FUSED_VARIANTS,
+                    **how)
 
 
 def make_inputs(batch: int, resolution: int, device: torch.device, seed: int = 0):
