@@ -76,34 +76,48 @@ class CudaGraphCapture:
 CAPTURE = CudaGraphCapture
 
 
+def _static(inputs: tuple, grad_index: int | None) -> tuple:
+    """Static copies of ``inputs`` (their layouts and values), the one at ``grad_index``
+    differentiable."""
+    out = [torch.empty_like(x).copy_(x.detach()) for x in inputs]
+    if grad_index is not None:
+        out[grad_index].requires_grad_(True)
+    return tuple(out)
+
+
+def _load(static: tuple, inputs: tuple) -> None:
+    with torch.no_grad():
+        for s, x in zip(static, inputs):
+            s.copy_(x)
+
+
 class _Instance:
-    """One differentiable capture of ``net(x, t)``: its static input, forward and backward.
+    """One differentiable capture of ``net(*inputs)``, differentiable to ``inputs[grad_index]``:
+    its static inputs, forward and backward.
 
     ``generation`` counts the forwards replayed; a backward is valid only for the latest one,
     whose activations the pool still holds. ``busy`` is set from a forward until its backward
     ran or its autograd graph was freed."""
 
-    def __init__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, capture):
-        self.x = torch.empty_like(x).copy_(x.detach()).requires_grad_(True)
-        self.t = t.clone()
+    def __init__(self, net: nn.Module, inputs: tuple, grad_index: int, capture):
+        self.inputs = _static(inputs, grad_index)
+        x = self.inputs[grad_index]
         self.generation, self.busy = 0, False
 
         def forward_and_backward():
-            outs = _present(net(self.x, self.t))
-            torch.autograd.grad(outs, self.x, [torch.zeros_like(o) for o in outs])
+            outs = _present(net(*self.inputs))
+            torch.autograd.grad(outs, x, [torch.zeros_like(o) for o in outs])
 
         capture.warm_up(forward_and_backward)
         pool = capture.new_pool()
-        self._forward = capture(lambda: net(self.x, self.t), pool)
+        self._forward = capture(lambda: net(*self.inputs), pool)
         self.outs = self._forward.outputs
         self.grads = [torch.empty_like(o) for o in _present(self.outs)]
         self._backward = capture(
-            lambda: torch.autograd.grad(_present(self.outs), self.x, self.grads), pool)
+            lambda: torch.autograd.grad(_present(self.outs), x, self.grads), pool)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            self.x.copy_(x)
-            self.t.copy_(t)
+    def forward(self, inputs: tuple) -> list[torch.Tensor]:
+        _load(self.inputs, inputs)
         self.outs = self._forward.replay()
         self.generation += 1
         self.busy = True
@@ -124,15 +138,15 @@ class _Instance:
 
 
 class PriorGraphs:
-    """The CUDA graphs of ``net(x, t)`` for inputs shaped like ``x`` and ``t``, captured on
-    first use. Replays read copies of the inputs and return copies of the outputs."""
+    """The CUDA graphs of ``net(*inputs)`` for inputs shaped like ``inputs``, differentiable
+    to ``inputs[grad_index]``, captured on first use. Replays read copies of the inputs and
+    return copies of the outputs."""
 
-    def __init__(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, capture=None):
+    def __init__(self, net: nn.Module, inputs: tuple, grad_index: int, capture=None):
         self.capture = capture or CAPTURE
-        self.capture.check_device(x.device)
-        self.net = net
-        self.x = torch.empty_like(x).copy_(x.detach())  # keeps x's layout; real values
-        self.t = t.clone()
+        self.capture.check_device(inputs[0].device)
+        self.net, self.grad_index = net, grad_index
+        self.inputs = _static(inputs, None)
         self.instances: list[_Instance] = []
         self._no_grad = None
 
@@ -140,30 +154,30 @@ class PriorGraphs:
     def idle(self) -> bool:
         return not any(i.busy for i in self.instances)
 
-    def no_grad(self, x: torch.Tensor, t: torch.Tensor) -> tuple:
-        """``net(x, t)`` under no_grad, replayed."""
+    def no_grad(self, inputs: tuple) -> tuple:
+        """``net(*inputs)`` under no_grad, replayed."""
         if self._no_grad is None:
             def run():
                 with torch.no_grad():
-                    return self.net(self.x, self.t)
+                    return self.net(*self.inputs)
             self.capture.warm_up(run)
             self._no_grad = self.capture(run, self.capture.new_pool())
-        with torch.no_grad():
-            self.x.copy_(x)
-            self.t.copy_(t)
+        _load(self.inputs, inputs)
         outs = self._no_grad.replay()
         return tuple(None if o is None else o.clone() for o in outs)
 
-    def differentiable(self, x: torch.Tensor, t: torch.Tensor) -> tuple | None:
-        """``net(x, t)`` differentiable to x, on an idle instance (captured when none is
-        idle); None when ``MAX_IN_FLIGHT`` forwards already await their backward."""
+    def differentiable(self, inputs: tuple) -> tuple | None:
+        """``net(*inputs)`` differentiable to ``inputs[grad_index]``, on an idle instance
+        (captured when none is idle); None when ``MAX_IN_FLIGHT`` forwards already await
+        their backward."""
         instance = next((i for i in self.instances if not i.busy), None)
         if instance is None:
             if len(self.instances) >= MAX_IN_FLIGHT:
                 return None
-            instance = _Instance(self.net, self.x, self.t, self.capture)
+            instance = _Instance(self.net, self.inputs, self.grad_index, self.capture)
             self.instances.append(instance)
-        outs = _GraphedBranch.apply(instance, x, t)
+        x = inputs[self.grad_index]
+        outs = _GraphedBranch.apply(instance, x, inputs)
         return _like(instance.outs, outs)
 
 
@@ -177,9 +191,12 @@ class _Lease:
 
 
 class _GraphedBranch(torch.autograd.Function):
+    """The replayed forward of one instance; ``x`` is the differentiable input (also inside
+    ``inputs``, passed apart so that autograd sees it)."""
+
     @staticmethod
-    def forward(ctx, instance: _Instance, x, t):
-        outs = instance.forward(x, t)
+    def forward(ctx, instance: _Instance, x, inputs: tuple):
+        outs = instance.forward(inputs)
         ctx.instance, ctx.lease = instance, _Lease(instance)
         return tuple(outs)
 
@@ -206,8 +223,9 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def _get(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> PriorGraphs | None:
-        key = (id(net), tuple(x.shape), x.stride(), x.dtype, x.device, tuple(t.shape))
+    def _get(self, net: nn.Module, inputs: tuple, grad_index: int) -> PriorGraphs | None:
+        key = (id(net), grad_index,
+               *((tuple(x.shape), x.stride(), x.dtype, x.device) for x in inputs))
         graphs = self._graphs.pop(key, None)
         if graphs is None:
             if len(self._graphs) >= MAX_SHAPES:
@@ -215,7 +233,7 @@ class GraphCache:
                 if oldest is None:
                     return None
                 del self._graphs[oldest]
-            graphs = PriorGraphs(net, x, t)
+            graphs = PriorGraphs(net, inputs, grad_index)
         self._graphs[key] = graphs  # most recently used last
         return graphs
 
@@ -223,20 +241,37 @@ class GraphCache:
         """Forget the graphs of networks no longer in use (a network's graphs go with it)."""
         self._graphs = {k: g for k, g in self._graphs.items() if any(g.net is n for n in live)}
 
+    def _replay(self, net: nn.Module, inputs: tuple, grad_index: int):
+        """``(graphs, net(*inputs))`` replayed, differentiable to ``inputs[grad_index]`` when
+        autograd wants it; ``(None, None)`` when the limits above are reached."""
+        graphs = self._get(net, inputs, grad_index)
+        if graphs is None:
+            return None, None
+        x = inputs[grad_index]
+        if torch.is_grad_enabled() and x.requires_grad:
+            return graphs, graphs.differentiable(inputs)
+        return graphs, graphs.no_grad(inputs)
+
     def run(self, net: nn.Module, xt_gt: torch.Tensor, xt_res: torch.Tensor, t: torch.Tensor):
-        """``(eps_gt, h_gt, eps_res, h_res)``: both branches replayed, or run eagerly when the
-        limits above are reached."""
-        graphs = self._get(net, xt_res, t)
-        differentiable = torch.is_grad_enabled() and xt_res.requires_grad
-        res = None
-        if graphs is not None:
-            res = graphs.differentiable(xt_res, t) if differentiable else graphs.no_grad(xt_res, t)
+        """Two passes: ``(eps_gt, h_gt, eps_res, h_res)``, both branches replayed, or run
+        eagerly when the limits above are reached."""
+        graphs, res = self._replay(net, (xt_res, t), 0)
         if res is None:
             self._warn_eager()
             with torch.no_grad():
                 gt = net(xt_gt, t)
             return (*gt, *net(xt_res, t))
-        return (*graphs.no_grad(xt_gt, t), *res)
+        return (*graphs.no_grad((xt_gt, t)), *res)
+
+    def run_difference(self, net: nn.Module, a: torch.Tensor, d: torch.Tensor,
+                       t: torch.Tensor, d_scale: torch.Tensor):
+        """A (target, difference) pass: ``(d_eps, d_h)``, replayed, or run eagerly when the
+        limits above are reached."""
+        _, out = self._replay(net, (a, d, t, d_scale), 1)
+        if out is None:
+            self._warn_eager()
+            return net(a, d, t, d_scale)
+        return out
 
     def _warn_eager(self) -> None:
         if not self._warned:

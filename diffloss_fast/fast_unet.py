@@ -236,14 +236,20 @@ class FastUNet(nn.Module):
             return run(block, h, film)
 
     # --- the truncated forward ---------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor):
+    def _film(self, t: torch.Tensor) -> torch.Tensor:
+        """Every ResBlock's emb_layers (SiLU, Linear) at once, in fp32, cast once."""
         emb_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(self.timestep_embedding(t).to(emb_dtype))
-        # every ResBlock's emb_layers (SiLU, Linear) at once, in fp32, cast once
-        film = F.linear(F.silu(emb), self.film_weight, self.film_bias).to(self.dtype)
-        h = x.to(self.dtype)
-        if self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
+        return F.linear(F.silu(emb), self.film_weight, self.film_bias).to(self.dtype)
+
+    def _activation(self, x: torch.Tensor) -> torch.Tensor:
+        """An input in the compute dtype and memory layout."""
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        film = self._film(t)
+        h = self._activation(x)
         skips = []
         for block in self.input_blocks:
             h = self._block(block, h, film)

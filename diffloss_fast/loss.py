@@ -17,8 +17,10 @@ from torch import nn
 
 from . import ops, validation
 from .cuda_graph import GraphCache
+from .difference_unet import DifferenceUNet
 from .fast_unet import ATTENTION_BACKENDS, FastUNet
 from .ops.autocast import autocast_disabled
+from .ops.difference import GradientScale, scale_gradients, unscale_gradient
 from .prior import UNetModel, downsampling_factor
 from .schedule import LinearSchedule
 from .timing import PriorTimer, mark_in_backward
@@ -34,6 +36,10 @@ EXECUTIONS = ("auto", "eager", "graphed", "compiled", "regional")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
                  "regional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# How the two branches go through the prior: "difference" carries the target's activation and
+# the restored-minus-target difference (what keeps the loss in bf16/fp16); "two-pass" runs
+# each branch and subtracts at the end (exact in fp32); "auto" picks difference below fp32.
+PROPAGATIONS = ("auto", "difference", "two-pass")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _NOT_GIVEN = object()  # the default of an alias: None is a value (and refused)
 
@@ -45,6 +51,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """A power of two that brings ``x``'s largest magnitude into [1, 2); 1 for zeros. A 0-dim
+    fp32 tensor on x's device (no host sync)."""
+    peak = x.abs().amax().float()
+    ok = torch.isfinite(peak) & (peak > 0)
+    return torch.where(ok, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
 
 
 def _resolve_execution(execution: str, compile: bool | str, cuda_graph) -> tuple[str, str | None]:
@@ -281,6 +295,7 @@ class DiffLoss(_DiffLossBase):
     _prior_is_submodule = False
 
     def __init__(self, prior: UNetModel, *, execution: str = "auto",
+                 propagation: str = "auto",
                  fused_kernels: bool | str = "auto", channels_last: bool | str = "auto",
                  attention: str = "sdpa", checkpoint: bool = False,
                  compile: bool | str = False, cuda_graph: bool | str = _NOT_GIVEN,
@@ -293,6 +308,9 @@ class DiffLoss(_DiffLossBase):
             fused_kernels = fused_norm
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if propagation not in PROPAGATIONS:
+            raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}")
+        self.propagation = propagation
         execution, self._compile_mode = _resolve_execution(execution, compile, cuda_graph)
         if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):
             raise ValueError(f"fused_kernels must be True, False or 'auto', got "
@@ -347,17 +365,24 @@ class DiffLoss(_DiffLossBase):
             self._plans[key] = ops.plan_ops(self.backend, fused, device, dtype)
         return self._plans[key]
 
+    def _difference(self, dtype: torch.dtype) -> bool:
+        """Whether the branches go through the prior as a (target, difference) pair."""
+        if self.propagation == "auto":
+            return dtype in (torch.bfloat16, torch.float16)
+        return self.propagation == "difference"
+
     def _net(self, device: torch.device, dtype: torch.dtype, decoder: bool) -> nn.Module:
         """The truncated prior for this device and dtype, built once and cached."""
         channels_last = self._channels_last(device, dtype)
-        key = (device, dtype, decoder, channels_last)
+        difference = self._difference(dtype)
+        key = (device, dtype, decoder, channels_last, difference)
         if key not in self._nets:
             self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
-            net = FastUNet(self.prior, dtype=dtype, decoder=decoder, device=device,
-                           channels_last=channels_last,
-                           attention=self.attention, checkpoint=self.checkpoint,
-                           compile_blocks=self.execution == "regional",
-                           plan=self._plan(device, dtype))
+            cls = DifferenceUNet if difference else FastUNet
+            net = cls(self.prior, dtype=dtype, decoder=decoder, device=device,
+                      channels_last=channels_last, attention=self.attention,
+                      checkpoint=self.checkpoint, compile_blocks=self.execution == "regional",
+                      plan=self._plan(device, dtype))
             if self.execution == "compiled":
                 net = torch.compile(net, mode=self._compile_mode, dynamic=False)
             self._nets[key] = net
@@ -384,18 +409,51 @@ class DiffLoss(_DiffLossBase):
         coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
         net = self._net(device, dtype, decoder=want_natural)
 
-        xt_res, xt_gt = plan.q_sample_pair(
-            restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
-            scale=self.scale, offset=self.offset, out_dtype=dtype,
-            channels_last=self._channels_last(device, dtype))
-        if self._cuda_graph(device):
-            self._graphs.drop_unless(list(self._nets.values()))
-            eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
-        else:
+        channels_last = self._channels_last(device, dtype)
+        if self._difference(dtype):
+            # the target's noised image, and the restored one's difference from it, computed
+            # from (restored - gt) in fp32: the noise and the offset cancel exactly
+            acc = torch.promote_types(dtype, torch.float32)
+            gain = (coef["sqrt_abar"] * self.scale).to(acc).view(-1, 1, 1, 1)
             with torch.no_grad():
-                eps_gt, h_gt = net(xt_gt, t)
-            eps_res, h_res = net(xt_res, t)
+                _, xt_gt = plan.q_sample_pair(
+                    gt, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
+                    scale=self.scale, offset=self.offset, out_dtype=dtype,
+                    channels_last=channels_last)
+            dx = gain * (restored.to(acc) - gt.detach().to(acc))
+            # the difference stored at its own scale (see ops.difference), and the gradients
+            # of the backward through the prior brought into the storage format's range
+            d_scale = _power_of_two_scale(dx.detach())
+            grad_scale = GradientScale()
+            d_t = unscale_gradient(grad_scale, dx * d_scale).to(dtype)  # unscaled in fp32
+            if self._cuda_graph(device):
+                self._graphs.drop_unless(list(self._nets.values()))
+                eps_d, h_d = self._graphs.run_difference(net, xt_gt, d_t, t, d_scale)
+            else:
+                eps_d, h_d = net(xt_gt, d_t, t, d_scale)
+            # in fp32, so that the gradients are scaled before they are rounded to dtype
+            eps_d, h_d = scale_gradients(grad_scale, None if eps_d is None else eps_d.to(acc),
+                                         h_d.to(acc))
+            eps_res = None if eps_d is None else eps_d / d_scale
+            h_res = h_d / d_scale
+            zero = torch.zeros((), dtype=acc, device=device)
+            eps_gt = None if eps_d is None else zero.expand_as(eps_res)
+            h_gt = zero.expand_as(h_res)
+        else:
+            xt_res, xt_gt = plan.q_sample_pair(
+                restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
+                scale=self.scale, offset=self.offset, out_dtype=dtype,
+                channels_last=channels_last)
+            if self._cuda_graph(device):
+                self._graphs.drop_unless(list(self._nets.values()))
+                eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
+            else:
+                with torch.no_grad():
+                    eps_gt, h_gt = net(xt_gt, t)
+                eps_res, h_res = net(xt_res, t)
 
+        # the reductions read eps_res - eps_gt and h_res - h_gt: on the difference path the
+        # differences themselves, beside zeros
         natural = semantic = None
         loss = 0.0
         if want_natural:

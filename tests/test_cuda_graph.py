@@ -261,12 +261,12 @@ def test_recorded_backward_through_some_outputs(tiny_unet, recorded):
     from diffloss_fast.fast_unet import FastUNet
     net = FastUNet(tiny_unet, dtype=torch.float32, decoder=True)
     x, _, t, _ = cpu_inputs(1)
-    graphs = PriorGraphs(net, x, t)
+    graphs = PriorGraphs(net, (x, t), 0)
     for use in (0, 1):
         xg = x.clone().requires_grad_(True)
         (want,) = torch.autograd.grad(net(xg, t)[use].square().sum(), xg)
         xg = x.clone().requires_grad_(True)
-        out = graphs.differentiable(xg, t)[use]
+        out = graphs.differentiable((xg, t))[use]
         (got,) = torch.autograd.grad(out.square().sum(), xg)
         torch.testing.assert_close(got, want)
 

@@ -1,0 +1,123 @@
+"""The truncated prior on (target, difference) pairs: what DiffLoss runs in bf16 and fp16.
+
+Two low-precision passes of the prior, subtracted at the end, cannot resolve what DiffLoss
+measures when the restoration is good and the timestep high: the two inputs then differ by
+less than the storage format's rounding. ``DifferenceUNet`` carries through every layer the
+target's activation ``a`` and the difference ``d`` (restored minus target), each stored at its
+own scale (``d`` times ``d_scale``, a power of two). Linear ops (convolutions, projections, pooling, upsampling, concatenation, residual
+sums) map ``d`` by itself, without bias; the nonlinear ones compute ``g(a + d) - g(a)`` in fp32
+without cancellation (:mod:`diffloss_fast.ops.difference`). Its outputs are the differences the
+loss reads: of the predicted noise and of the middle block's features. The work is that of two
+passes; ``a`` needs no autograd, and the backward runs through the difference only, as the
+ordinary backward at the restored point.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fast_unet import FastUNet
+from .ops.difference import attention_difference, group_norm_silu_difference
+from .ops.frozen_conv import frozen_conv2d
+from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
+
+# (target activation, difference times d_scale, d_scale): what flows from layer to layer
+Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DifferenceUNet(FastUNet):
+    """``forward(a_t, d_t, t, d_scale) -> (d_eps or None, d_h)``: the differences of the
+    predicted noise and of the middle-block features between ``a_t + d_t / d_scale`` and
+    ``a_t``, times ``d_scale`` (a 0-dim fp32 tensor). Built like :class:`FastUNet`, from the
+    same arguments."""
+
+    def _conv(self, conv: nn.Conv2d, pair: Pair, bias: bool = True) -> Pair:
+        a, d, s = pair
+        return frozen_conv2d(conv, a, bias=bias), frozen_conv2d(conv, d, bias=False), s
+
+    def _linear(self, fn, pair: Pair) -> Pair:
+        """A linear, bias-free op applied to both (pooling, upsampling)."""
+        return fn(pair[0]), fn(pair[1]), pair[2]
+
+    def _norm_silu_pair(self, norm: nn.GroupNorm, pair: Pair, scale=None, shift=None,
+                        x_bias=None, silu=True) -> Pair:
+        a, d, s = pair
+        return (*group_norm_silu_difference(a, d, s, norm.num_groups, norm.weight, norm.bias,
+                                            norm.eps, scale, shift, x_bias, silu), s)
+
+    def _resblock(self, blk: ResBlock, x: Pair, film: torch.Tensor) -> Pair:
+        norm, conv = blk.in_layers[0], blk.in_layers[2]
+        h = self._norm_silu_pair(norm, x)
+        if blk.updown:
+            h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
+        emb_out = film[:, blk.film, None, None]  # the same for both: t is shared
+        out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
+        if blk.use_scale_shift_norm:
+            h = self._norm_silu_pair(out_norm, self._conv(conv, h, bias=False),
+                                     *emb_out.chunk(2, dim=1), x_bias=conv.bias)
+        else:
+            ha, hd, s = self._conv(conv, h)
+            h = self._norm_silu_pair(out_norm, (ha + emb_out, hd, s))
+        h = self._conv(out_conv, h, bias=False)
+        skip = blk.skip_connection
+        x = self._conv(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else x
+        return self.plan.residual_bias_add(x[0], h[0], blk.residual_bias), x[1] + h[1], x[2]
+
+    def _resample(self, layer: nn.Module, pair: Pair) -> Pair:
+        if isinstance(layer, Downsample):
+            if layer.use_conv:
+                return self._conv(layer.op, pair)
+            return self._linear(self.plan.avg_pool, pair)
+        if isinstance(layer, Upsample):
+            pair = self._linear(self.plan.upsample, pair)
+            return self._conv(layer.conv, pair) if layer.use_conv else pair
+        return pair  # nn.Identity
+
+    def _attn(self, blk: AttentionBlock, x: Pair) -> Pair:
+        b, c, height, width = x[0].shape
+        heads = blk.num_heads
+        normed = self._norm_silu_pair(blk.norm, x, silu=False)
+        weight = blk.qkv.weight.squeeze(-1)
+
+        def heads_of(qkv):  # guided-diffusion's legacy order: channels are (head, q|k|v, dh)
+            return [u.transpose(1, 2) for u in qkv.unflatten(-1, (heads, 3, c // heads)).unbind(3)]
+
+        tokens = [n.flatten(2).transpose(1, 2) for n in normed[:2]]           # (b, T, c)
+        q_a, k_a, v_a = heads_of(F.linear(tokens[0], weight, blk.qkv.bias))
+        q_d, k_d, v_d = heads_of(F.linear(tokens[1], weight))
+        out = attention_difference(q_a, k_a, v_a, q_d, k_d, v_d, x[2])      # (b, heads, T, dh)
+        proj = blk.proj_out.weight.squeeze(-1)
+        out_a = F.linear(out[0].transpose(1, 2).flatten(2), proj, blk.proj_out.bias)
+        out_d = F.linear(out[1].transpose(1, 2).flatten(2), proj)
+        back = lambda o: o.transpose(1, 2).unflatten(2, (height, width))  # noqa: E731
+        return x[0] + back(out_a), x[1] + back(out_d), x[2]
+
+    def _layer(self, layer: nn.Module, h: Pair, film: torch.Tensor) -> Pair:
+        if isinstance(layer, ResBlock):
+            return self._resblock(layer, h, film)
+        if isinstance(layer, AttentionBlock):
+            return self._attn(layer, h)
+        if isinstance(layer, (Downsample, Upsample)):
+            return self._resample(layer, h)
+        if isinstance(layer, nn.Conv2d):
+            return self._conv(layer, h)
+        raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
+
+    def forward(self, a: torch.Tensor, d: torch.Tensor, t: torch.Tensor, d_scale: torch.Tensor):
+        film = self._film(t)
+        h = self._activation(a.detach()), self._activation(d), d_scale
+        skips = []
+        for block in self.input_blocks:
+            h = self._block(block, h, film)
+            skips.append(h)
+        h = self._block(self.middle_block, h, film)
+        if not self.decoder:
+            return None, h[1]
+        mid = h[1]
+        for block in self.output_blocks:
+            skip = skips.pop()
+            h = self._block(block, (torch.cat([h[0], skip[0]], 1),
+                                    torch.cat([h[1], skip[1]], 1), h[2]), film)
+        normed = self._norm_silu_pair(self.out_norm, h)
+        return frozen_conv2d(self.out_conv, normed[1], bias=False), mid
