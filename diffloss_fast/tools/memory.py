@@ -1,23 +1,31 @@
-"""``diffloss-fast memory``: peak memory of one loss step per batch size, and the largest batch
-that fits under a memory cap (24 GiB by default: an RTX 4090, emulated on a bigger card).
+"""``diffloss-fast memory``: the largest batch of one loss step that fits a memory budget (24 GiB
+by default: an RTX 4090, emulated on a bigger card), for the baselines and the fast variants in
+the same run.
 
-The cap is ``torch.cuda.set_per_process_memory_fraction(cap / total)``: it limits what torch's
-caching allocator may reserve, and that includes the weights a variant keeps on the card (the
-reference its fp32 prior; DiffLoss its compute-dtype copy, and the fp32 prior too only with
-``--fast-prior device``). The CUDA context and memory allocated outside torch's allocator are
-not counted.
+The budget is what NVML reports the process uses on the card, CUDA context and libraries
+included, not only what torch's allocator holds. For each variant, after a warm-up step (which
+loads the libraries and kernels it uses), the memory the process holds outside the allocator is
+NVML's figure less the allocator's reserved bytes; torch's allocator is then capped
+(``set_per_process_memory_fraction``) at the budget less that. A batch "fits" only when its
+step completes under the cap AND NVML's figure for the process, with the step's memory still
+held, is within the budget: what a library allocated on its own during the step counts.
 
 Each (variant, batch) runs ONE forward + backward step after the peak statistics are reset. By
-default the batch sizes are searched: 1, 2, 4, ... until the first out-of-memory error, then a
-bisection between the last batch that fits and the first that does not (memory grows with the
-batch, so "fits" is monotone). ``find_max_batch`` and ``plot_rows`` are pure and run on the CPU.
+default the batch sizes are searched: 1, 2, 4, ... until the first batch that does not fit,
+then a bisection between the last batch that fits and the first that does not (memory grows
+with the batch, so "fits" is monotone). The largest batch of each variant is then timed: the
+median of synchronised steps under the same cap. ``find_max_batch``, ``allocator_cap_bytes`` and
+``plot_rows`` are pure and run on the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
+import math
 import os
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -29,28 +37,33 @@ from tqdm import tqdm
 
 from ..loss import resolve_precision
 from . import hardware, harness
-from .harness import (add_measurement_arguments, check_prior, positive_int, prior_source,
-                      write_json)
+from .baselines import BASELINES, PRECISIONS, canonical, numerics, unsupported
+from .harness import (add_measurement_arguments, check_prior, hidden_alias, positive_int,
+                      prior_source, write_json)
 
-VARIANTS = ("reference", "fast", "fast-fused", "fast-ckpt")
-DEFAULT_CAP_GIB = 24.0  # an RTX 4090
+# reference-tf32 holds what reference-fp32 holds; reference-compiled recompiles per batch size
+BASELINE_VARIANTS = ("reference-fp32", "reference-tf32", "reference-bf16", "upstream-fp16")
+FAST_VARIANTS = ("fast", "fast-fused", "fast-ckpt")
+VARIANTS = BASELINE_VARIANTS + FAST_VARIANTS
+DEFAULT_VARIANTS = ("reference-fp32", "reference-bf16", "upstream-fp16") + FAST_VARIANTS
+DEFAULT_BUDGET_GIB = 24.0  # an RTX 4090
 DEFAULT_MAX_BATCH = 1024
 GIB = 2 ** 30
 LEAK_TOLERANCE = 16 * 2 ** 20  # bytes left after a variant that only earn a note, not a warning
-NO_CUDA_MESSAGE = ("diffloss-fast memory: the memory sweep needs a CUDA device (it measures the "
-                   "CUDA allocator's peak and caps it with set_per_process_memory_fraction); "
-                   "{why}. Nothing was run.")
+NO_CUDA_MESSAGE = ("diffloss-fast memory: the memory sweep needs a CUDA device (it caps the "
+                   "CUDA allocator and reads NVML's figure for the process); {why}. Nothing "
+                   "was run.")
 
 
 @dataclass
 class Row:
     variant: str
-    precision: str
     terms: str
     batch: int
     fits: bool
-    peak_allocated_gib: float | None
-    nvml_used_gib: float | None
+    nvml_used_gib: float | None  # the process on the card, the step's memory still held
+    allocator_peak_gib: float | None  # torch's peak allocated bytes during the step
+    ms_per_step: float | None = None  # at each variant's largest batch only
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -85,53 +98,78 @@ def find_max_batch(fits: Callable[[int], bool], *, limit: int = DEFAULT_MAX_BATC
     return good
 
 
+def allocator_cap_bytes(budget: int, nvml_used: int, reserved: int) -> int:
+    """What torch's allocator may reserve so that the process stays within ``budget``: the
+    budget less what the process holds outside the allocator (``nvml_used - reserved``: the
+    CUDA context, libraries' modules and handles). Zero or less: nothing fits."""
+    return budget - max(nvml_used - reserved, 0)
+
+
+def _dicts(rows: Iterable[Row | dict]) -> list[dict]:
+    return [r if isinstance(r, dict) else asdict(r) for r in rows]
+
+
 def max_batches(rows: Iterable[Row | dict], variants: Iterable[str]) -> dict[str, int]:
     """Largest batch that fitted per variant (0 when none did)."""
-    rows = [r if isinstance(r, dict) else asdict(r) for r in rows]
+    rows = _dicts(rows)
     return {v: max((r["batch"] for r in rows if r["variant"] == v and r["fits"]), default=0)
             for v in variants}
 
 
-def summary_line(max_batch: dict[str, int], cap_gib: float, *, limit: int | None = None) -> str:
+def summary_line(max_batch: dict[str, int], budget_gib: float, *,
+                 limit: int | None = None) -> str:
+    """The largest batches, and each fast variant's over the best baseline's."""
     def show(v):
         b = max_batch[v]
         return f">={b} (search limit)" if limit is not None and b >= limit else str(b)
-    text = f"max batch under {cap_gib:g} GiB: " + ", ".join(f"{v} {show(v)}" for v in max_batch)
-    ref = max_batch.get("reference")
-    ratios = [f"{v}/reference {max_batch[v] / ref:.2f}x" for v in max_batch
-              if v != "reference" and ref]
-    if ratios:
-        text += "; " + ", ".join(ratios)
-    elif "reference" in max_batch and len(max_batch) > 1:
-        text += "; fast/reference ratio undefined (the reference fits no batch)"
+    text = (f"max batch within {budget_gib:g} GiB (NVML, the whole process): "
+            + ", ".join(f"{v} {show(v)}" for v in max_batch))
+    baselines = {v: b for v, b in max_batch.items() if v in BASELINES}
+    fast = [v for v in max_batch if v not in BASELINES]
+    if not baselines or not fast:
+        return text
+    best = max(baselines, key=baselines.get)
+    if baselines[best]:
+        text += f"; against the best baseline ({best} {baselines[best]}): " + ", ".join(
+            f"{v} {max_batch[v] / baselines[best]:.2f}x" for v in fast)
+    else:
+        text += "; no baseline fits a batch: no ratio"
     return text
 
 
+def status(row: dict) -> str:
+    """yes; OOM (the capped allocator refused); over budget (NVML's figure above it)."""
+    if row["fits"]:
+        return "yes"
+    return "OOM" if row["nvml_used_gib"] is None else "over budget"
+
+
 def format_table(rows: Iterable[Row | dict]) -> str:
-    rows = [r if isinstance(r, dict) else asdict(r) for r in rows]
-    head = ("variant", "precision", "terms", "batch", "fits", "peak alloc GiB", "NVML used GiB")
+    rows = _dicts(rows)
+    head = ("variant", "terms", "batch", "fits", "NVML used GiB", "alloc peak GiB", "ms/step")
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [(r["variant"], r["precision"], r["terms"], str(r["batch"]),
-              "yes" if r["fits"] else "OOM", fmt(r["peak_allocated_gib"]),
-              fmt(r["nvml_used_gib"])) for r in rows]
+    lines = [(r["variant"], r["terms"], str(r["batch"]), status(r),
+              fmt(r["nvml_used_gib"]), fmt(r["allocator_peak_gib"]), fmt(r["ms_per_step"]))
+             for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)),
            "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i > 2 else c.ljust(w)
+    out += ["  ".join(c.rjust(w) if i > 1 else c.ljust(w)
                       for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
     return "\n".join(out)
 
 
-def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, cap_gib: float, device: str,
+def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, budget_gib: float, device: str,
               resolution: int) -> Path:
-    """PNG: peak allocated GiB against batch size, one line per variant, OOM points as an x at
-    the cap, the cap as a dashed horizontal line."""
+    """PNG against batch size, one colour per variant: NVML's figure for the process (solid)
+    and the allocator's peak (dotted) where the batch fits; an x where it does not (at NVML's
+    figure when the step ran, at the budget when the allocator refused); the budget dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import StrMethodFormatter
 
-    rows = [r if isinstance(r, dict) else asdict(r) for r in rows]
+    rows = _dicts(rows)
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
     ax = fig.add_subplot()
@@ -139,20 +177,24 @@ def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, cap_gib: float, d
     for i, variant in enumerate(variants):
         color = f"C{i}"
         mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["batch"])
-        ok = [r for r in mine if r["fits"] and r["peak_allocated_gib"] is not None]
-        oom = [r for r in mine if not r["fits"]]
-        ax.plot([r["batch"] for r in ok], [r["peak_allocated_gib"] for r in ok], "o-",
-                color=color, label=variant)
-        if oom:
-            ax.plot([r["batch"] for r in oom], [cap_gib] * len(oom), "x", color=color,
-                    markersize=10, markeredgewidth=2, label=f"{variant} OOM")
-    ax.axhline(cap_gib, color="k", linestyle="--", linewidth=1, label=f"cap {cap_gib:g} GiB")
+        ok = [r for r in mine if r["fits"]]
+        ax.plot([r["batch"] for r in ok], [r["nvml_used_gib"] for r in ok], "o-",
+                color=color, label=f"{variant} (NVML)")
+        ax.plot([r["batch"] for r in ok], [r["allocator_peak_gib"] for r in ok], ":",
+                color=color)
+        over = [r for r in mine if not r["fits"]]
+        if over:
+            ax.plot([r["batch"] for r in over],
+                    [budget_gib if r["nvml_used_gib"] is None else r["nvml_used_gib"]
+                     for r in over], "x", color=color, markersize=10, markeredgewidth=2)
+    ax.axhline(budget_gib, color="k", linestyle="--", linewidth=1,
+               label=f"budget {budget_gib:g} GiB")
     batches = [r["batch"] for r in rows]
     if batches and max(batches) / max(min(batches), 1) >= 8:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
     ax.set_xlabel("batch size (images per loss step)")
-    ax.set_ylabel("peak allocated memory (GiB)")
+    ax.set_ylabel("GiB (solid: NVML, the process; dotted: allocator peak)")
     ax.set_title(f"DiffLoss forward + backward memory, {device}, {resolution}x{resolution}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -167,16 +209,22 @@ def plot_rows(rows: Iterable[Row | dict], path: str | Path, *, cap_gib: float, d
 
 
 class NvmlReader:
-    """Used memory of the torch device's GPU according to NVML, or None with a note."""
+    """What NVML says this process uses on the torch device's GPU.
+
+    ``settle()``, once the process has its CUDA context, picks the figure: the process's own
+    (``source = "process"``) when NVML lists this PID, else the card's whole used memory
+    (``source = "device"``, an upper bound: in a container NVML lists host PIDs). ``note`` says
+    which, or why NVML cannot be read.
+    """
 
     def __init__(self, device: torch.device):
-        self.handle, self.note, self._pynvml = None, None, None
+        self.handle, self.note, self.source, self._pynvml = None, None, None, None
         try:
             import pynvml
             pynvml.nvmlInit()
             self._pynvml = pynvml
         except Exception as err:  # noqa: BLE001 - no library, no driver, ...
-            self.note = f"NVML unavailable ({type(err).__name__}: {err}); nvml_used_gib is null"
+            self.note = f"NVML unavailable ({type(err).__name__}: {err})"
             return
         index = device.index if device.index is not None else torch.cuda.current_device()
         try:  # the UUID names the same GPU whatever CUDA_VISIBLE_DEVICES renumbers
@@ -197,15 +245,38 @@ class NvmlReader:
             nvml_index = int(ids[index]) if index < len(ids) and ids[index].isdigit() else index
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
         except Exception as err:  # noqa: BLE001
-            self.note = f"NVML has no handle for {device} ({err}); nvml_used_gib is null"
+            self.note = f"NVML has no handle for {device} ({err})"
 
-    def used_gib(self) -> float | None:
-        if self.handle is None:
-            return None
+    def _process_bytes(self) -> int | None:
         try:
-            return self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / GIB
-        except Exception:  # noqa: BLE001
+            processes = self._pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except Exception:  # noqa: BLE001 - not supported on this card or driver
             return None
+        pid = os.getpid()
+        return next((p.usedGpuMemory for p in processes
+                     if p.pid == pid and p.usedGpuMemory is not None), None)
+
+    def settle(self) -> None:
+        """Choose the figure, once this process has created its CUDA context."""
+        if self.handle is None:
+            return
+        if self._process_bytes() is not None:
+            self.source = "process"
+            self.note = "nvml_used_gib: NVML's figure for this process"
+        else:
+            self.source = "device"
+            self.note = ("nvml_used_gib: the card's whole used memory (NVML does not list this "
+                         "process's PID, as in a container): an upper bound of the process's")
+
+    def used_bytes(self) -> int | None:
+        if self.source == "process":
+            return self._process_bytes()
+        if self.source == "device":
+            try:
+                return int(self._pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+            except Exception:  # noqa: BLE001
+                return None
+        return None
 
     def close(self) -> None:
         if self._pynvml is not None:
@@ -231,21 +302,28 @@ def _free(device: torch.device, *, collect: bool = True) -> None:
     torch.cuda.empty_cache()
 
 
-def measure_step(loss_fn, variant: str, precision: str, terms: str, batch: int,
-                 resolution: int, device: torch.device, nvml: NvmlReader) -> Row:
-    """One forward + backward after a peak reset; an out-of-memory error gives ``fits=False``
-    and every tensor of the failed step is released before returning."""
-    row = Row(variant, precision, terms, batch, False, None, None)
+def measure_step(loss_fn, variant: str, terms: str, batch: int, resolution: int,
+                 device: torch.device, nvml: NvmlReader, budget_gib: float) -> Row:
+    """One forward + backward after a peak reset. It fits when it completes and NVML's figure
+    for the process, read with the step's memory still held (and raised by any of the step's
+    allocator peak released before the reading), is within the budget. An out-of-memory error
+    gives ``fits=False`` with no figures, and every tensor of the failed step is released
+    before returning."""
+    row = Row(variant, terms, batch, False, None, None)
     hardware.reset_peak_memory(device)
     inputs = None
     oom = False
     try:
-        inputs = harness.make_inputs(batch, resolution, device)
-        harness.loss_step(loss_fn, *inputs)
+        with numerics(variant):
+            inputs = harness.make_inputs(batch, resolution, device)
+            harness.loss_step(loss_fn, *inputs)
         torch.cuda.synchronize(device)
-        row.peak_allocated_gib = hardware.peak_memory_gib(device)
-        row.nvml_used_gib = nvml.used_gib()  # inputs and their gradient are still alive
-        row.fits = True
+        row.allocator_peak_gib = hardware.peak_memory_gib(device)
+        used = nvml.used_bytes()  # inputs and their gradient are still alive
+        released = torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)
+        if used is not None:
+            row.nvml_used_gib = (used + released) / GIB
+            row.fits = row.nvml_used_gib <= budget_gib
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not _is_oom(err):
             raise
@@ -257,6 +335,25 @@ def measure_step(loss_fn, variant: str, precision: str, terms: str, batch: int,
     del inputs
     _free(device, collect=oom)  # a step that finished frees its graph by reference counting
     return row
+
+
+def time_step(loss_fn, variant: str, batch: int, resolution: int, device: torch.device, *,
+              warmup: int, repeats: int) -> float | None:
+    """Median ms of a loss step at ``batch`` under the current cap; None if it ran out of
+    memory this time (a batch at the edge can, as the allocator's cache fragments)."""
+    inputs = None
+    try:
+        with numerics(variant):
+            inputs = harness.make_inputs(batch, resolution, device)
+            times = hardware.time_ms(lambda: harness.loss_step(loss_fn, *inputs), device,
+                                     warmup=warmup, repeats=repeats)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_oom(err):
+            raise
+        times = None
+    del inputs
+    _free(device)
+    return statistics.median(times) if times else None
 
 
 def _leftover_bytes(device: torch.device, baseline: int) -> int:
@@ -273,6 +370,17 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def _open_context(device: torch.device) -> None:
+    """This process's CUDA context, before NVML is asked whether it lists the process."""
+    torch.empty(1, device=device)
+    torch.cuda.synchronize(device)
+
+
+def device_copy(prior, device: torch.device):
+    """A copy of the CPU prior on ``device``, for a variant that keeps its weights there."""
+    return copy.deepcopy(prior).to(device)
+
+
 def run(args: argparse.Namespace) -> dict:
     try:
         device = hardware.resolve_device(getattr(args, "device", "auto"))
@@ -286,13 +394,20 @@ def run(args: argparse.Namespace) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
 
     total = torch.cuda.get_device_properties(device).total_memory
-    cap_gib = float(args.cap_gib)
-    if not 0 < cap_gib * GIB <= total:
-        _fail(f"diffloss-fast memory: --cap-gib {cap_gib:g} does not fit this card: "
+    budget_gib = float(args.budget_gib)
+    if not 0 < budget_gib * GIB <= total:
+        _fail(f"diffloss-fast memory: --budget-gib {budget_gib:g} does not fit this card: "
               f"{hardware.device_name(device)} has {total / GIB:.2f} GiB in all "
-              f"(give a cap between 0 and {total / GIB:.2f}).")
+              f"(give a budget between 0 and {total / GIB:.2f}).")
 
-    variants = list(dict.fromkeys(args.variants or VARIANTS))
+    notes: list[str] = []
+    variants = []
+    for variant in dict.fromkeys(canonical(v) for v in args.variants or DEFAULT_VARIANTS):
+        why = unsupported(variant, device)
+        if why:
+            notes.append(f"{variant} not run: {why}")
+        else:
+            variants.append(variant)
     limit = int(getattr(args, "max_batch", None) or DEFAULT_MAX_BATCH)
     batches = sorted(set(args.batch_sizes)) if args.batch_sizes else None
     if batches and batches[0] < 1:
@@ -302,45 +417,61 @@ def run(args: argparse.Namespace) -> dict:
     resolution = args.resolution or 256
     terms = args.terms or "both"
     backend = getattr(args, "backend", "auto") or "auto"
-
     fast_prior = getattr(args, "fast_prior", "cpu") or "cpu"
     name = hardware.device_name(device)
-    print(f"device: {name} ({total / GIB:.2f} GiB), capped at {cap_gib:g} GiB with "
-          f"set_per_process_memory_fraction({cap_gib * GIB / total:.4f}); what a variant keeps "
-          f"on the device counts against the cap: the reference its fp32 prior, the fast "
-          f"variants their compute-dtype copy"
-          + (" and the fp32 prior" if fast_prior == "device" else " (the prior stays on the CPU)")
-          + f"; resolution {resolution}; terms {terms}; torch {torch.__version__}")
 
-    notes: list[str] = []
     nvml = NvmlReader(device)
-    if nvml.note:
-        notes.append(nvml.note)
-        print(nvml.note)
+    _open_context(device)
+    nvml.settle()
+    if nvml.source is None:
+        nvml.close()
+        _fail(f"diffloss-fast memory: the budget counts what NVML reports the process uses, "
+              f"and it cannot be read here: {nvml.note}. Nothing was run.")
+    notes.append(nvml.note)
+    print(f"device: {name} ({total / GIB:.2f} GiB); budget {budget_gib:g} GiB of NVML's figure "
+          f"({nvml.source}), the allocator capped at the budget less what the process holds "
+          f"outside it; baselines keep their prior on the device, the fast variants their "
+          f"compute-dtype copy" + (" and the fp32 prior" if fast_prior == "device" else "")
+          + f"; resolution {resolution}; terms {terms}; torch {torch.__version__}")
+    print(nvml.note)
+
     rows: list[Row] = []
-    torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
+    outside: dict[str, float] = {}
+    caps: dict[str, float] = {}
+    precisions = {v: PRECISIONS.get(v) or resolve_precision(args.precision, device)
+                  for v in variants}
+    cpu_prior = harness.measurement_prior(weights, config, torch.device("cpu"), "memory")
     bar = tqdm(total=len(variants) * len(batches) if batches else None, desc="memory",
                unit="step")
-    cpu_prior = None
     try:
         for variant in variants:
             baseline = _leftover_bytes(device, 0)
-            if variant == "reference" or fast_prior == "device":  # a device copy per variant
-                prior = harness.measurement_prior(weights, config, device, "memory")
+            torch.cuda.set_per_process_memory_fraction(1.0, device)  # uncapped while set up
+            on_device = variant in BASELINES or fast_prior == "device"
+            loss_fn = harness.make_loss(
+                device_copy(cpu_prior, device) if on_device else cpu_prior,
+                "fast" if variant == "fast-ckpt" else variant, terms,
+                precision=precisions[variant], backend=backend,
+                checkpoint=variant == "fast-ckpt")
+            # the warm-up loads the libraries and kernels the variant's steps use, so that
+            # what the process holds outside the allocator is known before the cap is set
+            warm = measure_step(loss_fn, variant, terms, 1, resolution, device, nvml,
+                                math.inf)
+            used, reserved = nvml.used_bytes(), torch.cuda.memory_reserved(device)
+            if not warm.fits or used is None:
+                notes.append(f"{variant}: its warm-up step at batch 1 did not run on the whole "
+                             f"card; nothing fits")
+                cap = 0
             else:
-                cpu_prior = cpu_prior or harness.measurement_prior(
-                    weights, config, torch.device("cpu"), "memory")
-                prior = cpu_prior
-            precision = "fp32" if variant == "reference" else resolve_precision(args.precision,
-                                                                                device)
-            loss_fn = harness.make_loss(prior, "fast" if variant == "fast-ckpt" else variant,
-                                      terms, precision=precision, backend=backend,
-                                      checkpoint=variant == "fast-ckpt")
+                cap = allocator_cap_bytes(int(budget_gib * GIB), used, reserved)
+                outside[variant] = (used - reserved) / GIB
+            caps[variant] = cap / GIB
+            torch.cuda.set_per_process_memory_fraction(max(cap, 0) / total, device)
 
             def fits(batch: int) -> bool:
                 bar.set_postfix_str(f"{variant} b{batch}")
-                row = measure_step(loss_fn, variant, precision, terms, batch, resolution,
-                                   device, nvml)
+                row = measure_step(loss_fn, variant, terms, batch, resolution, device, nvml,
+                                   budget_gib)
                 rows.append(row)
                 bar.update()
                 return row.fits
@@ -350,7 +481,16 @@ def run(args: argparse.Namespace) -> dict:
                     fits(b)
             else:
                 find_max_batch(fits, limit=limit)
-            del loss_fn, fits, prior  # with them the fast path's copy and a device prior
+            largest = max((r for r in rows if r.variant == variant and r.fits),
+                          key=lambda r: r.batch, default=None)
+            if largest is not None:
+                largest.ms_per_step = time_step(loss_fn, variant, largest.batch, resolution,
+                                                device, warmup=args.warmup,
+                                                repeats=args.repeats)
+                if largest.ms_per_step is None:
+                    notes.append(f"{variant}: timing batch {largest.batch} ran out of memory "
+                                 "under the cap")
+            del loss_fn, fits  # with them the variant's weights on the device
             leak = _leftover_bytes(device, baseline)
             if leak:
                 note = (f"{variant}: {leak / 2 ** 20:.1f} MiB still allocated after the variant "
@@ -367,14 +507,21 @@ def run(args: argparse.Namespace) -> dict:
     rows.sort(key=lambda r: (order[r.variant], r.batch))
     best = max_batches(rows, variants)
     print(format_table(rows))
-    print(summary_line(best, cap_gib, limit=None if batches else limit))
+    print(summary_line(best, budget_gib, limit=None if batches else limit))
+    for note in notes:
+        print("note: " + note)
     result = {
         "device": name,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "cap_gib": cap_gib,
+        "budget_gib": budget_gib,
         "rows": [asdict(r) for r in rows],
         "max_batch": best,
+        "precisions": precisions,
+        "nvml_source": nvml.source,
+        "outside_allocator_gib": outside,  # context and libraries, after the warm-up
+        "allocator_cap_gib": caps,
+        "terms": terms,
         "prior": config,
         "weights": weights,  # None: random weights
         "fast_prior": fast_prior,
@@ -386,7 +533,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.json:
         write_json(args.json, result)
     if args.plot:
-        plot_rows(rows, args.plot, cap_gib=cap_gib, device=name, resolution=resolution)
+        plot_rows(rows, args.plot, budget_gib=budget_gib, device=name, resolution=resolution)
         print(f"wrote {args.plot}")
     return result
 
@@ -399,23 +546,28 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "memory", help="peak memory per batch size, and the largest batch under a cap",
+        "memory", help="the largest batch within a memory budget, baselines and fast variants",
         description="Runs one loss step (forward + backward to the restored image) per batch "
-                    "size and records torch's peak allocated memory and NVML's used memory, "
-                    "under a cap emulated with set_per_process_memory_fraction (24 GiB, an RTX "
-                    "4090, by default; the weights each variant keeps on the card count against "
-                    "it). Without --batch-sizes it doubles the batch until the first "
-                    "out-of-memory error, then bisects to the largest batch that fits. Needs a "
-                    "CUDA device.")
+                    "size within a budget of what NVML reports the process uses (24 GiB, an "
+                    "RTX 4090, by default; the CUDA context, libraries and the weights each "
+                    "variant keeps on the card count against it): torch's allocator is capped "
+                    "at the budget less what the process holds outside it, and a batch fits "
+                    "only if NVML then confirms it. Without --batch-sizes it doubles the batch "
+                    "until the first that does not fit, then bisects to the largest that does, "
+                    "and times that one. Needs a CUDA device and NVML.")
     add_measurement_arguments(p, device_help="cuda, cuda:1 (default: auto)",
                               prior_default="adm-256-uncond",
                               prior_default_text="default %(default)s", resolution_default=256)
-    p.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
-                   help="memory cap in GiB (default 24: an RTX 4090); at most the card's memory")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                   help="fast: PyTorch's norms; fast-fused: the fused norm kernels (the default "
-                        "on CUDA); fast-ckpt: fast with activation checkpointing of the restored "
-                        "branch (default: all four)")
+    p.add_argument("--budget-gib", type=float, default=DEFAULT_BUDGET_GIB,
+                   help="memory budget in GiB of NVML's figure for the process (default 24: "
+                        "an RTX 4090); at most the card's memory")
+    hidden_alias(p, "--cap-gib", "budget_gib", type=float)
+    p.add_argument("--variants", nargs="+", type=canonical, choices=VARIANTS,
+                   default=list(DEFAULT_VARIANTS),
+                   help="baselines (reference-tf32 holds what reference-fp32 holds) and fast "
+                        "variants: fast, PyTorch's norms; fast-fused, the fused norm kernels; "
+                        "fast-ckpt, fast with activation checkpointing of the restored branch "
+                        f"(default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--terms", default="both", choices=tuple(harness.TERMS))
     p.add_argument("--fast-prior", default="cpu", choices=("cpu", "device"),
                    help="where the fast variants' fp32 prior lives: on the CPU (DiffLoss then "
@@ -425,6 +577,10 @@ def add_parser(subparsers) -> None:
                    help="measure exactly these batch sizes instead of searching")
     p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                    help="upper limit of the search (default 1024)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before timing each variant's largest batch (default 2)")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed steps at each variant's largest batch (default 10)")
     p.add_argument("--json", default=None, help="write the rows and max batches to this file")
-    p.add_argument("--plot", default=None, help="write a PNG plot of peak memory per batch")
+    p.add_argument("--plot", default=None, help="write a PNG plot of memory per batch")
     p.set_defaults(func=run, check=check)
