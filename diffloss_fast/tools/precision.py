@@ -1,0 +1,138 @@
+"""``diffloss-fast check-precision``: how far each reduced precision's loss is from fp32's, on
+your prior, before you trust it.
+
+Over restorations close to their target (delta RMS 0.3, 0.05, 0.01 around random targets) and
+timesteps 50/300/600/950, for the natural term, the semantic term and both, it compares each
+reduced precision the device supports with fp32: the loss's relative error and the cosine of
+the input gradients. Reduced precision runs as DiffLoss runs it (difference propagation);
+``--two-pass`` adds the two-pass computation beside it, to see what that propagation fixes.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tqdm import tqdm
+
+from ..loss import DiffLoss
+from .baselines import numerics
+from .harness import (add_prior_arguments, check_device, check_prior, measurement_prior,
+                      positive_int, prior_source, write_json)
+
+DELTAS = (0.3, 0.05, 0.01)
+TIMESTEPS = (50, 300, 600, 950)
+TERMS = {"natural": (1.0, 0.0), "semantic": (0.0, 1.0), "both": (1e-3, 1e-6)}
+LOSS_BOUND, COSINE_BOUND = 0.02, 0.995  # DESIGN.md section 3, for bf16 and fp16
+
+
+def reduced_precisions(device: torch.device) -> list[str]:
+    """The reduced precisions DiffLoss can run on ``device``."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["fp16"]
+    return ["bf16", "fp16"]
+
+
+def cell_inputs(delta: float, t: int, batch: int, size: int, device, seed: int):
+    """Targets in [0.1, 0.9], restorations ``delta`` RMS from them, one timestep, noise."""
+    gen = torch.Generator().manual_seed(seed)
+    gt = torch.rand(batch, 3, size, size, generator=gen) * 0.8 + 0.1
+    restored = gt + delta * torch.randn(batch, 3, size, size, generator=gen)
+    noise = torch.randn(batch, 3, size, size, generator=gen)
+    return (restored.to(device), gt.to(device), torch.full((batch,), t, device=device),
+            noise.to(device))
+
+
+def _loss_and_grad(prior, precision, propagation, weights, inputs):
+    loss_fn = DiffLoss(prior, precision=precision, propagation=propagation,
+                       natural_weight=weights[0], semantic_weight=weights[1],
+                       check_range=False)
+    restored, gt, t, noise = inputs
+    x = restored.clone().requires_grad_(True)
+    loss = loss_fn(x, gt, t=t, noise=noise)
+    loss.backward()
+    return float(loss.detach()), x.grad.detach().double().flatten()
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cosine however small the gradients (F.cosine_similarity clamps their norms' product)."""
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+def run_grid(prior, device: torch.device, precisions, *, batch: int, size: int,
+             two_pass: bool) -> list[dict]:
+    """One row per (precision, propagation, delta, t, term)."""
+    methods = [(p, "auto") for p in precisions]
+    if two_pass:
+        methods += [(p, "two-pass") for p in precisions]
+    cells = [(i, delta, j, t) for i, delta in enumerate(DELTAS) for j, t in enumerate(TIMESTEPS)]
+    rows = []
+    for i, delta, j, t in tqdm(cells, desc="check-precision", unit="cell"):
+        inputs = cell_inputs(delta, t, batch, size, device, seed=10 * i + j)
+        for term, weights in TERMS.items():
+            want, want_grad = _loss_and_grad(prior, "fp32", "two-pass", weights, inputs)
+            for precision, propagation in methods:
+                got, grad = _loss_and_grad(prior, precision, propagation, weights, inputs)
+                err = abs(got - want) / want if want else float(got != 0)
+                cos = _cosine(grad, want_grad)
+                rows.append({"precision": precision,
+                             "propagation": "difference" if propagation == "auto" else propagation,
+                             "delta": delta, "t": t, "term": term, "loss_fp32": want,
+                             "loss": got, "rel_error": err, "cosine": cos,
+                             "ok": err <= LOSS_BOUND and cos >= COSINE_BOUND})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("precision", "propagation", "delta", "t", "term", "loss rel. error", "grad cosine",
+            "ok")
+    body = [(r["precision"], r["propagation"], f"{r['delta']:g}", str(r["t"]), r["term"],
+             f"{r['rel_error']:.2e}", f"{r['cosine']:.5f}", "yes" if r["ok"] else "NO")
+            for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), *(line(b) for b in body)])
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    weights, config = prior_source(args.prior, args.prior_config)
+    prior = measurement_prior(weights, config, torch.device("cpu"), "the comparison")
+    size = args.resolution or (256 if device.type == "cuda" else 32)
+    with numerics("reference-fp32"):  # the fp32 side in strict fp32 (no TF32)
+        rows = run_grid(prior, device, args.precisions or reduced_precisions(device),
+                        batch=args.batch,
+                        size=size, two_pass=args.two_pass)
+    print(format_table(rows))
+    failed = [r for r in rows if not r["ok"] and r["propagation"] == "difference"]
+    print(f"{len(rows)} comparisons; bounds: loss within {LOSS_BOUND:.0%} of fp32, gradient "
+          f"cosine >= {COSINE_BOUND}; DiffLoss's own computation outside them: {len(failed)}")
+    result = {"device": str(device), "prior": weights or config, "resolution": size,
+              "batch": args.batch, "rows": rows}
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    check_device(parser, args.device)
+    check_prior(parser, args.prior, args.prior_config)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "check-precision", help="each reduced precision's loss and gradient against fp32",
+        description=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_prior_arguments(p, default="tiny", default_text="tiny (random weights)",
+                        legacy_weights=False)
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side (default: 256 on CUDA, 32 on the CPU)")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--precisions", nargs="+", choices=("bf16", "fp16"), default=None,
+                   help="default: every reduced precision the device supports (fp16 on the "
+                        "CPU is slow: PyTorch has no fast CPU kernels for it)")
+    p.add_argument("--two-pass", action="store_true",
+                   help="also compare the two-pass computation, which difference propagation "
+                        "replaces in reduced precision")
+    p.add_argument("--json", metavar="PATH", help="save every comparison as JSON")
+    p.set_defaults(func=run, check=check)
