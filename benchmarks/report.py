@@ -6,12 +6,15 @@ RAW_DIR holds bench_*.json (from ``diffloss-fast bench --json``), and may hold m
 (``diffloss-fast memory --json``), profile_*.json (``diffloss-fast profile --json``),
 roofline_*.json (``diffloss-fast roofline --time-convolutions --json``) and suite_*.json
 (pytest-benchmark). Writes, under benchmarks/results/:
-``<date>-<card>[-<run>].json`` (the schema of the performance issue; a row's ``norms`` says
-whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png`` (images/s per
-variant at each batch size) and, with profiles, ``-profile.png`` (device time per kernel kind).
+``<date>-<card>[-<run>].json`` (baseline rows keep their names, fast rows are ``fast`` with
+``norms`` saying whether the fused GroupNorm + SiLU kernels ran), ``.md`` (tables), ``-speed.png``
+(images/s per variant at each batch size) and, with profiles, ``-profile.png`` (device time per
+kernel kind). A speedup is against the fastest baseline timed for the same terms and batch.
 On a card ``diffloss-fast roofline`` knows, each fast row also gets its floor (``roofline_ms``:
 eager rows the eager floor, compiled rows the fused one, at the run's measured matmul rate),
 and each eager profile the floor of each kind of kernel.
+
+The verify run's result files are written by ``benchmarks/verify.py``.
 """
 from __future__ import annotations
 
@@ -20,10 +23,23 @@ import json
 import shutil
 from pathlib import Path
 
-from diffloss_fast.tools import roofline
+from diffloss_fast.tools import hardware, roofline
+from diffloss_fast.tools.baselines import BASELINES, canonical
 
 ROW_KEYS = ("variant", "precision", "compiled", "backend", "terms", "batch", "resolution",
-            "ms_per_step", "images_per_s", "tflops", "mfu", "peak_mem_gib", "channels_last")
+            "ms_per_step", "ms_min", "ms_max", "images_per_s", "tflops", "mfu_datasheet",
+            "mfu_measured", "peak_mem_gib", "channels_last")
+
+
+def _peak(bench: dict) -> tuple[str, float, float | None]:
+    """(dtype, measured matmul TFLOP/s, datasheet bf16 TFLOP/s or None) of one bench output;
+    outputs before the datasheet table held the measured rate alone."""
+    if "peak" in bench:
+        p = bench["peak"]
+        return ("bf16" if p["dtype"] == "bfloat16" else "fp32", p["measured_median"],
+                p["datasheet_tflops"])
+    dtype = "bf16" if "peak_bf16_tflops" in bench else "fp32"
+    return dtype, bench[f"peak_{dtype}_tflops"], None
 
 
 def merge(raw: Path) -> dict:
@@ -44,18 +60,23 @@ def merge(raw: Path) -> dict:
                 continue
             seen.add(key)
             row = {k: r.get(k) for k in ROW_KEYS}
+            if "mfu" in r:  # a run before the datasheet table: its MFU was the measured one
+                row["mfu_measured"] = r["mfu"]
             row["channels_last"] = r.get("channels_last", "auto")
-            row["variant"] = "reference" if r["variant"] == "reference" else "fast"
+            variant = canonical(r["variant"])
+            row["variant"] = variant if variant in BASELINES else "fast"
             row["norms"] = norms
             row["cuda_graph"] = r["variant"] == "fast-graphed"
             row["cudnn_benchmark"] = tuned
             row["compile_mode"] = r.get("compile_mode")
             row["compile_s"] = r.get("compile_s")
             rows.append(row)
-    peak = "peak_bf16_tflops" if "peak_bf16_tflops" in first else "peak_fp32_tflops"  # CPU runs
+    dtype, measured, sheet = _peak(first)
+    peak = f"peak_{dtype}_tflops"  # the CPU's runs measure fp32
     result = {"device": first["device"], "date": first["date"], "torch": first["torch"],
-              "triton": first["triton"], "prior": first.get("prior"), peak: first[peak],
-              f"{peak}_per_run": [b[peak] for b in benches], "rows": rows}
+              "triton": first["triton"], "prior": first.get("prior"), peak: measured,
+              f"{peak}_per_run": [_peak(b)[1] for b in benches],
+              "datasheet_bf16_tflops": sheet, "rows": rows}
     suites = {}
     for path in sorted(raw.glob("suite_*.json")):  # pytest-benchmark --benchmark-json output
         for b in json.loads(path.read_text())["benchmarks"]:
@@ -80,7 +101,7 @@ def merge(raw: Path) -> dict:
     memory = raw / "memory.json"
     if memory.exists():
         m = json.loads(memory.read_text())
-        result["memory"] = {"cap_gib": m["cap_gib"], "rows": m["rows"],
+        result["memory"] = {"budget_gib": m["budget_gib"], "rows": m["rows"],
                             "max_batch": m["max_batch"]}
     return result
 
@@ -88,10 +109,10 @@ def merge(raw: Path) -> dict:
 def add_roofline(result: dict) -> None:
     """Each fast row's floor on this card (``diffloss-fast roofline``), and each eager profile's
     floor per kind of kernel, if the card is known."""
-    card = roofline.card_for(result["device"])
+    card = hardware.card_for(result["device"])
     if card is None or "peak_bf16_tflops" not in result or not result.get("prior"):
         return
-    card = roofline.Card(card.name, result["peak_bf16_tflops"], card.bandwidth_tbs)
+    card = hardware.Card(card.name, result["peak_bf16_tflops"], card.bandwidth_tbs)
     traces = {}
 
     def ops(prior, terms, batch, resolution, precision, fused):
@@ -103,7 +124,7 @@ def add_roofline(result: dict) -> None:
         return traces[key]
 
     for r in result["rows"]:
-        if r["variant"] == "reference" or r["precision"] not in ("bf16", "fp16"):
+        if r["variant"] in BASELINES or r["precision"] not in ("bf16", "fp16"):
             continue
         floors = roofline.floors_ms(ops(result["prior"], r["terms"], r["batch"], r["resolution"],
                                         r["precision"], r.get("norms") == "fused"), card)
@@ -120,34 +141,43 @@ def add_roofline(result: dict) -> None:
 
 
 def speedups(rows: list[dict]) -> dict:
-    ref = {(r["terms"], r["batch"]): r["ms_per_step"] for r in rows if r["variant"] == "reference"}
-    ref_both = {b: ms for (terms, b), ms in ref.items() if terms == "both"}
-    return {id(r): ref_both.get(r["batch"]) / r["ms_per_step"]
-            for r in rows if ref_both.get(r["batch"])}
+    """id(row) -> its speedup over the fastest baseline timed for the same terms and batch."""
+    fastest = {}
+    for r in rows:
+        if r["variant"] in BASELINES:
+            key = r["terms"], r["batch"]
+            fastest[key] = min(fastest.get(key, r["ms_per_step"]), r["ms_per_step"])
+    return {id(r): fastest[r["terms"], r["batch"]] / r["ms_per_step"]
+            for r in rows if (r["terms"], r["batch"]) in fastest}
 
 
 def markdown(result: dict) -> str:
-    rows = sorted(result["rows"], key=lambda r: (r["terms"], r["batch"], r["variant"] != "reference",
-                                                 r["compiled"], r["precision"]))
+    rows = sorted(result["rows"], key=lambda r: (r["terms"], r["batch"],
+                                                 r["variant"] not in BASELINES, r["compiled"],
+                                                 r["precision"]))
     up = speedups(rows)
     speed = lambda r: f"{up[id(r)]:.2f}x" if id(r) in up else "-"  # noqa: E731
     peak_name = "bf16" if "peak_bf16_tflops" in result else "fp32"
     peak = result[f"peak_{peak_name}_tflops"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    share = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     of_roofline = lambda r: (f"{r['roofline_ms'] / r['ms_per_step']:.0%}"  # noqa: E731
                              if r.get("roofline_ms") else "-")
     out = [f"# {result['device']}, {result['date']}",
            "",
            f"torch {result['torch']}, triton {result['triton']}; measured {peak_name} matmul peak "
-           f"{peak:.3g} TFLOP/s. Loss step = forward + backward to the "
-           "restored image, random weights, median of synchronised runs after warm-up. "
-           "Speedup is against the strict-fp32 reference at the same batch size (the reference always "
-           "runs the full UNet, so it costs the same whatever the terms).",
+           f"{peak:.3g} TFLOP/s"
+           + (f"; datasheet dense bf16 peak {result['datasheet_bf16_tflops']:g} TFLOP/s"
+              if result.get("datasheet_bf16_tflops") else "")
+           + ". Loss step = forward + backward to the restored image, random weights, median "
+           "of synchronised runs after warm-up. Speedup is against the fastest baseline timed "
+           "for the same terms and batch size (for the semantic term alone the baselines run "
+           "upstream's encoder and middle block only).",
            "",
-           "| variant | precision | compiled | norms | CUDA graph | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU | of roofline | peak GiB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| variant | precision | compiled | norms | CUDA graph | channels_last | cuDNN autotune | backend | terms | batch | ms/step | images/s | speedup | TFLOP/s | MFU (datasheet) | MFU (measured matmul) | of roofline | peak GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        layout = "-" if r["variant"] == "reference" else r.get("channels_last", "auto")
+        layout = "-" if r["variant"] in BASELINES else r.get("channels_last", "auto")
         compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
         graph = "yes" if r.get("cuda_graph") else "no"
         norms = r.get("norms", "plain")
@@ -155,7 +185,8 @@ def markdown(result: dict) -> str:
                    f"{graph} | {layout} | {'yes' if r.get('cudnn_benchmark') else 'no'} | {r['backend']} | "
                    f"{r['terms']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                    f"{r['images_per_s']:.1f} | {speed(r)} | {r['tflops']:.3g} | "
-                   f"{r['mfu']:.1%} | {of_roofline(r)} | {fmt(r['peak_mem_gib'])} |")
+                   f"{share(r['mfu_datasheet'])} | {share(r['mfu_measured'])} | "
+                   f"{of_roofline(r)} | {fmt(r['peak_mem_gib'])} |")
     if result.get("roofline_card"):
         card = result["roofline_card"]
         out += ["", f"Of roofline: the least time `diffloss-fast roofline` gives the row's step "
@@ -202,13 +233,14 @@ def markdown(result: dict) -> str:
         out += ["", result["note"]]
     mem = result.get("memory")
     if mem:
-        out += ["", f"## Memory under a {mem['cap_gib']:g} GiB cap (an RTX 4090, emulated)", "",
-                "| variant | precision | terms | batch | fits | peak allocated GiB | NVML used GiB |",
-                "| --- | --- | --- | ---: | --- | ---: | ---: |"]
+        out += ["", f"## Memory within a {mem['budget_gib']:g} GiB budget as NVML counts the "
+                "process (an RTX 4090, emulated)", "",
+                "| variant | terms | batch | fits | NVML used GiB | allocator peak GiB | ms/step |",
+                "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
         for r in mem["rows"]:
-            out.append(f"| {r['variant']} | {r['precision']} | {r['terms']} | {r['batch']} | "
-                       f"{'yes' if r['fits'] else 'OOM'} | {fmt(r['peak_allocated_gib'])} | "
-                       f"{fmt(r['nvml_used_gib'])} |")
+            out.append(f"| {r['variant']} | {r['terms']} | {r['batch']} | "
+                       f"{'yes' if r['fits'] else 'no'} | {fmt(r['nvml_used_gib'])} | "
+                       f"{fmt(r['allocator_peak_gib'])} | {fmt(r.get('ms_per_step'))} |")
         out += ["", "Largest batch that fits: " + ", ".join(
             f"{k} {v}" for k, v in mem["max_batch"].items()) + "."]
     return "\n".join(out) + "\n"
@@ -216,8 +248,8 @@ def markdown(result: dict) -> str:
 
 def row_name(r: dict) -> str:
     """What a result row ran, in a few words: variant, precision and the options that differ."""
-    if r["variant"] == "reference":
-        return f"ReferenceDiffLoss {r['precision']}"
+    if r["variant"] in BASELINES:
+        return f"{r['variant']} (baseline)"
     parts = [f"DiffLoss {r['precision']}"]
     if r["compiled"]:
         parts.append(f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled")
@@ -243,12 +275,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(result["rows"], key=lambda r: (r["terms"] != "both", r["terms"], r["batch"],
-                                                 r["variant"] != "reference", r["images_per_s"]))
+                                                 r["variant"] not in BASELINES, r["images_per_s"]))
     up = speedups(rows)
-    colors = {"reference": "0.55", "both": "C0", "semantic": "C1", "natural": "C2"}
+    colors = {"baseline": "0.55", "both": "C0", "semantic": "C1", "natural": "C2"}
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.36 * len(rows)), dpi=120)
     ys = range(len(rows))
-    kinds = ["reference" if r["variant"] == "reference" else r["terms"] for r in rows]
+    kinds = ["baseline" if r["variant"] in BASELINES else r["terms"] for r in rows]
     ax.barh(ys, [r["images_per_s"] for r in rows], color=[colors[k] for k in kinds])
     ax.set_yticks(ys, [f"{row_name(r)}: {r['terms']}, batch {r['batch']}" for r in rows],
                   fontsize=7)
@@ -258,7 +290,7 @@ def plot(result: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.25 * max(r["images_per_s"] for r in rows))
     ax.set_xlabel("images / s, forward + backward of the loss\n"
-                  "(x: against the reference's both-terms step at the same batch)")
+                  "(x: against the fastest baseline for the same terms and batch)")
     res = rows[0]["resolution"]
     ax.set_title(f"DiffLoss at {res}x{res}, {result['device']}, {result['date']}", loc="left")
     ax.grid(True, axis="x", alpha=0.3)

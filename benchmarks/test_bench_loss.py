@@ -1,4 +1,6 @@
-"""pytest-benchmark suite of the loss step (forward + backward): reference against fast variants.
+"""pytest-benchmark suite of the loss step (forward + backward): each fast variant beside the
+baselines a user would run instead, one group per set of terms (for the semantic term alone the
+baselines run upstream's encoder and middle block only).
 
     pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-json=out.json
 """
@@ -6,12 +8,14 @@ import pytest
 import torch
 
 from diffloss_fast import ops
+from diffloss_fast.tools.baselines import BASELINES, PRECISIONS, numerics, unsupported
 from diffloss_fast.tools.harness import loss_step, make_inputs, make_loss
 from diffloss_fast.tools.hardware import synchronize
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROUNDS, WARMUP = (10, 3) if CUDA else (3, 1)
+TERMS = ["both", "semantic"]
 
 FAST = [
     # (variant, precision, backend)
@@ -23,30 +27,41 @@ FAST = [
     ("fast-graphed", "bf16", "auto"),
     ("fast-compiled", "bf16", "auto"),
     ("fast-compiled", "fp16", "auto"),
+    ("fast-regional", "bf16", "auto"),
 ]
 
 
-def _run(benchmark, loss_fn, inputs):
+def _run(benchmark, variant, loss_fn, inputs):
     def step():
         loss_step(loss_fn, *inputs)
         synchronize(DEVICE)
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    with numerics(variant):
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
 
-@pytest.mark.parametrize("terms", ["both"])
-def test_reference(benchmark, bench_prior, bench_shape, terms):
+def _skip_compiled_on_cpu(variant):
+    if variant in ("reference-compiled", "fast-compiled", "fast-regional") and not CUDA:
+        pytest.skip("torch.compile is timed on CUDA only (compiling on 2 CPU cores takes minutes)")
+
+
+@pytest.mark.parametrize("terms", TERMS)
+@pytest.mark.parametrize("variant", BASELINES)
+def test_baseline(benchmark, bench_prior, bench_shape, variant, terms):
+    why = unsupported(variant, DEVICE)
+    if why:
+        pytest.skip(why)
+    _skip_compiled_on_cpu(variant)
     benchmark.group = f"loss:{terms}"
-    benchmark.extra_info.update(variant="reference", precision="fp32", terms=terms,
+    benchmark.extra_info.update(variant=variant, precision=PRECISIONS[variant], terms=terms,
                                 batch=bench_shape[0], resolution=bench_shape[1])
-    loss_fn = make_loss(bench_prior, "reference", terms, precision="fp32", backend="torch")
-    _run(benchmark, loss_fn, make_inputs(*bench_shape, DEVICE))
+    loss_fn = make_loss(bench_prior, variant, terms, precision="fp32", backend="torch")
+    _run(benchmark, variant, loss_fn, make_inputs(*bench_shape, DEVICE))
 
 
-@pytest.mark.parametrize("terms", ["both", "semantic"])
+@pytest.mark.parametrize("terms", TERMS)
 @pytest.mark.parametrize("variant, precision, backend", FAST)
 def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, terms):
-    if variant == "fast-compiled" and not CUDA:
-        pytest.skip("torch.compile is timed on CUDA only (compiling on 2 CPU cores takes minutes)")
+    _skip_compiled_on_cpu(variant)
     if variant in ("fast-fused", "fast-graphed") and not CUDA:
         pytest.skip("the fused norm kernels and CUDA graphs are timed on CUDA only (on the "
                     "CPU the kernels run interpreted)")
@@ -61,4 +76,4 @@ def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, 
     benchmark.extra_info.update(variant=variant, precision=precision, backend=resolved,
                                 terms=terms, batch=bench_shape[0], resolution=bench_shape[1])
     loss_fn = make_loss(bench_prior, variant, terms, precision=precision, backend=backend)
-    _run(benchmark, loss_fn, make_inputs(*bench_shape, DEVICE))
+    _run(benchmark, variant, loss_fn, make_inputs(*bench_shape, DEVICE))

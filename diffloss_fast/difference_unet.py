@@ -93,17 +93,6 @@ class DifferenceUNet(FastUNet):
         back = lambda o: o.transpose(1, 2).unflatten(2, (height, width))  # noqa: E731
         return x[0] + back(out_a), x[1] + back(out_d), x[2]
 
-    def _layer(self, layer: nn.Module, h: Pair, film: torch.Tensor) -> Pair:
-        if isinstance(layer, ResBlock):
-            return self._resblock(layer, h, film)
-        if isinstance(layer, AttentionBlock):
-            return self._attn(layer, h)
-        if isinstance(layer, (Downsample, Upsample)):
-            return self._resample(layer, h)
-        if isinstance(layer, nn.Conv2d):
-            return self._conv(layer, h)
-        raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
-
     def forward(self, a: torch.Tensor, d: torch.Tensor, t: torch.Tensor, d_scale: torch.Tensor):
         film = self._film(t)
         h = self._activation(a.detach()), self._activation(d), d_scale

@@ -186,6 +186,9 @@ class FastUNet(nn.Module):
         x = frozen_conv2d(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else skip(x)
         return self.plan.residual_bias_add(x, h, blk.residual_bias)
 
+    def _conv(self, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        return frozen_conv2d(conv, h)
+
     def _resample(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if isinstance(layer, Downsample):
             return frozen_conv2d(layer.op, h) if layer.use_conv else self.plan.avg_pool(h)
@@ -220,7 +223,7 @@ class FastUNet(nn.Module):
         if isinstance(layer, (Downsample, Upsample)):
             return self._resample(layer, h)
         if isinstance(layer, nn.Conv2d):
-            return frozen_conv2d(layer, h)
+            return self._conv(layer, h)
         raise TypeError(f"unsupported layer in the prior: {type(layer).__name__}")
 
     def _run(self, block: nn.Sequential, h: torch.Tensor, film: torch.Tensor) -> torch.Tensor:

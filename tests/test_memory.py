@@ -275,15 +275,6 @@ class FakeCard:
         self.peak_reserved, self.peak_allocated = self.reserved, 0.0
 
 
-@pytest.fixture
-def one_thread():
-    """Real steps of a tiny prior: on a busy 2-core machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_run_on_a_faked_card_counts_what_nvml_sees(monkeypatch, tmp_path, capsys, one_thread):
     import json
     fake = FakeCard(monkeypatch)

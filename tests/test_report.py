@@ -27,11 +27,15 @@ def test_report_from_cpu_runs(tmp_path):
                         "--note", "a test run"])
     stem = f"{bench['date']}-cpu-t"
     result = json.loads((out / f"{stem}.json").read_text())
-    assert {r["variant"] for r in result["rows"]} == {"reference", "fast"}
+    assert {r["variant"] for r in result["rows"]} == {"reference-fp32", "fast"}
     assert all(r["norms"] == "plain" for r in result["rows"])
     by_variant = {r["variant"]: r for r in result["rows"]}
-    assert by_variant["fast"]["ms_per_step"] == next(
-        r["ms_per_step"] for r in bench["rows"] if r["variant"] == "fast")
+    timed = {r["variant"]: r for r in bench["rows"]}
+    for variant in ("reference-fp32", "fast"):
+        for key in ("ms_per_step", "ms_min", "ms_max", "mfu_measured"):
+            assert by_variant[variant][key] == timed[variant][key]
+    assert result["peak_fp32_tflops"] == bench["peak"]["measured_median"]
+    assert result["datasheet_bf16_tflops"] is None
     assert result["profiles"][0]["variant"] == "fast"
     md = (out / f"{stem}.md").read_text()
     assert "## Profile: fast" in md and "| convolution |" in md and "a test run" in md
@@ -62,11 +66,25 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
     both = next(r["roofline_ms"] for r in fast if r["terms"] == "both")
     semantic = next(r["roofline_ms"] for r in fast if r["terms"] == "semantic")
     assert 3 < both / semantic < 3.9  # under the FLOP ratio: more memory-bound work per FLOP
-    assert all("roofline_ms" not in r for r in result["rows"] if r["variant"] == "reference")
+    assert all("roofline_ms" not in r for r in result["rows"] if r["variant"] == "reference-fp32")
+    # a run before the datasheet table: its "reference" is reference-fp32, its MFU the measured
+    source_rows = json.loads(source.read_text())["rows"]
+    assert {r["variant"] for r in result["rows"]} == {"reference-fp32", "fast"}
+    assert sorted(r["mfu_measured"] for r in result["rows"]) == sorted(
+        r["mfu"] for r in source_rows if r["status"] == "ok")
     floors = {c["category"]: c["roofline_ms"] for c in result["profiles"][0]["categories"]}
     assert floors["convolution"] > 0 and floors["norm"] > 0
     md = path.with_suffix(".md").read_text()
     assert "of roofline" in md and "| roofline ms |" in md
+    # semantic rows against the semantic baseline, never against the both-terms reference
+    ref = {r["terms"]: r["ms_per_step"] for r in result["rows"]
+           if r["variant"] == "reference-fp32"}
+    speeds = load("report").speedups(result["rows"])
+    for r in fast:
+        if r["terms"] in ref:
+            assert speeds[id(r)] == ref[r["terms"]] / r["ms_per_step"]
+        else:
+            assert id(r) not in speeds
     profile_png = path.with_name(path.stem + "-profile.png")
     assert profile_png.read_bytes()[:8] == PNG_MAGIC
 
@@ -74,7 +92,7 @@ def test_report_puts_each_fast_row_against_its_roofline(tmp_path):
 def test_row_names_say_what_differs():
     """The speed plot's labels: each option a row ran, and nothing it did not."""
     name = load("report").row_name
-    assert name({"variant": "reference", "precision": "fp32"}) == "ReferenceDiffLoss fp32"
+    assert name({"variant": "reference-bf16", "precision": "bf16"}) == "reference-bf16 (baseline)"
     plain = {"variant": "fast", "precision": "bf16", "compiled": False, "norms": "plain"}
     assert name(plain) == "DiffLoss bf16, PyTorch norms"
     graphed = dict(plain, norms="fused", cuda_graph=True, channels_last=True)

@@ -29,15 +29,6 @@ def small_nets(monkeypatch):
     monkeypatch.setattr(nets, "BUILTIN", SMALL)
 
 
-@pytest.fixture
-def one_thread():
-    """Real steps at tiny sizes: on a busy 2-core machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_runs_every_net_and_terms_and_writes_the_rows(small_nets, tmp_path, capsys,
                                                      one_thread):
     path = tmp_path / "sub" / "train.json"

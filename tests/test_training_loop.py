@@ -1,6 +1,5 @@
 """The loss inside the training loops people write: autocast, mixed dtypes, a parent module that
 holds the loss, DistributedDataParallel, and timing the prior's share of a step."""
-import os
 import time
 
 import pytest

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..loss import DiffLoss, ReferenceDiffLoss
+from ..loss import DiffLoss
 from ..prior import build_prior, load_prior
+from .baselines import BASELINES, canonical, make_baseline
 
 PRIOR_CONFIG_HELP = ("the architecture of a --prior checkpoint file: a preset name or a JSON "
                      "object of guided-diffusion create_model arguments (default adm-256-uncond)")
@@ -133,8 +134,9 @@ def check_fast_path(parser: argparse.ArgumentParser, device, variants, backend: 
     if fused and channels_last == "off":
         parser.error(f"--channels-last off: {', '.join(fused)} run the fused kernels, which read "
                      f"channels_last activations only")
-    if "fast-graphed" in variants and device.type != "cuda":
-        parser.error(f"fast-graphed replays CUDA graphs: it needs a CUDA device, and this run "
+    graphed = [v for v in variants if v in ("fast-graphed", "fast-two-pass")]
+    if graphed and device.type != "cuda":
+        parser.error(f"{graphed[0]} replays CUDA graphs: it needs a CUDA device, and this run "
                      f"is on {device}")
     if "fast-fused" in variants and not ops.triton_available(device):
         parser.error(f"fast-fused runs the fused norms' Triton kernels: they need a CUDA "
@@ -154,7 +156,7 @@ def add_measurement_arguments(p: argparse.ArgumentParser, *, device_help: str,
                         legacy_weights=True)
     p.add_argument("--resolution", type=positive_int, default=resolution_default)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="of the fast variants; the reference is always fp32")
+                   help="of the fast variants; each baseline's is in its name")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"))
 
 
@@ -167,16 +169,32 @@ def write_json(path: str | Path, data: dict) -> None:
 
 # --- the loss step the tools time ----------------------------------------------------------
 TERMS = {"both": (1e-3, 1e-6), "semantic": (0.0, 1e-6), "natural": (1e-3, 0.0)}
-# fast: eager with PyTorch's norms (DiffLoss(fused_kernels=False, cuda_graph=False))
-# fast-fused: eager with the fused kernels (fused_kernels=True, cuda_graph=False)
+# fast: eager with PyTorch's norms (DiffLoss(fused_kernels=False, execution="eager"))
+# fast-fused: eager with the fused kernels (fused_kernels=True, execution="eager")
 # fast-graphed: fast-fused with both branches replayed as CUDA graphs (the default on CUDA)
-VARIANTS = ("reference", "fast", "fast-fused", "fast-graphed", "fast-compiled")
-FUSED_VARIANTS = ("fast-fused", "fast-graphed")  # the fused kernels read channels_last only
+# fast-compiled: torch.compile of the whole truncated UNet (execution="compiled", or --compile)
+# fast-regional: torch.compile block by block (execution="regional")
+# fast-two-pass: fast-graphed with the two branches apart, subtracted at the end (the default
+# before difference propagation; beside it, what propagating the difference costs)
+FAST_VARIANTS = ("fast", "fast-fused", "fast-graphed", "fast-two-pass", "fast-compiled",
+                 "fast-regional")
+VARIANTS = BASELINES + FAST_VARIANTS
+COMPILED_VARIANTS = ("reference-compiled", "fast-compiled", "fast-regional")
+FUSED_VARIANTS = ("fast-fused", "fast-graphed", "fast-two-pass")  # the fused kernels read channels_last only
 # --compile: how fast-compiled compiles; "graph" is torch.compile's default mode on the whole
 # truncated UNet, the others are DiffLoss compile modes (reduce-overhead adds CUDA graphs)
 COMPILE_CHOICES = ("graph", "regional", "reduce-overhead", "max-autotune",
                    "max-autotune-no-cudagraphs")
 CHANNELS_LAST_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def eager_twin(variant: str) -> str:
+    """The eager variant doing the same arithmetic as ``variant``: where FLOPs are counted
+    (a compiled graph or a replayed CUDA graph hides its ops from the counter)."""
+    if variant == "reference-compiled":
+        return "reference-bf16"
+    return "fast" if variant in FAST_VARIANTS else variant
+
 
 def compile_option(choice: str) -> bool | str:
     """DiffLoss's ``compile`` argument for a ``--compile`` choice."""
@@ -199,14 +217,20 @@ def measurement_prior(weights: str | None, config, device: torch.device, what: s
 def make_loss(prior, variant: str, terms: str, *, precision: str, backend: str,
               checkpoint: bool = False, channels_last: bool | str = "auto",
               compile_mode: bool | str = True):
+    """The loss module of ``variant`` for ``terms``; a baseline (:mod:`.baselines`) ignores the
+    fast path's options and runs in its own precision, inside ``baselines.numerics``."""
     natural_weight, semantic_weight = TERMS[terms]
-    if variant == "reference":
-        return ReferenceDiffLoss(prior, natural_weight=natural_weight,
-                                 semantic_weight=semantic_weight, precision="fp32")
+    variant = canonical(variant)
+    if variant in BASELINES:
+        return make_baseline(prior, variant, natural_weight=natural_weight,
+                             semantic_weight=semantic_weight)
     if variant == "fast-compiled":  # compile= carries torch.compile's mode too
         how = dict(compile=compile_mode)
     else:
-        how = dict(execution="graphed" if variant == "fast-graphed" else "eager")
+        how = dict(execution={"fast-graphed": "graphed", "fast-two-pass": "graphed",
+                              "fast-regional": "regional"}.get(variant, "eager"))
+        if variant == "fast-two-pass":
+            how["propagation"] = "two-pass"
     return DiffLoss(prior, natural_weight=natural_weight, semantic_weight=semantic_weight,
                     precision=precision, backend=backend, checkpoint=checkpoint,
                     channels_last=channels_last, fused_kernels=variant in FUSED_VARIANTS,

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ..loss import resolve_precision
 from . import hardware, harness
+from .baselines import canonical
 from .harness import (CATEGORIES, add_measurement_arguments, categorize, check_device,
                       check_fast_path, check_prior, positive_int, prior_source, write_json)
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     resolution = args.resolution or (256 if cuda else 32)
     batch = args.batch or (8 if cuda else 2)
     prior = harness.measurement_prior(weights, config, device, "timing")
-    precision = "fp32" if args.variant == "reference" else resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)  # baselines run their own
     loss_fn = harness.make_loss(prior, args.variant, args.terms, precision=precision,
                               backend=args.backend,
                               channels_last=harness.CHANNELS_LAST_CHOICES[args.channels_last],
@@ -189,7 +190,7 @@ def add_parser(subparsers) -> None:
                                                  "the CPU",
                               resolution_default=None)
     p.add_argument("--batch", type=positive_int, default=None)
-    p.add_argument("--variant", default="fast", choices=harness.VARIANTS)
+    p.add_argument("--variant", default="fast", type=canonical, choices=harness.VARIANTS)
     p.add_argument("--terms", default="both", choices=tuple(harness.TERMS))
     p.add_argument("--channels-last", default="auto", choices=tuple(harness.CHANNELS_LAST_CHOICES))
     p.add_argument("--compile", default="graph", choices=harness.COMPILE_CHOICES,

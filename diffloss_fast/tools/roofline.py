@@ -40,6 +40,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from ..loss import _DTYPES, DiffLoss
 from ..prior import prior_architecture
 from . import conv_replay, hardware
+from .hardware import CARDS, Card, card_for
 from .harness import (ACTIVATION_CHECKPOINTING_HELP, add_prior_arguments, categorize,
                       check_device, check_prior, hidden_alias, positive_int, prior_source,
                       write_json)
@@ -50,35 +51,6 @@ SCENARIOS = ("eager", "fused", "compute")
 # Ops that allocate or alias without touching memory (views are found by their schema).
 _FREE_OPS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
              aten.new_empty_strided, aten._unsafe_view, aten.alias, aten.lift_fresh}
-
-
-@dataclass(frozen=True)
-class Card:
-    name: str
-    peak_tflops: float     # dense bf16/fp16 tensor-core rate with fp32 accumulation
-    bandwidth_tbs: float   # memory bandwidth, TB/s (10^12 bytes/s)
-
-
-# Spec-sheet numbers (no sparsity). Measured rates are lower: pass --peak-tflops with the
-# matmul rate `diffloss-fast bench` measures to get the MFU the goals use.
-CARDS = {
-    "rtx-4090": Card("NVIDIA GeForce RTX 4090", 165.2, 1.008),
-    "a100-80gb": Card("NVIDIA A100 80GB SXM", 312.0, 2.039),
-    "h100-pcie": Card("NVIDIA H100 PCIe", 756.0, 2.0),
-    "h100-sxm": Card("NVIDIA H100 SXM", 989.4, 3.35),
-    "h200": Card("NVIDIA H200", 989.4, 4.8),
-}
-
-
-def card_for(device_name: str) -> Card | None:
-    """The spec-sheet card a CUDA device name (``torch.cuda.get_device_name``) is, if known."""
-    name = device_name.lower()
-    if "h100" in name:
-        return CARDS["h100-pcie" if "pcie" in name else "h100-sxm"]
-    for key, fragment in (("h200", "h200"), ("rtx-4090", "4090"), ("a100-80gb", "a100")):
-        if fragment in name:
-            return CARDS[key]
-    return None
 
 
 @dataclass(frozen=True)
@@ -211,13 +183,15 @@ def _fused_residual(ops: list[Op]):
 
 def _traced_network(config, terms: str, precision: str, checkpoint: bool, fused_norm: bool,
                     ops: list[Op]):
-    """The network DiffLoss itself runs for these options, on the meta device; with
-    ``fused_norm`` its Triton kernels (norms, residual sums) record their traffic into
-    ``ops``."""
+    """The network DiffLoss runs for these options, on the meta device, as two passes (the
+    difference path does the same convolution and attention work, with its pair ops in place
+    of the norms); with ``fused_norm`` its Triton kernels (norms, residual sums) record their
+    traffic into ``ops``."""
     natural = terms in ("both", "natural")
     loss_fn = DiffLoss(prior_architecture(config), natural_weight=float(natural),
                        semantic_weight=float(terms in ("both", "semantic")),
-                       precision=precision, checkpoint=checkpoint, fused_kernels=False)
+                       precision=precision, checkpoint=checkpoint, fused_kernels=False,
+                       propagation="two-pass")
     net = loss_fn._net(torch.device("meta"), _DTYPES[precision], decoder=natural)
     if fused_norm:
         # the plan's PyTorch resampling moves what the resampling kernels move: x read, the
