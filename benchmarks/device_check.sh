@@ -10,7 +10,8 @@
 #       20-step `train --amp` with ADM-256 (random weights); then
 #       results/<date>-<card>-<short sha>.{json,md} and plots (benchmarks/verify.py)
 #   benchmarks/device_check.sh verify-compile
-#       at most 9 minutes: reference-compiled, whole-graph and regional torch.compile of both
+#       at most 9 minutes: the accuracy grid at ADM-256 (check-precision: bf16 and fp16 against
+#       fp32, two passes beside); reference-compiled, whole-graph and regional torch.compile of both
 #       terms and semantic, beside reference-bf16 and the graphed step, each compilation cut at
 #       COMPILE_BUDGET_S (default 75); results/<date>-<card>-<short sha>-compile.{json,md}
 #   benchmarks/device_check.sh core     CUDA tests, eager bench, ops + loss suites
@@ -185,7 +186,15 @@ if [[ $part == verify ]]; then
 fi
 
 if [[ $part == verify-compile ]]; then
-  step bench_compile 500 $py -m diffloss_fast bench "${size[@]}" "${timing[@]}" --terms both semantic \
+  # the accuracy grid at ADM-256 (bf16 and fp16 against fp32, the two-pass path beside)
+  if (( dry )); then
+    step check_precision 60 $py -m diffloss_fast check-precision --device cpu --prior tiny \
+      --resolution 16 --batch 1 --precisions bf16 --json "$raw/precision.json"
+  else
+    step check_precision 150 $py -m diffloss_fast check-precision --prior adm-256-uncond \
+      --batch 2 --two-pass --json "$raw/precision.json"
+  fi
+  step bench_compile 350 $py -m diffloss_fast bench "${size[@]}" "${timing[@]}" --terms both semantic \
     --variants reference-bf16 reference-compiled "$graphed" fast-compiled fast-regional \
     --compile-budget-s "$compile_budget" --json "$raw/bench_compile.json"
 fi

@@ -42,10 +42,7 @@ def cell_inputs(delta: float, t: int, batch: int, size: int, device, seed: int):
             noise.to(device))
 
 
-def _loss_and_grad(prior, precision, propagation, weights, inputs):
-    loss_fn = DiffLoss(prior, precision=precision, propagation=propagation,
-                       natural_weight=weights[0], semantic_weight=weights[1],
-                       check_range=False)
+def _loss_and_grad(loss_fn, inputs):
     restored, gt, t, noise = inputs
     x = restored.clone().requires_grad_(True)
     loss = loss_fn(x, gt, t=t, noise=noise)
@@ -65,13 +62,18 @@ def run_grid(prior, device: torch.device, precisions, *, batch: int, size: int,
     if two_pass:
         methods += [(p, "two-pass") for p in precisions]
     cells = [(i, delta, j, t) for i, delta in enumerate(DELTAS) for j, t in enumerate(TIMESTEPS)]
+    # one loss per configuration, so that each builds its copy of the prior once
+    losses = {(p, prop, term): DiffLoss(prior, precision=p, propagation=prop,
+                                        natural_weight=w[0], semantic_weight=w[1],
+                                        check_range=False)
+              for p, prop in [("fp32", "two-pass"), *methods] for term, w in TERMS.items()}
     rows = []
     for i, delta, j, t in tqdm(cells, desc="check-precision", unit="cell"):
         inputs = cell_inputs(delta, t, batch, size, device, seed=10 * i + j)
-        for term, weights in TERMS.items():
-            want, want_grad = _loss_and_grad(prior, "fp32", "two-pass", weights, inputs)
+        for term in TERMS:
+            want, want_grad = _loss_and_grad(losses["fp32", "two-pass", term], inputs)
             for precision, propagation in methods:
-                got, grad = _loss_and_grad(prior, precision, propagation, weights, inputs)
+                got, grad = _loss_and_grad(losses[precision, propagation, term], inputs)
                 err = abs(got - want) / want if want else float(got != 0)
                 cos = _cosine(grad, want_grad)
                 rows.append({"precision": precision,
