@@ -77,6 +77,35 @@ def test_several_forwards_before_one_backward(tiny_unet, true_fp32):
 
 
 @needs_cuda
+def test_shape_changes_dropped_forwards_and_partial_backward_on_cuda(tiny_unet, true_fp32):
+    """The patterns of the recorded tests below, with real graphs: batch shapes that change,
+    a forward dropped without backward, and a backward through one output only."""
+    from diffloss_fast.cuda_graph import PriorGraphs
+    from diffloss_fast.fast_unet import FastUNet
+    prior = tiny_unet.cuda()
+    kw = dict(natural_weight=1.0, semantic_weight=0.1, precision="fp32")
+    eager, graphed = dl.DiffLoss(prior, cuda_graph=False, **kw), dl.DiffLoss(prior, **kw)
+    for seed, batch in enumerate((2, 3, 2)):
+        shape = (batch, 3, 32, 32)
+        want, want_grad, _ = step(eager, seed, shape)
+        graphed(torch.rand(shape, device="cuda", requires_grad=True),
+                torch.rand(shape, device="cuda"))  # dropped: frees its instance
+        got, grad, _ = step(graphed, seed, shape)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        assert float((grad - want_grad).norm() / want_grad.norm()) < 1e-5
+    assert all(len(g.instances) == 1 for g in graphed._graphs._graphs.values())
+    net = FastUNet(prior, dtype=torch.float32, decoder=True, device="cuda")
+    x, t = torch.rand(2, 3, 32, 32, device="cuda"), torch.tensor([5, 600], device="cuda")
+    graphs = PriorGraphs(net, (x, t), 0)
+    for use in (0, 1):
+        xg = x.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(net(xg, t)[use].square().sum(), xg)
+        xg = x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(graphs.differentiable((xg, t))[use].square().sum(), xg)
+        assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@needs_cuda
 def test_without_autograd_replays_the_no_grad_graph(tiny_unet):
     prior = tiny_unet.cuda()
     kw = dict(natural_weight=1.0, semantic_weight=0.1, precision="fp32")
