@@ -130,7 +130,7 @@ def _pickles_complete(path: Path, count: int = 5) -> bool:
     return True
 
 
-def _torch_load(path: Path):
+def _read_state_dict_file(path: Path):
     """``torch.load(weights_only=True)``, its failures told apart: a truncated or damaged file
     needs downloading again, a whole file that is refused needs saving differently."""
     if path.stat().st_size == 0:
@@ -176,7 +176,7 @@ def _read_state_dict(checkpoint) -> Mapping[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as err:  # noqa: BLE001 - any parse failure means a damaged file
             raise _corrupt(path, f"not a complete safetensors file: {err}") from None
-    state = _torch_load(path)
+    state = _read_state_dict_file(path)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):

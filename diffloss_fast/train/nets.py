@@ -12,6 +12,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
+
+def _through_u(net: nn.Module, h: torch.Tensor, middle: nn.Module) -> torch.Tensor:
+    """The U of a network with ``encoders``/``downs`` going down, ``middle`` at the bottom, and
+    ``ups``/``fuse``/``decoders`` coming up, each level's skip concatenated before its fuse."""
+    skips = []
+    for encode, down in zip(net.encoders, net.downs):
+        h = encode(h)
+        skips.append(h)
+        h = down(h)
+    h = middle(h)
+    for up, fuse, decode, skip in zip(*(reversed(m) for m in (net.ups, net.fuse, net.decoders)),
+                                      reversed(skips)):
+        h = decode(fuse(torch.cat([up(h), skip], dim=1)))
+    return h
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -49,17 +64,7 @@ class ResidualUNet(nn.Module):
         self.tail = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x):
-        h = self.head(x)
-        skips = []
-        for encode, down in zip(self.encoders, self.downs):
-            h = encode(h)
-            skips.append(h)
-            h = down(h)
-        h = self.middle(h)
-        for up, fuse, decode, skip in zip(*(reversed(m) for m in
-                                            (self.ups, self.fuse, self.decoders)), reversed(skips)):
-            h = decode(fuse(torch.cat([up(h), skip], dim=1)))
-        return x + self.tail(h)
+        return x + self.tail(_through_u(self, self.head(x), self.middle))
 
 
 class LayerNorm2d(nn.Module):
@@ -245,17 +250,7 @@ class RestormerLike(nn.Module):
         self.tail = nn.Conv2d(2 * width, channels, 3, padding=1, bias=False)
 
     def forward(self, x):
-        h = self.head(x)
-        skips = []
-        for encode, down in zip(self.encoders, self.downs):
-            h = encode(h)
-            skips.append(h)
-            h = down(h)
-        h = self.bottleneck(h)
-        for up, fuse, decode, skip in zip(*(reversed(m) for m in
-                                            (self.ups, self.fuse, self.decoders)), reversed(skips)):
-            h = decode(fuse(torch.cat([up(h), skip], dim=1)))
-        return x + self.tail(self.refinement(h))
+        return x + self.tail(self.refinement(_through_u(self, self.head(x), self.bottleneck)))
 
 
 BUILTIN = {"resunet": ResidualUNet, "nafnet": NAFNetLike, "restormer": RestormerLike}
