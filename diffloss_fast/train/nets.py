@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def _through_u(net: nn.Module, h: torch.Tensor, middle: nn.Module) -> torch.Tensor:
     """The U of a network with ``encoders``/``downs`` going down, ``middle`` at the bottom, and
     ``ups``/``fuse``/``decoders`` coming up, each level's skip concatenated before its fuse."""
@@ -26,6 +25,7 @@ def _through_u(net: nn.Module, h: torch.Tensor, middle: nn.Module) -> torch.Tens
                                       reversed(skips)):
         h = decode(fuse(torch.cat([up(h), skip], dim=1)))
     return h
+
 
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
