@@ -7,7 +7,8 @@ feeds it few input shapes, which is what a graph needs.
 
 For one input shape, ``PriorGraphs`` holds the no-grad forward (the ground-truth branch, and
 any call without autograd) and *differentiable instances*: each is the forward and the backward
-of the restored branch, captured together into a memory pool of its own (the recipe of
+of the pass that autograd differentiates (the restored branch, or the (target, difference)
+pair pass, differentiable to the difference), captured together into a memory pool of its own (the recipe of
 ``torch.cuda.make_graphed_callables``, written out so that every output is a copy that later
 replays cannot change). A forward takes an idle instance and holds it until its backward has
 run, or until the autograd graph that would have run it is freed; so several forwards before
