@@ -398,6 +398,56 @@ class DiffLoss(_DiffLossBase):
                     and not torch.cuda.is_current_stream_capturing())
         return self.execution == "graphed"
 
+    def _two_passes(self, net, plan, restored, gt, t, noise, coef, dtype):
+        """Each branch through the prior, subtracted by the reductions (exact in fp32)."""
+        device = restored.device
+        xt_res, xt_gt = plan.q_sample_pair(
+            restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
+            scale=self.scale, offset=self.offset, out_dtype=dtype,
+            channels_last=self._channels_last(device, dtype))
+        if self._cuda_graph(device):
+            self._graphs.drop_unless(list(self._nets.values()))
+            eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
+        else:
+            with torch.no_grad():
+                eps_gt, h_gt = net(xt_gt, t)
+            eps_res, h_res = net(xt_res, t)
+        return eps_res, eps_gt, h_res, h_gt
+
+    def _difference_pass(self, net, plan, restored, gt, t, noise, coef, dtype):
+        """The target and the difference through the prior as one pair (bf16/fp16): the
+        differences of its outputs in fp32, beside zeros for the reductions to subtract."""
+        device = restored.device
+        acc = torch.promote_types(dtype, torch.float32)
+        # the target's noised image, and the restored one's difference from it, computed
+        # from (restored - gt) in fp32: the noise and the offset cancel exactly
+        with torch.no_grad():
+            _, xt_gt = plan.q_sample_pair(
+                gt, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
+                scale=self.scale, offset=self.offset, out_dtype=dtype,
+                channels_last=self._channels_last(device, dtype))
+        gain = (coef["sqrt_abar"] * self.scale).to(acc).view(-1, 1, 1, 1)
+        dx = gain * (restored.to(acc) - gt.detach().to(acc))
+        # the difference stored at its own scale (see ops.difference), and the gradients
+        # of the backward through the prior brought into the storage format's range
+        d_scale = _power_of_two_scale(dx.detach())
+        grad_scale = GradientScale()
+        d_t = unscale_gradient(grad_scale, dx * d_scale).to(dtype)  # unscaled in fp32
+        if self._cuda_graph(device):
+            self._graphs.drop_unless(list(self._nets.values()))
+            eps_d, h_d = self._graphs.run_difference(net, xt_gt, d_t, t, d_scale)
+        else:
+            eps_d, h_d = net(xt_gt, d_t, t, d_scale)
+        # in fp32, so that the gradients are scaled before they are rounded to dtype
+        eps_d, h_d = scale_gradients(grad_scale, None if eps_d is None else eps_d.to(acc),
+                                     h_d.to(acc))
+        h_res = h_d / d_scale
+        zero = torch.zeros((), dtype=acc, device=device)
+        if eps_d is None:
+            return None, None, h_res, zero.expand_as(h_res)
+        eps_res = eps_d / d_scale
+        return eps_res, zero.expand_as(eps_res), h_res, zero.expand_as(h_res)
+
     def _loss(self, restored, gt, t, noise, c):
         want_natural, want_semantic = self.natural_weight > 0, self.semantic_weight > 0
         if not (want_natural or want_semantic):
@@ -409,48 +459,8 @@ class DiffLoss(_DiffLossBase):
         coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
         net = self._net(device, dtype, decoder=want_natural)
 
-        channels_last = self._channels_last(device, dtype)
-        if self._difference(dtype):
-            # the target's noised image, and the restored one's difference from it, computed
-            # from (restored - gt) in fp32: the noise and the offset cancel exactly
-            acc = torch.promote_types(dtype, torch.float32)
-            gain = (coef["sqrt_abar"] * self.scale).to(acc).view(-1, 1, 1, 1)
-            with torch.no_grad():
-                _, xt_gt = plan.q_sample_pair(
-                    gt, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
-                    scale=self.scale, offset=self.offset, out_dtype=dtype,
-                    channels_last=channels_last)
-            dx = gain * (restored.to(acc) - gt.detach().to(acc))
-            # the difference stored at its own scale (see ops.difference), and the gradients
-            # of the backward through the prior brought into the storage format's range
-            d_scale = _power_of_two_scale(dx.detach())
-            grad_scale = GradientScale()
-            d_t = unscale_gradient(grad_scale, dx * d_scale).to(dtype)  # unscaled in fp32
-            if self._cuda_graph(device):
-                self._graphs.drop_unless(list(self._nets.values()))
-                eps_d, h_d = self._graphs.run_difference(net, xt_gt, d_t, t, d_scale)
-            else:
-                eps_d, h_d = net(xt_gt, d_t, t, d_scale)
-            # in fp32, so that the gradients are scaled before they are rounded to dtype
-            eps_d, h_d = scale_gradients(grad_scale, None if eps_d is None else eps_d.to(acc),
-                                         h_d.to(acc))
-            eps_res = None if eps_d is None else eps_d / d_scale
-            h_res = h_d / d_scale
-            zero = torch.zeros((), dtype=acc, device=device)
-            eps_gt = None if eps_d is None else zero.expand_as(eps_res)
-            h_gt = zero.expand_as(h_res)
-        else:
-            xt_res, xt_gt = plan.q_sample_pair(
-                restored, gt, noise, coef["sqrt_abar"], coef["sqrt_one_minus_abar"],
-                scale=self.scale, offset=self.offset, out_dtype=dtype,
-                channels_last=channels_last)
-            if self._cuda_graph(device):
-                self._graphs.drop_unless(list(self._nets.values()))
-                eps_gt, h_gt, eps_res, h_res = self._graphs.run(net, xt_gt, xt_res, t)
-            else:
-                with torch.no_grad():
-                    eps_gt, h_gt = net(xt_gt, t)
-                eps_res, h_res = net(xt_res, t)
+        run = self._difference_pass if self._difference(dtype) else self._two_passes
+        eps_res, eps_gt, h_res, h_gt = run(net, plan, restored, gt, t, noise, coef, dtype)
 
         # the reductions read eps_res - eps_gt and h_res - h_gt: on the difference path the
         # differences themselves, beside zeros

@@ -195,3 +195,25 @@ def test_recorded_graphs_replay_the_pair_pass(tiny_unet, monkeypatch):
     torch.testing.assert_close(grads[1], grads[0])
     (graphs,) = graphed._graphs._graphs.values()
     assert len(graphs.instances) == 2 and graphs.idle
+
+
+@pytest.mark.parametrize("target", ["eps", "x_prev"])
+def test_fused_reductions_read_the_differences(tiny_unet, target):
+    """The Triton reductions (under the interpreter) on the pair path's fp32 differences and
+    their broadcast zeros give the torch twin's loss and gradient (the pair path in fp32, so
+    that the noised target is the same from both backends' noising, to rounding)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    y = (x + 0.05 * torch.randn(2, 3, 32, 32, generator=gen)).clamp(0, 1)
+    t, noise = torch.tensor([200, 800]), torch.randn(2, 3, 32, 32, generator=gen)
+    results = []
+    for backend in ("torch", "triton"):
+        loss_fn = dl.DiffLoss(tiny_unet, precision="fp32", propagation="difference",
+                              backend=backend, target=target,
+                              natural_weight=1.0, semantic_weight=0.1)
+        xx = x.clone().requires_grad_(True)
+        loss = loss_fn(xx, y, t=t, noise=noise)
+        loss.backward()
+        results.append((loss.detach(), xx.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-12)
