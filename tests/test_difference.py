@@ -217,3 +217,19 @@ def test_fused_reductions_read_the_differences(tiny_unet, target):
         results.append((loss.detach(), xx.grad))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-12)
+
+
+def test_activation_checkpointing_recomputes_the_pair_pass(tiny_unet):
+    """Recomputed in the backward pass, the pair ops give the same gradient as kept ones."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, 32, 32, generator=gen)
+    y = (x + 0.05 * torch.randn(2, 3, 32, 32, generator=gen)).clamp(0, 1)
+    t, noise = torch.tensor([100, 900]), torch.randn(2, 3, 32, 32, generator=gen)
+    grads = []
+    for checkpoint in (False, True):
+        loss_fn = dl.DiffLoss(tiny_unet, precision="bf16", checkpoint=checkpoint,
+                              natural_weight=1.0, semantic_weight=0.1)
+        xx = x.clone().requires_grad_(True)
+        loss_fn(xx, y, t=t, noise=noise).backward()
+        grads.append(xx.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
