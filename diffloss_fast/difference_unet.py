@@ -93,20 +93,16 @@ class DifferenceUNet(FastUNet):
         back = lambda o: o.transpose(1, 2).unflatten(2, (height, width))  # noqa: E731
         return x[0] + back(out_a), x[1] + back(out_d), x[2]
 
-    def forward(self, a: torch.Tensor, d: torch.Tensor, t: torch.Tensor, d_scale: torch.Tensor):
-        film = self._film(t)
-        h = self._activation(a.detach()), self._activation(d), d_scale
-        skips = []
-        for block in self.input_blocks:
-            h = self._block(block, h, film)
-            skips.append(h)
-        h = self._block(self.middle_block, h, film)
-        if not self.decoder:
-            return None, h[1]
-        mid = h[1]
-        for block in self.output_blocks:
-            skip = skips.pop()
-            h = self._block(block, (torch.cat([h[0], skip[0]], 1),
-                                    torch.cat([h[1], skip[1]], 1), h[2]), film)
+    def _concat(self, h: Pair, skip: Pair) -> Pair:
+        return torch.cat([h[0], skip[0]], 1), torch.cat([h[1], skip[1]], 1), h[2]
+
+    def _feature(self, h: Pair) -> torch.Tensor:
+        return h[1]
+
+    def _eps(self, h: Pair) -> torch.Tensor:
         normed = self._norm_silu_pair(self.out_norm, h)
-        return frozen_conv2d(self.out_conv, normed[1], bias=False), mid
+        return frozen_conv2d(self.out_conv, normed[1], bias=False)
+
+    def forward(self, a: torch.Tensor, d: torch.Tensor, t: torch.Tensor, d_scale: torch.Tensor):
+        return self._walk((self._activation(a.detach()), self._activation(d), d_scale),
+                          self._film(t))

@@ -250,18 +250,31 @@ class FastUNet(nn.Module):
         x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor):
-        film = self._film(t)
-        h = self._activation(x)
+    def _concat(self, h, skip):
+        """A decoder block's input: the activation and the encoder's skip, channel-wise."""
+        return torch.cat([h, skip], dim=1)
+
+    def _feature(self, h):
+        """What the loss reads of the middle block's output."""
+        return h
+
+    def _eps(self, h):
+        """The predicted noise from the last decoder block's output."""
+        return frozen_conv2d(self.out_conv, self._norm_silu(self.out_norm, h))
+
+    def _walk(self, h, film: torch.Tensor):
+        """The U: encoder, middle block, and (with the decoder) the output head."""
         skips = []
         for block in self.input_blocks:
             h = self._block(block, h, film)
             skips.append(h)
         h = self._block(self.middle_block, h, film)
         if not self.decoder:
-            return None, h
-        mid = h
+            return None, self._feature(h)
+        mid = self._feature(h)
         for block in self.output_blocks:
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), film)
-        eps = frozen_conv2d(self.out_conv, self._norm_silu(self.out_norm, h))
-        return eps, mid
+            h = self._block(block, self._concat(h, skips.pop()), film)
+        return self._eps(h), mid
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        return self._walk(self._activation(x), self._film(t))
