@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_unet import FastUNet
-from .ops.difference import attention_difference, group_norm_silu_difference
 from .ops.frozen_conv import frozen_conv2d
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
@@ -43,8 +42,9 @@ class DifferenceUNet(FastUNet):
     def _norm_silu_pair(self, norm: nn.GroupNorm, pair: Pair, scale=None, shift=None,
                         x_bias=None, silu=True) -> Pair:
         a, d, s = pair
-        return (*group_norm_silu_difference(a, d, s, norm.num_groups, norm.weight, norm.bias,
-                                            norm.eps, scale, shift, x_bias, silu), s)
+        return (*self.plan.norm_silu_difference(a, d, s, norm.num_groups, norm.weight,
+                                                norm.bias, norm.eps, scale, shift, x_bias,
+                                                silu), s)
 
     def _resblock(self, blk: ResBlock, x: Pair, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -86,7 +86,8 @@ class DifferenceUNet(FastUNet):
         tokens = [n.flatten(2).transpose(1, 2) for n in normed[:2]]           # (b, T, c)
         q_a, k_a, v_a = heads_of(F.linear(tokens[0], weight, blk.qkv.bias))
         q_d, k_d, v_d = heads_of(F.linear(tokens[1], weight))
-        out = attention_difference(q_a, k_a, v_a, q_d, k_d, v_d, x[2])      # (b, heads, T, dh)
+        # (b, heads, T, dh)
+        out = self.plan.attention_difference(q_a, k_a, v_a, q_d, k_d, v_d, x[2])
         proj = blk.proj_out.weight.squeeze(-1)
         out_a = F.linear(out[0].transpose(1, 2).flatten(2), proj, blk.proj_out.bias)
         out_d = F.linear(out[1].transpose(1, 2).flatten(2), proj)

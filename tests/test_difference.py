@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import diffloss_fast as dl
 from diffloss_fast.difference_unet import DifferenceUNet
 from diffloss_fast.fast_unet import FastUNet
-from diffloss_fast.ops.difference import (attention_difference, attention_difference_torch,
-                                          group_norm_silu_difference)
+from diffloss_fast.ops.attention_difference import attention_difference, attention_difference_torch
+from diffloss_fast.ops.group_norm_silu_difference import group_norm_silu_difference
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch
 from random_unets import TINY, randomized_unet
 

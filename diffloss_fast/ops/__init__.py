@@ -7,9 +7,9 @@ twin that defines it. Two groups of ops, chosen by two options of DiffLoss:
   ``torch`` (the twins), ``triton`` (CUDA; on the CPU only under ``TRITON_INTERPRET=1``) or
   ``native`` (the C++/CUDA extension from ``csrc/``, built on first use); ``auto`` picks
   ``triton`` for CUDA tensors when Triton imports, else ``torch``;
-- the prior's ops (``group_norm_silu``, ``residual_bias_add``, ``resample_2x``), by
-  ``fused_kernels``: the Triton kernels or the twins. (``frozen_conv`` has one
-  implementation, always used.)
+- the prior's ops (``group_norm_silu``, ``residual_bias_add``, ``resample_2x``, and the pair
+  pass's ``group_norm_silu_difference`` and ``attention_difference``), by ``fused_kernels``:
+  the Triton kernels or the twins. (``frozen_conv`` has one implementation, always used.)
 
 :func:`plan_ops` makes both choices once per device and dtype, into an :class:`OpPlan`.
 """
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ._triton_common import TRITON_DTYPES
+from .attention_difference import attention_difference
 from .group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
+from .group_norm_silu_difference import group_norm_silu_difference
 from .native import q_sample_pair_native, weighted_l2_native
 from .noising import q_sample_pair_torch, q_sample_pair_triton
 from .resample_2x import avg_pool_2x2, avg_pool_2x2_triton, upsample_2x_torch, upsample_2x_triton
@@ -36,11 +38,12 @@ BACKENDS = ("auto", "torch", "triton", "native")
 _LOSS_OPS = {"torch": (q_sample_pair_torch, weighted_l2_torch),
              "triton": (q_sample_pair_triton, weighted_l2_triton),
              "native": (q_sample_pair_native, weighted_l2_native)}
-# fused kernels or not -> (norm_silu, residual_bias_add, avg_pool, upsample)
+# fused kernels or not -> (norm_silu, residual_bias_add, avg_pool, upsample,
+#                          norm_silu_difference, attention_difference)
 _PRIOR_OPS = {True: (group_norm_silu_triton, residual_bias_add_triton, avg_pool_2x2_triton,
-                     upsample_2x_triton),
+                     upsample_2x_triton, group_norm_silu_difference, attention_difference),
               False: (group_norm_silu_torch, residual_bias_add_torch, avg_pool_2x2,
-                      upsample_2x_torch)}
+                      upsample_2x_torch, group_norm_silu_difference, attention_difference)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class OpPlan:
     residual_bias_add: Callable
     avg_pool: Callable
     upsample: Callable
+    norm_silu_difference: Callable
+    attention_difference: Callable
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -103,9 +108,10 @@ def plan_ops(backend: str, fused_kernels: bool | str, device: torch.device | str
     backend = resolve_backend(backend, device)
     fused = _resolve_fused(fused_kernels, device, dtype)
     q_sample, l2 = _LOSS_OPS[backend]
-    norm_silu, residual, pool, upsample = _PRIOR_OPS[fused]
+    norm_silu, residual, pool, upsample, norm_difference, attention = _PRIOR_OPS[fused]
     return OpPlan(q_sample_pair=q_sample, weighted_l2=l2, fused=fused, norm_silu=norm_silu,
-                  residual_bias_add=residual, avg_pool=pool, upsample=upsample)
+                  residual_bias_add=residual, avg_pool=pool, upsample=upsample,
+                  norm_silu_difference=norm_difference, attention_difference=attention)
 
 
 def _loss_ops(backend: str):
