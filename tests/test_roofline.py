@@ -8,8 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffloss_fast import DiffLoss, build_prior
 from diffloss_fast.cli import main
-from diffloss_fast.tools.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, by_category,
-                                     card_for, floors_ms, saved_activation_bytes, trace_step)
+from diffloss_fast.tools.roofline import (CARDS, Card, Op, _fused_attention, _Recorder, analyse,
+                                          by_category, card_for, floors_ms,
+                                          saved_activation_bytes, trace_step)
 
 META = torch.device("meta")
 BF16 = 2  # bytes per element
@@ -152,6 +153,32 @@ def test_floors_take_the_slower_of_compute_and_memory_per_op():
     assert floors["compute"] == pytest.approx((10 ** 12 + 10 ** 9) / 1e14 * 1e3)
 
 
+def test_fp8_scenario_runs_forward_convolutions_at_the_fp8_rate_on_one_byte_operands():
+    bf16_only = Card("test", peak_tflops=100.0, bandwidth_tbs=1.0)
+    card = Card("test", peak_tflops=100.0, bandwidth_tbs=1.0, fp8_peak_tflops=200.0)
+    # 10 ms of bf16 compute; 3 GB of operands (1 GB of it the output): 3 ms, 2 ms in FP8
+    forward = Op("aten::convolution", "convolution", flops=10 ** 12, bytes=3 * 10 ** 9,
+                 written=10 ** 9)
+    # a memory-bound forward: 10 GB moved (2 GB written), 0.1 ms of compute
+    thin = Op("aten::convolution", "convolution", flops=10 ** 10, bytes=10 ** 10,
+              written=2 * 10 ** 9)
+    dgrad = Op("aten::convolution_backward", "convolution", flops=10 ** 12, bytes=10 ** 9)
+    gn = Op("gn", "norm", flops=0, bytes=3 * 10 ** 9, stat_bytes=10 ** 9)
+    ops = [forward, thin, dgrad, gn]
+    assert "fused-fp8" not in floors_ms(ops, bf16_only)
+    floors = floors_ms(ops, card)
+    assert floors["fused"] == pytest.approx(10 + 10 + 10 + 1)
+    # forward at half the time, the thin one at (8 / 2 + 2) GB, the input gradient unchanged
+    assert floors["fused-fp8"] == pytest.approx(5 + 6 + 10 + 1)
+    assert "fused-fp8" not in analyse(ops, card)["mfu_ceiling"]
+
+
+def test_forward_convolutions_record_what_they_write():
+    conv = next(op for op in trace_step("tiny", terms="semantic", batch=2, resolution=32)
+                if op.name == "aten::convolution")
+    assert 0 < conv.written < conv.bytes
+
+
 @pytest.mark.parametrize("terms", ["both", "semantic"])
 def test_trace_holds_every_flop_of_a_real_step(terms):
     """The meta trace against torch's FLOP counter on a real CPU step of the same network.
@@ -197,6 +224,7 @@ def test_command_writes_floors_ordered_as_the_scenarios_allow(tmp_path, capsys):
     for terms in ("both", "semantic"):
         floors = result["terms"][terms]["floors_ms"]
         assert floors["eager"] >= floors["fused"] >= floors["compute"] > 0
+        assert 0 < floors["fused-fp8"] < floors["fused"]  # the H100 has an FP8 rate
         assert 0 < result["terms"][terms]["mfu_ceiling"]["eager"] <= 1
     assert 0 < result["terms"]["semantic"]["saved_gib_per_image"] < result["terms"]["both"][
         "saved_gib_per_image"]

@@ -17,28 +17,33 @@ class Card:
     name: str
     peak_tflops: float     # dense bf16/fp16 tensor-core rate with fp32 accumulation
     bandwidth_tbs: float   # memory bandwidth, TB/s (10^12 bytes/s)
+    fp8_peak_tflops: float | None = None  # dense e4m3 rate with fp32 accumulation; None: no FP8
 
 
 # Datasheet figures, dense (the datasheets' "with sparsity" figures are twice these). MFU is
 # quoted against these; the matmul rate measured in the same process stands beside it.
 CARDS = {
     # "NVIDIA H100 Tensor Core GPU Architecture" whitepaper, H100 SXM5: peak BF16 tensor
-    # TFLOPS with FP32 accumulate 989.4 (1978.9 sparse); H100 datasheet: 3.35 TB/s.
-    "h100-sxm": Card("NVIDIA H100 SXM", 989.4, 3.35),
-    # the same whitepaper, H100 PCIe: 756 (1513 sparse); H100 datasheet: 2 TB/s.
-    "h100-pcie": Card("NVIDIA H100 PCIe", 756.0, 2.0),
-    # "NVIDIA H200 Tensor Core GPU" datasheet, H200 SXM: BF16 tensor core 1,979 TFLOPS with
-    # sparsity (the H100 SXM5's GH100 at the same clocks); 4.8 TB/s.
-    "h200": Card("NVIDIA H200", 989.4, 4.8),
+    # TFLOPS with FP32 accumulate 989.4 (1978.9 sparse), FP8 1978.9 (3957.8 sparse); H100
+    # datasheet: 3.35 TB/s.
+    "h100-sxm": Card("NVIDIA H100 SXM", 989.4, 3.35, 1978.9),
+    # the same whitepaper, H100 PCIe: 756 (1513 sparse), FP8 1513 (3026 sparse); H100
+    # datasheet: 2 TB/s.
+    "h100-pcie": Card("NVIDIA H100 PCIe", 756.0, 2.0, 1513.0),
+    # "NVIDIA H200 Tensor Core GPU" datasheet, H200 SXM: BF16 tensor core 1,979 TFLOPS, FP8
+    # 3,958, both with sparsity (the H100 SXM5's GH100 at the same clocks); 4.8 TB/s.
+    "h200": Card("NVIDIA H200", 989.4, 4.8, 1978.9),
     # "NVIDIA A100 Tensor Core GPU" datasheet: BF16 tensor core 312 TFLOPS (624 sparse), every
     # A100 form factor; 2,039 GB/s for the 80GB SXM, 1,555 GB/s for the 40GB.
     "a100-80gb": Card("NVIDIA A100 80GB SXM", 312.0, 2.039),
     "a100-40gb": Card("NVIDIA A100 40GB", 312.0, 1.555),
-    # "NVIDIA L40S" datasheet: BF16 tensor core 362.05 TFLOPS (733 sparse); 864 GB/s.
-    "l40s": Card("NVIDIA L40S", 362.05, 0.864),
+    # "NVIDIA L40S" datasheet: BF16 tensor core 362.05 TFLOPS (733 sparse), FP8 733 (1,466
+    # sparse); 864 GB/s.
+    "l40s": Card("NVIDIA L40S", 362.05, 0.864, 733.0),
     # "NVIDIA ADA GPU ARCHITECTURE" whitepaper, GeForce RTX 4090: peak BF16 tensor TFLOPS with
-    # FP32 accumulate 165.2 (330.4 sparse); 1008 GB/s.
-    "rtx-4090": Card("NVIDIA GeForce RTX 4090", 165.2, 1.008),
+    # FP32 accumulate 165.2 (330.4 sparse), FP8 with FP32 accumulate 330.3 (660.6 sparse);
+    # 1008 GB/s.
+    "rtx-4090": Card("NVIDIA GeForce RTX 4090", 165.2, 1.008, 330.3),
     # "NVIDIA AMPERE GA102 GPU ARCHITECTURE" whitepaper, GeForce RTX 3090: peak BF16 tensor
     # TFLOPS with FP32 accumulate 71 (142 sparse); 936 GB/s.
     "rtx-3090": Card("NVIDIA GeForce RTX 3090", 71.0, 0.936),

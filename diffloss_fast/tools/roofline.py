@@ -13,7 +13,10 @@ An op takes at least max(FLOPs / peak, bytes / bandwidth). Summed three ways:
 - ``fused``: only convolutions, matmuls and attention cost; the norms, activations, casts and
   concatenations ride in their prologues and epilogues, except that each GroupNorm still reads
   its input (and, backward, its gradient) once for its statistics;
-- ``compute``: FLOPs / peak, i.e. 100% MFU.
+- ``fused-fp8``: ``fused`` with each forward convolution's operands in e4m3 (one byte each,
+  the output still two) at the card's FP8 rate, as ``precision="fp8"`` plans to run them;
+  the input-gradient convolutions stay bf16. Only for cards with FP8 (sm_89 and later);
+- ``compute``: FLOPs / peak, i.e. 100% MFU (at the bf16 rate).
 
 ``compute / floor`` is the MFU ceiling of a scenario: no kernel can beat it. The eager step's
 own launches (and the CPU time to issue them) are not in the floors; their count is reported.
@@ -47,7 +50,7 @@ from .harness import (ACTIVATION_CHECKPOINTING_HELP, add_prior_arguments, catego
 
 aten = torch.ops.aten
 COMPUTE_CATEGORIES = ("convolution", "matmul", "attention")
-SCENARIOS = ("eager", "fused", "compute")
+SCENARIOS = ("eager", "fused", "fused-fp8", "compute")
 # Ops that allocate or alias without touching memory (views are found by their schema).
 _FREE_OPS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
              aten.new_empty_strided, aten._unsafe_view, aten.alias, aten.lift_fresh}
@@ -61,6 +64,7 @@ class Op:
     flops: int
     bytes: int
     stat_bytes: int = 0  # GroupNorm: the activations its statistics must read even when fused
+    written: int = 0  # of bytes, those its outputs take
     call: tuple | None = None  # convolutions: (ATen op, frozen arguments), to replay on a device
 
 
@@ -84,14 +88,15 @@ def aten_op(func, args, kwargs, out) -> Op | None:
     reads = list(args)
     if func._overloadpacket is aten.convolution_backward and not args[10][1]:
         reads[1] = None  # without a weight gradient the forward input is never read
-    moved = sum(_nbytes(t) for t in _tensors((reads, kwargs)) + _tensors(out))
+    written = sum(_nbytes(t) for t in _tensors(out))
+    moved = sum(_nbytes(t) for t in _tensors((reads, kwargs))) + written
     formula = flop_registry.get(func._overloadpacket)
     flops = formula(*args, **kwargs, out_val=out) if formula else 0
     name = func._schema.name
     category = categorize(name)
     stat = sum(_nbytes(t) for t in _tensors(args) if t.dim() == 4) if category == "norm" else 0
     call = (func, conv_replay.freeze(args)) if category == "convolution" and not kwargs else None
-    return Op(name, category, int(flops), moved, stat, call)
+    return Op(name, category, int(flops), moved, stat, written=written, call=call)
 
 
 class _Recorder(TorchDispatchMode):
@@ -253,18 +258,33 @@ def saved_activation_bytes(config: str = "adm-256-uncond", *, terms: str = "both
     return sum(storages.values())
 
 
+def _fp8_forward(op: Op) -> bool:
+    return op.category == "convolution" and op.name == "aten::convolution"
+
+
 def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
-    """The least time of the traced work in each scenario, milliseconds."""
+    """The least time of the traced work in each scenario, milliseconds (``fused-fp8`` only
+    for a card with an FP8 rate)."""
     peak, bandwidth = card.peak_tflops * 1e12, card.bandwidth_tbs * 1e12
 
-    def roof(flops, moved):
-        return max(flops / peak, moved / bandwidth) * 1e3
-    return {
-        "eager": sum(roof(op.flops, op.bytes) for op in ops),
-        "fused": sum(roof(op.flops, op.bytes) if op.category in COMPUTE_CATEGORIES
-                     else roof(0, op.stat_bytes) for op in ops),
-        "compute": sum(op.flops for op in ops) / peak * 1e3,
-    }
+    def roof(flops, moved, rate=peak):
+        return max(flops / rate, moved / bandwidth) * 1e3
+
+    def fused(op: Op) -> float:
+        if op.category in COMPUTE_CATEGORIES:
+            return roof(op.flops, op.bytes)
+        return roof(0, op.stat_bytes)
+
+    floors = {"eager": sum(roof(op.flops, op.bytes) for op in ops),
+              "fused": sum(fused(op) for op in ops)}
+    if card.fp8_peak_tflops:
+        fp8 = card.fp8_peak_tflops * 1e12
+        # e4m3 operands are half the bytes of bf16 ones; the output stays 16-bit
+        floors["fused-fp8"] = sum(
+            roof(op.flops, (op.bytes - op.written) / 2 + op.written, fp8) if _fp8_forward(op)
+            else fused(op) for op in ops)
+    floors["compute"] = sum(op.flops for op in ops) / peak * 1e3
+    return floors
 
 
 def by_category(ops: list[Op], card: Card) -> list[dict]:
@@ -286,15 +306,21 @@ def analyse(ops: list[Op], card: Card) -> dict:
     floors = floors_ms(ops, card)
     return {"tflop": sum(op.flops for op in ops) / 1e12, "ops": len(ops),
             "floors_ms": floors,
-            "mfu_ceiling": {s: floors["compute"] / ms for s, ms in floors.items()},
+            # MFU is against the bf16 peak: not defined for a scenario at the FP8 rate
+            "mfu_ceiling": {s: floors["compute"] / ms for s, ms in floors.items()
+                            if s != "fused-fp8"},
             "categories": by_category(ops, card)}
 
 
 def format_analysis(terms: str, a: dict) -> str:
     lines = [f"{terms}: {a['tflop']:.2f} TFLOP in {a['ops']} ops; the backward keeps "
              f"{a['saved_gib_per_image']:.2f} GiB of activations per image",
-             f"  {'scenario':<9}{'floor ms':>10}{'MFU ceiling':>13}"]
-    lines += [f"  {s:<9}{a['floors_ms'][s]:>10.1f}{a['mfu_ceiling'][s]:>13.1%}" for s in SCENARIOS]
+             f"  {'scenario':<10}{'floor ms':>10}{'MFU ceiling':>13}"]
+    for s in SCENARIOS:
+        if s in a["floors_ms"]:
+            mfu = a["mfu_ceiling"].get(s)
+            lines.append(f"  {s:<10}{a['floors_ms'][s]:>10.1f}"
+                         + (f"{mfu:>13.1%}" if mfu is not None else f"{'(fp8 rate)':>13}"))
     lines += ["", f"  {'category':<16}{'ops':>6}{'GFLOP':>10}{'GiB moved':>11}{'eager ms':>10}"]
     lines += [f"  {r['category']:<16}{r['ops']:>6}{r['gflop']:>10.0f}{r['gib']:>11.2f}"
               f"{r['eager_ms']:>10.2f}" for r in a["categories"]]
@@ -354,7 +380,8 @@ def _card(args, device: torch.device | None) -> Card:
     if peak is None and device is not None and device.type == "cuda":
         peak = hardware.matmul_peak_tflops(device)
         print(f"measured {args.precision} matmul rate: {peak:.1f} TFLOP/s")
-    return Card(card.name, peak or card.peak_tflops, args.bandwidth_tbs or card.bandwidth_tbs)
+    return Card(card.name, peak or card.peak_tflops, args.bandwidth_tbs or card.bandwidth_tbs,
+                card.fp8_peak_tflops)
 
 
 def time_convolutions(ops: list[Op], card: Card, device: torch.device, *,
@@ -422,7 +449,7 @@ def run(args: argparse.Namespace) -> dict:
     if {"both", "semantic"} <= set(result["terms"]):
         both, sem = result["terms"]["both"], result["terms"]["semantic"]
         result["semantic_speedup_bound"] = {s: both["floors_ms"][s] / sem["floors_ms"][s]
-                                            for s in SCENARIOS}
+                                            for s in SCENARIOS if s in both["floors_ms"]}
         print("\nsemantic only vs both terms, ratio of floors: " + ", ".join(
             f"{s} {r:.2f}x" for s, r in result["semantic_speedup_bound"].items()))
     if args.json:
