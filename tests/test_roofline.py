@@ -162,7 +162,8 @@ def test_fp8_scenario_runs_forward_convolutions_at_the_fp8_rate_on_one_byte_oper
     # a memory-bound forward: 10 GB moved (2 GB written), 0.1 ms of compute
     thin = Op("aten::convolution", "convolution", flops=10 ** 10, bytes=10 ** 10,
               written=2 * 10 ** 9)
-    dgrad = Op("aten::convolution_backward", "convolution", flops=10 ** 12, bytes=10 ** 9)
+    dgrad = Op("aten::convolution", "convolution", flops=10 ** 12, bytes=10 ** 9,
+               input_gradient=True)
     gn = Op("gn", "norm", flops=0, bytes=3 * 10 ** 9, stat_bytes=10 ** 9)
     ops = [forward, thin, dgrad, gn]
     assert "fused-fp8" not in floors_ms(ops, bf16_only)
@@ -173,10 +174,16 @@ def test_fp8_scenario_runs_forward_convolutions_at_the_fp8_rate_on_one_byte_oper
     assert "fused-fp8" not in analyse(ops, card)["mfu_ceiling"]
 
 
-def test_forward_convolutions_record_what_they_write():
-    conv = next(op for op in trace_step("tiny", terms="semantic", batch=2, resolution=32)
-                if op.name == "aten::convolution")
-    assert 0 < conv.written < conv.bytes
+def test_convolutions_record_what_they_write_and_whether_they_are_input_gradients():
+    ops = trace_step("tiny", terms="semantic", batch=2, resolution=32)
+    convs = [op for op in ops if op.category == "convolution"]
+    assert all(0 < op.written < op.bytes for op in convs)
+    # the frozen convolutions' input gradients are transposed convolutions, one per forward
+    # convolution the restored branch's backward passes through
+    forward = [op for op in convs if not op.input_gradient]
+    dgrad = [op for op in convs if op.input_gradient]
+    assert len(dgrad) > 0 and len(forward) > len(dgrad)
+    assert sum(op.flops for op in dgrad) < sum(op.flops for op in forward)
 
 
 @pytest.mark.parametrize("terms", ["both", "semantic"])

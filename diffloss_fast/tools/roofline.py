@@ -65,6 +65,7 @@ class Op:
     bytes: int
     stat_bytes: int = 0  # GroupNorm: the activations its statistics must read even when fused
     written: int = 0  # of bytes, those its outputs take
+    input_gradient: bool = False  # a convolution computing an input's gradient (dgrad)
     call: tuple | None = None  # convolutions: (ATen op, frozen arguments), to replay on a device
 
 
@@ -96,7 +97,12 @@ def aten_op(func, args, kwargs, out) -> Op | None:
     category = categorize(name)
     stat = sum(_nbytes(t) for t in _tensors(args) if t.dim() == 4) if category == "norm" else 0
     call = (func, conv_replay.freeze(args)) if category == "convolution" and not kwargs else None
-    return Op(name, category, int(flops), moved, stat, written=written, call=call)
+    # a frozen convolution's input gradient runs as a transposed convolution
+    dgrad = category == "convolution" and (func._overloadpacket is aten.convolution_backward
+                                           or (func._overloadpacket is aten.convolution
+                                               and bool(args[6])))
+    return Op(name, category, int(flops), moved, stat, written=written, call=call,
+              input_gradient=dgrad)
 
 
 class _Recorder(TorchDispatchMode):
@@ -259,7 +265,7 @@ def saved_activation_bytes(config: str = "adm-256-uncond", *, terms: str = "both
 
 
 def _fp8_forward(op: Op) -> bool:
-    return op.category == "convolution" and op.name == "aten::convolution"
+    return op.category == "convolution" and not op.input_gradient
 
 
 def floors_ms(ops: list[Op], card: Card) -> dict[str, float]:
