@@ -19,7 +19,9 @@ setup(
     packages=find_packages(include=["diffloss_fast", "diffloss_fast.*"]) + ["diffloss_fast.csrc"],
     # csrc/ stays at the top level of the repository and ships inside the package.
     package_dir={"diffloss_fast.csrc": "csrc"},
-    package_data={"diffloss_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.md"]},
+    package_data={"diffloss_fast.csrc": ["*.cpp", "*.cu", "*.h", "*.md"],
+                  # the convolution dispatch table the GPU sweep writes
+                  "diffloss_fast.ops": ["conv_dispatch.json"]},
     install_requires=[
         "torch>=2.1",
         "guided-diffusion-sdk>=1.0",

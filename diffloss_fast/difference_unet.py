@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_unet import FastUNet
+from .ops.conv_dispatch import Block
 from .ops.frozen_conv import frozen_conv2d
+from .ops.pair_conv import pair_conv2d, pair_prologue
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 # (target activation, difference times d_scale, d_scale): what flows from layer to layer
@@ -29,7 +31,15 @@ class DifferenceUNet(FastUNet):
     """``forward(a_t, d_t, t, d_scale) -> (d_eps or None, d_h)``: the differences of the
     predicted noise and of the middle-block features between ``a_t + d_t / d_scale`` and
     ``a_t``, times ``d_scale`` (a 0-dim fp32 tensor). Built like :class:`FastUNet`, from the
-    same arguments."""
+    same arguments.
+
+    ``fused_blocks``: the keys (:class:`~diffloss_fast.ops.conv_dispatch.Block`) of the
+    ResBlock norm + convolution blocks that run as one fused Triton kernel
+    (:mod:`diffloss_fast.ops.pair_conv`), the norm applied as the convolution loads its input
+    and the residual sum added as it writes; empty (the library path) unless the convolution
+    dispatch table measured them faster on this card."""
+
+    fused_blocks: frozenset[str] = frozenset()
 
     def _conv(self, conv: nn.Conv2d, pair: Pair, bias: bool = True) -> Pair:
         a, d, s = pair
@@ -46,22 +56,44 @@ class DifferenceUNet(FastUNet):
                                                 norm.bias, norm.eps, scale, shift, x_bias,
                                                 silu), s)
 
+    def _fused(self, kind: str, x: Pair, conv: nn.Conv2d) -> bool:
+        """Whether this norm + convolution block runs as one fused kernel
+        (:mod:`diffloss_fast.ops.conv_dispatch`): only where the GPU sweep measured it faster."""
+        if not self.fused_blocks:
+            return False
+        n, c, height, width = x[0].shape
+        return Block(kind, n, c, conv.out_channels, height, width).key() in self.fused_blocks
+
     def _resblock(self, blk: ResBlock, x: Pair, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
-        h = self._norm_silu_pair(norm, x)
-        if blk.updown:
-            h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
         emb_out = film[:, blk.film, None, None]  # the same for both: t is shared
         out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
-        if blk.use_scale_shift_norm:
-            h = self._norm_silu_pair(out_norm, self._conv(conv, h, bias=False),
-                                     *emb_out.chunk(2, dim=1), x_bias=conv.bias)
+        scale_shift = blk.use_scale_shift_norm
+        # with a scale-shift norm the first convolution's bias rides in the norm after it
+        conv_bias = conv.bias if not scale_shift else None
+        if not blk.updown and self._fused("in", x, conv):
+            h = (*pair_conv2d(x[0], x[1], x[2], conv.weight, conv_bias, padding=conv.padding,
+                              prologue=pair_prologue(*x, norm.num_groups, norm.weight,
+                                                     norm.bias, norm.eps)), x[2])
         else:
-            ha, hd, s = self._conv(conv, h)
-            h = self._norm_silu_pair(out_norm, (ha + emb_out, hd, s))
-        h = self._conv(out_conv, h, bias=False)
+            h = self._norm_silu_pair(norm, x)
+            if blk.updown:
+                h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
+            h = self._conv(conv, h, bias=not scale_shift)
         skip = blk.skip_connection
         x = self._conv(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else x
+        if scale_shift and self._fused("out", h, out_conv):
+            prologue = pair_prologue(*h, out_norm.num_groups, out_norm.weight, out_norm.bias,
+                                     out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
+            return (*pair_conv2d(h[0], h[1], h[2], out_conv.weight, blk.residual_bias,
+                                 padding=out_conv.padding, prologue=prologue,
+                                 residual=x[:2]), x[2])
+        if scale_shift:
+            h = self._norm_silu_pair(out_norm, h, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
+        else:
+            h = self._norm_silu_pair(out_norm, (h[0] + emb_out, h[1], h[2]))
+        h = self._conv(out_conv, h, bias=False)
+        # the last (and a skip) convolution's biases ride in the residual sum
         return self.plan.residual_bias_add(x[0], h[0], blk.residual_bias), x[1] + h[1], x[2]
 
     def _resample(self, layer: nn.Module, pair: Pair) -> Pair:

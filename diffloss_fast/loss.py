@@ -19,8 +19,11 @@ from . import ops, validation
 from .cuda_graph import GraphCache
 from .difference_unet import DifferenceUNet
 from .fast_unet import ATTENTION_BACKENDS, FastUNet
+from .fp8_unet import FP8DifferenceUNet
 from .ops.autocast import autocast_disabled
+from .ops.conv_dispatch import fused_blocks
 from .ops.difference import GradientScale, scale_gradients, unscale_gradient
+from .ops.fp8 import check_device as check_fp8_device
 from .prior import UNetModel, downsampling_factor
 from .schedule import LinearSchedule
 from .timing import PriorTimer, mark_in_backward
@@ -35,17 +38,20 @@ EXECUTIONS = ("auto", "eager", "graphed", "compiled", "regional")
 # "regional" means "regional"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
                  "regional")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 # How the two branches go through the prior: "difference" carries the target's activation and
-# the restored-minus-target difference (what keeps the loss in bf16/fp16); "two-pass" runs
+# the restored-minus-target difference (what keeps the loss in bf16/fp16/fp8); "two-pass" runs
 # each branch and subtracts at the end (exact in fp32); "auto" picks difference below fp32.
 PROPAGATIONS = ("auto", "difference", "two-pass")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8 stores activations in bf16: only the convolutions' operands are e4m3 (ops.fp8)
+_STORAGE = {**_DTYPES, "fp8": torch.bfloat16}
 _NOT_GIVEN = object()  # the default of an alias: None is a value (and refused)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a CUDA device that has it, fp16 on other CUDA devices, fp32 elsewhere."""
+    """``auto``: bf16 on a CUDA device that has it, fp16 on other CUDA devices, fp32 elsewhere
+    (never fp8, which is asked for by name)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -216,6 +222,11 @@ class ReferenceDiffLoss(_DiffLossBase):
     """
 
     def __init__(self, prior: UNetModel, *, precision: str = "fp32", **kwargs):
+        if precision == "fp8":
+            raise ValueError("ReferenceDiffLoss has no precision='fp8': it runs upstream's "
+                             "forward under torch.autocast, which has no FP8. Compare "
+                             "DiffLoss(precision='fp8') with precision='fp32' instead "
+                             "(diffloss-fast check-precision does)")
         super().__init__(prior, precision=precision, **kwargs)
 
     def _run_prior(self, x_t, t):
@@ -270,6 +281,14 @@ class DiffLoss(_DiffLossBase):
       the decoder is never run;
     - bf16/fp16 weights and activations (GroupNorm statistics in fp32), attention through
       SDPA (or xformers), optional ``torch.compile`` (with channels_last activations);
+    - ``precision="fp8"`` (CUDA sm_89+, or the CPU) runs the prior's convolutions on e4m3
+      operands: weights quantized per output channel once, the target activation and the
+      difference each at a delayed per-tensor scale, the backward in bf16
+      (:mod:`diffloss_fast.ops.fp8`); everything else as bf16. Its convolutions are a
+      fake-quantized twin (e4m3 values convolved exactly with fp32 accumulation), on the CPU
+      and, until a native FP8 convolution exists, on CUDA too: it reproduces FP8's accuracy,
+      not its speed. It always propagates the pair (``propagation="two-pass"`` is refused)
+      and runs eagerly or graphed (``execution="compiled"``/``"regional"`` are refused);
     - fused kernels (``backend``) noise both branches in one pass and reduce both terms with
       fp32 accumulation;
     - ``fused_kernels`` (eager, CUDA; on by default there) runs each GroupNorm (+ FiLM) + SiLU
@@ -322,6 +341,17 @@ class DiffLoss(_DiffLossBase):
             raise ValueError("fused_kernels=True reads channels_last activations: leave "
                              "channels_last at 'auto' (or True), or pass fused_kernels=False "
                              "to run PyTorch's norms in NCHW")
+        if self.precision == "fp8":
+            if propagation == "two-pass":
+                raise ValueError("precision='fp8' always propagates the (target, difference) "
+                                 "pair: two passes quantized to FP8 and subtracted at the end "
+                                 "lose the difference the loss measures. Leave propagation at "
+                                 "'auto' (or 'difference')")
+            if execution in ("compiled", "regional"):
+                raise ValueError(f"precision='fp8' runs eagerly (or graphed): its convolutions "
+                                 f"are a fake-quantized twin for now, which torch.compile would "
+                                 f"not make an FP8 kernel of; execution={execution!r} is not "
+                                 f"offered with it")
         if execution == "graphed" and checkpoint:
             raise ValueError("execution='graphed' replays the eager path without "
                              "recomputation: it is not combined with checkpoint=True")
@@ -338,9 +368,10 @@ class DiffLoss(_DiffLossBase):
                              "with load_prior, or move it to a real device")
 
     def _compute_dtype(self, precision: str) -> torch.dtype:
+        """The activations' storage dtype (fp8 stores them in bf16)."""
         if precision == "fp32":  # the prior's own dtype: fp64 if it was converted (gradcheck)
             return next(self.prior.parameters()).dtype
-        return _DTYPES[precision]
+        return _STORAGE[precision]
 
     @property
     def _compiled(self) -> bool:
@@ -367,6 +398,8 @@ class DiffLoss(_DiffLossBase):
 
     def _difference(self, dtype: torch.dtype) -> bool:
         """Whether the branches go through the prior as a (target, difference) pair."""
+        if self.precision == "fp8":
+            return True
         if self.propagation == "auto":
             return dtype in (torch.bfloat16, torch.float16)
         return self.propagation == "difference"
@@ -379,10 +412,14 @@ class DiffLoss(_DiffLossBase):
         if key not in self._nets:
             self._nets = {k: v for k, v in self._nets.items() if k[0] == device}
             cls = DifferenceUNet if difference else FastUNet
+            if self.precision == "fp8":
+                cls = FP8DifferenceUNet
             net = cls(self.prior, dtype=dtype, decoder=decoder, device=device,
                       channels_last=channels_last, attention=self.attention,
                       checkpoint=self.checkpoint, compile_blocks=self.execution == "regional",
                       plan=self._plan(device, dtype))
+            if cls is DifferenceUNet and net.plan.fused:  # blocks measured faster fused
+                net.fused_blocks = fused_blocks(device)
             if self.execution == "compiled":
                 net = torch.compile(net, mode=self._compile_mode, dynamic=False)
             self._nets[key] = net
@@ -415,7 +452,7 @@ class DiffLoss(_DiffLossBase):
         return eps_res, eps_gt, h_res, h_gt
 
     def _difference_pass(self, net, plan, restored, gt, t, noise, coef, dtype):
-        """The target and the difference through the prior as one pair (bf16/fp16): the
+        """The target and the difference through the prior as one pair (bf16/fp16/fp8): the
         differences of its outputs in fp32, beside zeros for the reductions to subtract."""
         device = restored.device
         acc = torch.promote_types(dtype, torch.float32)
@@ -454,7 +491,10 @@ class DiffLoss(_DiffLossBase):
             self.last_terms = {"natural": None, "semantic": None}
             return restored.new_zeros((), dtype=torch.promote_types(restored.dtype, torch.float32))
         device = restored.device
-        dtype = self._compute_dtype(resolve_precision(self.precision, device))
+        precision = resolve_precision(self.precision, device)
+        if precision == "fp8":
+            check_fp8_device(device)
+        dtype = self._compute_dtype(precision)
         plan = self._plan(device, dtype)
         coef = {k: v.to(torch.promote_types(dtype, torch.float32)) for k, v in c.items()}
         net = self._net(device, dtype, decoder=want_natural)

@@ -31,8 +31,11 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import diffloss_fast.ops
+from diffloss_fast.ops.attention_difference import attention_difference_triton
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
+from diffloss_fast.ops.group_norm_silu_difference import group_norm_silu_difference_triton
 from diffloss_fast.ops.noising import q_sample_pair_triton
+from diffloss_fast.ops.pair_conv import pair_conv2d, pair_prologue
 from diffloss_fast.ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
 from diffloss_fast.ops.residual_bias_add import residual_bias_add_triton
 from diffloss_fast.ops.weighted_l2 import weighted_l2_triton
@@ -97,6 +100,57 @@ def drive() -> None:
                            p_coef=_t(2)).backward()
         h = _t(2, 1024, 8, 8, dtype=dtype, grad=True, channels_last=True)
         weighted_l2_triton(h, _t(2, 1024, 8, 8, dtype=dtype), _t(2)).backward()
+        # pair convolutions of ADM-256's ResBlocks: the second 3x3 (FiLM'd norm with the first
+        # convolution's bias as x_bias, the residual pair added; also without a backward to
+        # follow, no r saved), the first 3x3 (norm + SiLU), a 1x1 skip (no prologue); fp32
+        # with and without TF32
+        tf32 = torch.backends.cudnn.allow_tf32
+        for cin, cout, size, kernel, norm in ((256, 256, 32, 3, "film"),
+                                              (128, 128, 64, 3, "silu"),
+                                              (512, 256, 32, 1, None)):
+            for allow in (True, False) if dtype == torch.float32 and norm == "film" else (True,):
+                torch.backends.cudnn.allow_tf32 = allow
+                a = _t(2, cin, size, size, dtype=dtype, channels_last=True)
+                d = _t(2, cin, size, size, dtype=dtype, grad=True, channels_last=True)
+                w, b = _t(cout, cin, kernel, kernel, dtype=dtype), _t(cout, dtype=dtype)
+                prologue = residual = None
+                if norm is not None:
+                    params = [_t(2, cin, dtype=dtype), _t(2, cin, dtype=dtype),
+                              _t(cin, dtype=dtype)] if norm == "film" else [None] * 3
+                    prologue = pair_prologue(a, d.detach(), _t(), 32, _t(cin, dtype=dtype),
+                                             _t(cin, dtype=dtype), 1e-5, *params)
+                if norm == "film":
+                    residual = (_t(2, cout, size, size, dtype=dtype, channels_last=True),
+                                _t(2, cout, size, size, dtype=dtype, grad=True,
+                                   channels_last=True))
+                    pair_conv2d(a, d.detach(), _t(), w, b, padding=1, prologue=prologue,
+                                residual=(residual[0], residual[1].detach()))
+                pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
+                            residual=residual)[1].sum().backward()
+            torch.backends.cudnn.allow_tf32 = tf32
+        # the pair pass's GroupNorm (+ FiLM) (+ SiLU), differentiated to d: 8 channels a group
+        # as at ADM-256's 256-channel levels, 2 as in the tiny prior; every option, and once
+        # without a backward to follow (no r saved)
+        for channels in (256, 64):
+            a = _t(2, channels, 8, 8, dtype=dtype, channels_last=True)
+            d = _t(2, channels, 8, 8, dtype=dtype, grad=True, channels_last=True)
+            w, film = _t(channels, dtype=dtype), (_t(2, channels, dtype=dtype),) * 2
+            for options in range(8):
+                sc_sh = film if options & 1 else (None, None)
+                xb, silu = w if options & 2 else None, not options & 4
+                group_norm_silu_difference_triton(a, d, _t(), 32, w, w, 1e-5, *sc_sh, xb,
+                                                  silu)[1].sum().backward()
+            group_norm_silu_difference_triton(a, d.detach(), _t(), 32, w, w, 1e-5)
+        # pair attention as the prior's attention blocks call it: (B, heads, T, dh) views of
+        # (B, T, heads * 3 * dh) projections, 16x16 and 8x8 tokens, 64-wide heads
+        for tokens in (64, 256):
+            pair = [u.transpose(1, 2) for grad in (False, True)
+                    for u in _t(2, tokens, 768, dtype=dtype, grad=grad)
+                    .unflatten(-1, (4, 3, 64)).unbind(3)]
+            attention_difference_triton(*pair, _t())[1].sum().backward()
+        if dtype == torch.bfloat16:  # 64-bit offsets: operands spanning more than 2**31
+            big = _t(11000, 256, 768, dtype=dtype).unflatten(-1, (4, 3, 64)).unbind(3)
+            attention_difference_triton(*[u.transpose(1, 2) for u in big] * 2, _t())
 
 
 def record_launches() -> list[tuple]:

@@ -1,6 +1,10 @@
 """``diffloss-fast check-precision`` on the tiny prior: one table row per comparison, the
-difference path inside the bounds, the two-pass path beside it on request, and its JSON."""
+difference path inside each precision's bounds (fp8 with its own), the two-pass path beside it
+on request, and its JSON; which reduced precisions a device offers."""
 import json
+
+import pytest
+import torch
 
 from diffloss_fast.cli import main
 from diffloss_fast.tools import precision
@@ -11,13 +15,55 @@ def test_check_precision_on_the_tiny_prior(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "TIMESTEPS", (950,))
     out = tmp_path / "precision.json"
     main(["check-precision", "--device", "cpu", "--prior", "tiny", "--resolution", "32",
-          "--batch", "1", "--precisions", "bf16", "--two-pass", "--json", str(out)])
+          "--batch", "1", "--precisions", "bf16", "fp8", "--two-pass", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 3 * 2  # three term sets, difference and two-pass
+    # three term sets: bf16 and fp8 difference, bf16 two-pass (fp8 has no two-pass)
+    assert len(rows) == 3 * 3
     mine = [r for r in rows if r["propagation"] == "difference"]
-    assert {r["term"] for r in mine} == {"natural", "semantic", "both"}
-    assert all(r["ok"] and r["rel_error"] <= 0.02 and r["cosine"] >= 0.995 for r in mine)
+    assert {(r["precision"], r["term"]) for r in mine} == {
+        (p, term) for p in ("bf16", "fp8") for term in ("natural", "semantic", "both")}
+    assert all(r["ok"] and r["rel_error"] <= 0.02 and r["cosine"] >= 0.995
+               for r in mine if r["precision"] == "bf16")
+    # fp8 is judged by its own bounds (whether the tiny preset's random weights meet them is
+    # the grid's business: tests/test_fp8.py)
+    assert all(r["ok"] == (r["rel_error"] <= 0.05 and r["cosine"] >= 0.98)
+               for r in mine if r["precision"] == "fp8")
     # two bf16 passes subtracted at t = 950 cannot resolve a 0.01 restoration error
-    assert not any(r["ok"] for r in rows if r["propagation"] == "two-pass")
+    two_pass = [r for r in rows if r["propagation"] == "two-pass"]
+    assert {r["precision"] for r in two_pass} == {"bf16"} and not any(r["ok"] for r in two_pass)
     printed = capsys.readouterr().out
-    assert "outside them: 0" in printed and printed.count("two-pass") == 3
+    outside = sum(not r["ok"] for r in mine)
+    assert f"outside them: {outside}" in printed and printed.count("two-pass") == 3
+    assert ("bounds: bf16: loss within 2% of fp32, gradient cosine >= 0.995; "
+            "fp8: loss within 5% of fp32, gradient cosine >= 0.98;") in printed
+
+
+def test_ok_reads_each_precisions_own_bounds():
+    assert precision.BOUNDS == {"bf16": (0.02, 0.995), "fp16": (0.02, 0.995),
+                                "fp8": (0.05, 0.98)}
+    assert precision.bounds_text(["bf16", "fp16", "fp8"]) == (
+        "bf16/fp16: loss within 2% of fp32, gradient cosine >= 0.995; "
+        "fp8: loss within 5% of fp32, gradient cosine >= 0.98")
+
+
+@pytest.mark.parametrize("bf16, capability, expected", [
+    (True, (9, 0), ["bf16", "fp16", "fp8"]),
+    (True, (8, 9), ["bf16", "fp16", "fp8"]),
+    (True, (8, 0), ["bf16", "fp16"]),
+    (False, (7, 5), ["fp16"]),
+])
+def test_reduced_precisions(monkeypatch, bf16, capability, expected):
+    assert precision.reduced_precisions(torch.device("cpu")) == ["bf16", "fp16", "fp8"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert precision.reduced_precisions(torch.device("cuda")) == expected
+
+
+def test_fp8_where_the_device_has_none_is_a_usage_error(capsys, monkeypatch):
+    # a CUDA device of compute capability 8.6, wherever this runs
+    monkeypatch.setattr(precision, "check_device", lambda parser, text: torch.device(text))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["check-precision", "--device", "cuda", "--precisions", "fp8"])
+    assert excinfo.value.code == 2
+    assert "argument --precisions: precision='fp8' needs" in capsys.readouterr().err

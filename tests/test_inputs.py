@@ -100,7 +100,7 @@ def test_range_check_can_be_turned_off(tiny_unet):
     (dict(target="x0"), ["target", "'x0'"]),
     (dict(natural_weight=-1.0), ["natural_weight", ">= 0", "-1.0"]),
     (dict(semantic_weight=-0.5), ["semantic_weight", "-0.5"]),
-    (dict(precision="fp8"), ["precision", "'fp8'"]),
+    (dict(precision="fp4"), ["precision", "'fp4'"]),
     (dict(backend="cuda-magic"), ["backend", "'cuda-magic'"]),
     (dict(input_range=(1.0, 0.0)), ["input_range", "high > low"]),
     (dict(compile="fastest"), ["compile", "'fastest'", "regional"]),

@@ -30,13 +30,16 @@ def test_every_kernel_compiles_for_hopper_and_ada():
         # no register spills: a spilling kernel pays local-memory traffic on every element
         assert r["usage"]["STACK"] == r["usage"]["LOCAL"] == 0, r
         assert 0 < r["usage"]["REG"] <= 255
-    # GroupNorm + SiLU streams activations as 16-byte vectors when a group has a multiple of 8
-    # channels (every level of ADM-256), as a GPU launch specializes. The kernel that folds the
-    # partial sums into groups reads a few KiB: not held to it.
-    norms = [r for r in results if r["kernel"].startswith("_gn_")
-             and r["kernel"] != "_gn_group_kernel" and r["constexprs"].get("Cg") != "2"]
+    # GroupNorm + SiLU, and its pair kernels (_gnd_), stream activations as 16-byte vectors when
+    # a group has a multiple of 8 channels (every level of ADM-256), as a GPU launch
+    # specializes. The kernels that fold the partial sums into groups read a few KiB: not held
+    # to it.
+    norms = [r for r in results if r["kernel"].startswith(("_gn_", "_gnd_"))
+             and r["kernel"] not in ("_gn_group_kernel", "_gnd_group_kernel")
+             and r["constexprs"].get("Cg") != "2"]
     assert {r["kernel"] for r in norms} == {"_gn_stats_kernel", "_gn_silu_fwd_kernel",
-                                            "_gn_silu_bwd_stats_kernel", "_gn_silu_bwd_kernel"}
+                                            "_gn_silu_bwd_stats_kernel", "_gn_silu_bwd_kernel",
+                                            "_gnd_stats_kernel", "_gnd_fwd_kernel"}
     for r in norms:
         assert r["vector_loads"] > 0, r
     variants = {(r["kernel"], tuple(sorted(r["constexprs"].items()))) for r in results}

@@ -25,7 +25,8 @@ import torch
 from ._triton_common import TRITON_DTYPES
 from .attention_difference import attention_difference
 from .group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
-from .group_norm_silu_difference import group_norm_silu_difference
+from .group_norm_silu_difference import (group_norm_silu_difference,
+                                         group_norm_silu_difference_triton)
 from .native import q_sample_pair_native, weighted_l2_native
 from .noising import q_sample_pair_torch, q_sample_pair_triton
 from .resample_2x import avg_pool_2x2, avg_pool_2x2_triton, upsample_2x_torch, upsample_2x_triton
@@ -41,7 +42,8 @@ _LOSS_OPS = {"torch": (q_sample_pair_torch, weighted_l2_torch),
 # fused kernels or not -> (norm_silu, residual_bias_add, avg_pool, upsample,
 #                          norm_silu_difference, attention_difference)
 _PRIOR_OPS = {True: (group_norm_silu_triton, residual_bias_add_triton, avg_pool_2x2_triton,
-                     upsample_2x_triton, group_norm_silu_difference, attention_difference),
+                     upsample_2x_triton, group_norm_silu_difference_triton,
+                     attention_difference),
               False: (group_norm_silu_torch, residual_bias_add_torch, avg_pool_2x2,
                       upsample_2x_torch, group_norm_silu_difference, attention_difference)}
 

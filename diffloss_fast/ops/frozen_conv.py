@@ -59,14 +59,21 @@ class _FrozenConv2d(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.config
-        if ctx.channels_last:
-            weight = _channels_last_weight(weight)
-        grad_x = F.conv_transpose2d(grad, weight, None, stride, padding,
-                                    _output_padding(shape, grad.shape, weight.shape, stride,
-                                                    padding, dilation),
-                                    groups, dilation)
-        return grad_x, None, None, None, None, None, None
+        return input_gradient(grad, weight, ctx.config, ctx.channels_last), *(None,) * 6
+
+
+def input_gradient(grad: torch.Tensor, weight: torch.Tensor, config: tuple,
+                   channels_last: bool) -> torch.Tensor:
+    """The gradient of a convolution's input from its output's gradient and its weight
+    alone (dgrad), in the input's layout. ``config``: (input shape, stride, padding, dilation,
+    groups)."""
+    shape, stride, padding, dilation, groups = config
+    if channels_last:
+        weight = _channels_last_weight(weight)
+    return F.conv_transpose2d(grad, weight, None, stride, padding,
+                              _output_padding(shape, grad.shape, weight.shape, stride, padding,
+                                              dilation),
+                              groups, dilation)
 
 
 def frozen_conv2d(conv: nn.Conv2d, x: torch.Tensor, *, bias: bool = True) -> torch.Tensor:

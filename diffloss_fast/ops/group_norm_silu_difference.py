@@ -8,6 +8,32 @@ shift``, the same for both branches) is linear in the difference. SiLU:
 ``silu(u + e) - silu(u) = e * sig(u + e) + u * sig(u + e) * (1 - sig(u)) * -expm1(-e)``.
 
 The backward is the plain op's at the restored point ``r = a + d``, which the forward saves.
+
+Two implementations: :func:`group_norm_silu_difference_torch`, the twin that defines the op,
+and the Triton kernels of :func:`group_norm_silu_difference_triton`, which read channels_last
+pairs the way :mod:`.group_norm_silu` reads one activation (whole pixel rows of a sample per
+program, per-channel partial sums folded into groups by a small kernel) and share its helpers
+and launch shape:
+
+- the statistics kernel reads ``a`` and ``d`` once and keeps per-channel partial sums of
+  ``a + x_bias`` and ``d / d_scale``, their squares and their product, each shifted by the
+  first element of its group so that the variances and the covariance stay accurate when a
+  group's mean is far larger than its spread;
+- the group kernel folds them into ``mean_a``, ``s_a``, ``mean_d``, ``s_r``, ``s_r - s_a``
+  (by the form above, which never subtracts the two) and ``mean_r = mean_a + mean_d``;
+- the apply kernel reads the pair again and computes in fp32 registers ``na = ca * s_a``,
+  ``nd = cd * s_r + ca * (s_r - s_a)``, the affine and FiLM terms and the SiLU difference, and
+  writes ``g(a)``, the difference times ``d_scale``, and, when a backward will follow, ``r`` in
+  d's dtype. ``expm1`` is a Taylor polynomial where ``exp(x) - 1`` would cancel (``|x| <
+  1/2``), and from ``|e| = 1`` on the SiLU difference is taken directly, at the cost of an
+  fp32 ulp of ``silu(u)`` and without the overflow of ``expm1(-e)`` (see
+  ``_silu_difference_f32``).
+
+``d_scale`` stays a device tensor the kernels read: the pair pass runs inside CUDA graphs,
+where a host read would be a sync (and a stale value on replay). The backward runs
+:mod:`.group_norm_silu`'s backward kernels on the saved ``r`` with ``mean_r`` and ``s_r``
+from the forward's group kernel, so it recomputes no mean or variance of ``r``; ``d_scale``
+cancels there (the gradient of ``out * s`` with respect to ``d`` at ``d / s`` is ``g'(r)``).
 """
 from __future__ import annotations
 
@@ -15,15 +41,24 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._triton_common import TRITON_DTYPES, require_triton, triton, tl
 from .autocast import without_autocast
 from .difference import to_accumulation as _acc
-from .group_norm_silu import group_norm_silu_torch
+from .group_norm_silu import (_CL, _MAX_CHANNELS, _backward, _launch, _layout,
+                              group_norm_silu_torch)
+
+if triton is not None:
+    from .group_norm_silu import _row_channels, _rows, _shift, _x_bias
 
 
 def _silu_difference(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """``silu(u + e) - silu(u)``, fp32, without cancellation."""
+    """``silu(u + e) - silu(u)``, fp32, without cancellation: the stable form for |e| < 1,
+    the difference itself beyond, where it cancels little and the stable form's ``expm1(-e)``
+    would overflow (as the kernels' :func:`_silu_difference_f32`)."""
     sig_r = torch.sigmoid(u + e)
-    return e * sig_r + u * sig_r * (1 - torch.sigmoid(u)) * -torch.expm1(-e)
+    stable = e * sig_r + u * sig_r * torch.sigmoid(-u) * -torch.expm1(-e)
+    direct = (u + e) * sig_r - u * torch.sigmoid(u)
+    return torch.where(e.abs() < 1, stable, direct)
 
 
 def _group_norm_pair(a, d, num_groups, eps):
@@ -101,3 +136,328 @@ def group_norm_silu_difference(a, d, d_scale, num_groups, weight, bias, eps, sca
                                                 scale, shift, x_bias, silu)
     return _GroupNormSiLUDifference.apply(d, a.detach(), d_scale, num_groups, weight, bias, eps,
                                           scale, shift, x_bias, silu)
+
+
+# --- the Triton kernels --------------------------------------------------------------------
+
+_SUMS = 5  # partial sums per channel: a, d, a * a, d * d, a * d (each shifted)
+_STATS = 6  # per (sample, group): mean_a, s_a, mean_d, s_r, s_r - s_a, mean_r
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1(x):
+        """exp(x) - 1 to fp32 rounding for |x| < 1: for |x| < 1/2, where exp(x) - 1 would
+        cancel, its Taylor polynomial to x**8 (the rest is below 2**-26 of the result)."""
+        p = x * (1.0 / 40320.0) + (1.0 / 5040.0)
+        p = p * x + (1.0 / 720.0)
+        p = p * x + (1.0 / 120.0)
+        p = p * x + (1.0 / 24.0)
+        p = p * x + (1.0 / 6.0)
+        p = p * x + 0.5
+        p = p * x + 1.0
+        return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+
+    @triton.jit
+    def _silu_difference_f32(u, e):
+        """silu(u + e) - silu(u) in fp32, within a few fp32 ulps of |e|: for |e| < 1, e *
+        sig(u + e) + u * (sig(u + e) - sig(u)), the second difference as sig(u + e) * sig(-u)
+        * -expm1(-e), which cancels nothing. From |e| = 1 on, the difference itself: it errs by
+        an ulp of silu(u), at most |u| ulps of |e|, and needs neither exp(-e), which overflows
+        for large negative e, nor its product with sig(u + e), whose relative error grows with
+        |u + e|."""
+        sig_r = tl.sigmoid(u + e)
+        stable = e * sig_r + u * sig_r * tl.sigmoid(-u) * -_expm1(-e)
+        direct = (u + e) * sig_r - u * tl.sigmoid(u)
+        return tl.where(tl.abs(e) < 1.0, stable, direct)
+
+    @triton.jit
+    def _d_scale(ds_ptr):
+        """d_scale, read on the device (the pass runs in CUDA graphs: no host read), and its
+        reciprocal, exact for a power of two: d * inv is d / d_scale."""
+        s = tl.load(ds_ptr).to(tl.float32)
+        return s, 1.0 / s
+
+    @triton.jit
+    def _gnd_stats_kernel(a_ptr, d_ptr, ds_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr,
+                          S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
+                          HAS_XB: tl.constexpr):
+        """Per-channel partial sums over a slice of pixels of va = a + x_bias - ka and vd = d /
+        d_scale - kd, of their squares and of va * vd, ka and kd the first elements of the
+        channel's group (shifted sums keep variances and covariance accurate when |mean| >>
+        std): part[n, sp, 0..4, c]."""
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        _, inv = _d_scale(ds_ptr)
+        c, cm, _ = _row_channels(n, G, C, Cg, BLOCK_CC)
+        first = (c // Cg) * Cg
+        base = n.to(tl.int64) * HW * C + first
+        ka = _shift(a_ptr, base, xb_ptr, first, cm, HAS_XB) - _x_bias(xb_ptr, c, cm, HAS_XB)
+        kd = tl.load(d_ptr + base, mask=cm, other=0.0).to(tl.float32) * inv
+        sa = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        sd = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        saa = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        sdd = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        sad = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            va = tl.where(mask, tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+                          - ka[None, :], 0.0)
+            vd = tl.where(mask, tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32) * inv
+                          - kd[None, :], 0.0)
+            sa += va
+            sd += vd
+            saa += va * va
+            sdd += vd * vd
+            sad += va * vd
+        p = part_ptr + (n * SPLIT + sp).to(tl.int64) * 5 * C + c
+        tl.store(p, tl.sum(sa, axis=0), mask=cm)
+        tl.store(p + C, tl.sum(sd, axis=0), mask=cm)
+        tl.store(p + 2 * C, tl.sum(saa, axis=0), mask=cm)
+        tl.store(p + 3 * C, tl.sum(sdd, axis=0), mask=cm)
+        tl.store(p + 4 * C, tl.sum(sad, axis=0), mask=cm)
+
+    @triton.jit
+    def _gnd_group_kernel(part_ptr, a_ptr, d_ptr, ds_ptr, xb_ptr, st_ptr, NG, HW, G, C,
+                          Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
+                          BLOCK_G: tl.constexpr, HAS_XB: tl.constexpr):
+        """One (sample, group): fold its channels' shifted partial sums into st[0..5, ng] =
+        mean_a, s_a, mean_d, s_r, s_r - s_a (without subtracting the two) and mean_r."""
+        ng = tl.program_id(0)
+        n = ng // G
+        g = ng % G
+        j = tl.arange(0, BLOCK_G)
+        sa = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        sd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        saa = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        sdd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        sad = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        for p0 in range(0, SPLIT, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < SPLIT)[:, None] & (j < Cg)[None, :]
+            off = (n * SPLIT + p[:, None]).to(tl.int64) * 5 * C + g * Cg + j[None, :]
+            sa += tl.load(part_ptr + off, mask=m, other=0.0)
+            sd += tl.load(part_ptr + off + C, mask=m, other=0.0)
+            saa += tl.load(part_ptr + off + 2 * C, mask=m, other=0.0)
+            sdd += tl.load(part_ptr + off + 3 * C, mask=m, other=0.0)
+            sad += tl.load(part_ptr + off + 4 * C, mask=m, other=0.0)
+        count = HW * Cg * 1.0
+        ma = tl.sum(tl.sum(sa, axis=1), axis=0) / count
+        md = tl.sum(tl.sum(sd, axis=1), axis=0) / count
+        var_a = tl.maximum(tl.sum(tl.sum(saa, axis=1), axis=0) / count - ma * ma, 0.0)
+        var_d = tl.sum(tl.sum(sdd, axis=1), axis=0) / count - md * md
+        cov = tl.sum(tl.sum(sad, axis=1), axis=0) / count - ma * md
+        extra = 2.0 * cov + var_d  # var_r - var_a
+        sigma_a = tl.sqrt(var_a + eps)
+        sigma_r = tl.sqrt(tl.maximum(var_a + extra, 0.0) + eps)
+        s_a = 1.0 / sigma_a
+        s_r = 1.0 / sigma_r
+        _, inv = _d_scale(ds_ptr)
+        off = n.to(tl.int64) * HW * C + g * Cg
+        mean_a = _shift(a_ptr, off, xb_ptr, g * Cg, True, HAS_XB) + ma
+        mean_d = tl.load(d_ptr + off).to(tl.float32) * inv + md
+        tl.store(st_ptr + ng, mean_a)
+        tl.store(st_ptr + NG + ng, s_a)
+        tl.store(st_ptr + 2 * NG + ng, mean_d)
+        tl.store(st_ptr + 3 * NG + ng, s_r)
+        tl.store(st_ptr + 4 * NG + ng, -extra * s_a * s_r / (sigma_a + sigma_r))
+        tl.store(st_ptr + 5 * NG + ng, mean_a + mean_d)
+
+    @triton.jit
+    def _gnd_fwd_kernel(a_ptr, d_ptr, ds_ptr, ya_ptr, yd_ptr, r_ptr, st_ptr, NG, w_ptr, b_ptr,
+                        sc_ptr, sh_ptr, xb_ptr, HW, G, C, Cg: tl.constexpr, scN, S_PER,
+                        BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr, HAS_FILM: tl.constexpr,
+                        HAS_XB: tl.constexpr, SILU: tl.constexpr, SAVE_R: tl.constexpr):
+        """ya = g(a), yd = (g(a + d / d_scale) - g(a)) * d_scale and, with SAVE_R, r = a + d /
+        d_scale (in d's dtype, for the backward), over a slice of pixels."""
+        n = tl.program_id(0)
+        sp = tl.program_id(1)
+        s, inv = _d_scale(ds_ptr)
+        c, cm, grp = _row_channels(n, G, C, Cg, BLOCK_CC)
+        centre = tl.load(st_ptr + grp, mask=cm, other=0.0) - _x_bias(xb_ptr, c, cm, HAS_XB)
+        s_a = tl.load(st_ptr + NG + grp, mask=cm, other=0.0)
+        mean_d = tl.load(st_ptr + 2 * NG + grp, mask=cm, other=0.0)
+        s_r = tl.load(st_ptr + 3 * NG + grp, mask=cm, other=0.0)
+        ds = tl.load(st_ptr + 4 * NG + grp, mask=cm, other=0.0)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        add = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        if HAS_FILM:
+            gain = 1.0 + tl.load(sc_ptr + n.to(tl.int64) * scN + c, mask=cm,
+                                 other=0.0).to(tl.float32)
+            w = w * gain
+            add = add * gain + tl.load(sh_ptr + n.to(tl.int64) * scN + c, mask=cm,
+                                       other=0.0).to(tl.float32)
+        # ua = ca * s_a * w + add, e = (cd * s_r + ca * ds) * w; ca, cd formed first, exactly
+        # where the mean dwarfs the spread
+        mul_a = s_a * w
+        mul_d = s_r * w
+        mul_x = ds * w
+        for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
+            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
+            a = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32) * inv
+            ca = a - centre[None, :]
+            ua = ca * mul_a[None, :] + add[None, :]
+            e = (d - mean_d[None, :]) * mul_d[None, :] + ca * mul_x[None, :]
+            if SILU:
+                ya = ua * tl.sigmoid(ua)
+                e = _silu_difference_f32(ua, e)
+            else:
+                ya = ua
+            tl.store(ya_ptr + off, ya.to(ya_ptr.dtype.element_ty), mask=mask)
+            tl.store(yd_ptr + off, (e * s).to(yd_ptr.dtype.element_ty), mask=mask)
+            if SAVE_R:
+                tl.store(r_ptr + off, (a + d).to(r_ptr.dtype.element_ty), mask=mask)
+
+
+def _statistics(a, d, d_scale, G, eps, xb, has_xb):
+    """The (_STATS, N * G) statistics of the pair (a + x_bias, d / d_scale) and the launch
+    shape; a and d channels_last, ``xb`` x_bias (any tensor when ``has_xb`` is False)."""
+    N, C, H, W = a.shape
+    HW, Cg = H * W, C // G
+    k = _launch(N, G, HW, C)
+    part = torch.empty(N * k.split * _SUMS * C, dtype=torch.float32, device=a.device)
+    stats = torch.empty(_STATS, N * G, dtype=torch.float32, device=a.device)
+    _gnd_stats_kernel[(N, k.split)](a, d, d_scale, xb, part, HW, G, C, Cg, k.s_per, k.split,
+                                    BLOCK_S=k.block_s, BLOCK_CC=k.block_cc, HAS_XB=has_xb,
+                                    num_warps=k.num_warps)
+    _gnd_group_kernel[(N * G,)](part, a, d, d_scale, xb, stats, N * G, HW, G, C, Cg, k.split,
+                                float(eps), BLOCK_P=k.block_p, BLOCK_G=k.block_g,
+                                HAS_XB=has_xb, num_warps=4)
+    return stats, k
+
+
+def pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias=None) -> torch.Tensor:
+    """The statistics of the pair norm alone, for a kernel that applies the norm itself (the
+    fused convolution's prologue, :mod:`.pair_conv`): a (6, N * num_groups) fp32 tensor of
+    rows mean_a (of a + x_bias), s_a, mean_d (of d / d_scale), s_r, s_r - s_a and mean_r. No
+    gradient; a and d are read in place when channels_last (else copied)."""
+    require_triton("pair_statistics_triton")
+    if not isinstance(d_scale, torch.Tensor):
+        d_scale = torch.tensor(float(d_scale), dtype=torch.float32, device=a.device)
+    a = a.detach().contiguous(memory_format=torch.channels_last)
+    d = d.detach().contiguous(memory_format=torch.channels_last)
+    has_xb = x_bias is not None
+    xb = x_bias.reshape(-1).contiguous() if has_xb else a
+    return _statistics(a, d, d_scale, num_groups, eps, xb, has_xb)[0]
+
+
+def _pair_forward(a, d, d_scale, G, weight, bias, eps, scale, shift, x_bias, silu, save_r):
+    """ya, yd, r (None unless save_r), the (_STATS, N * G) statistics and the launch shape;
+    a and d channels_last."""
+    N, C, H, W = a.shape
+    HW, Cg = H * W, C // G
+    film, has_xb = scale is not None, x_bias is not None
+    sc, sh = (scale, shift) if film else (weight, weight)  # never read without FiLM
+    xb = x_bias if has_xb else weight  # never read without x_bias
+    stats, k = _statistics(a, d, d_scale, G, eps, xb, has_xb)
+    ya, yd = torch.empty_like(a), torch.empty_like(d)
+    r = torch.empty_like(d) if save_r else None
+    _gnd_fwd_kernel[(N, k.split)](a, d, d_scale, ya, yd, yd if r is None else r, stats, N * G,
+                                  weight, bias, sc, sh, xb, HW, G, C, Cg, sc.stride(0),
+                                  k.s_per, BLOCK_S=k.block_s, BLOCK_CC=k.block_cc,
+                                  HAS_FILM=film, HAS_XB=has_xb, SILU=silu, SAVE_R=save_r,
+                                  num_warps=k.num_warps)
+    return ya, yd, r, stats, k
+
+
+class _GroupNormSiLUDifferenceTriton(torch.autograd.Function):
+    """The kernels' forward; backward: :mod:`.group_norm_silu`'s backward kernels at the
+    saved ``r`` with the forward's ``mean_r`` and ``s_r``."""
+
+    @staticmethod
+    def forward(ctx, d, a, d_scale, num_groups, weight, bias, eps, scale, shift, x_bias, silu):
+        ya, yd, r, stats, k = _pair_forward(
+            a.contiguous(memory_format=_CL), d.contiguous(memory_format=_CL), d_scale,
+            num_groups, weight, bias, eps, scale, shift, x_bias, silu, save_r=True)
+        film, has_xb = scale is not None, x_bias is not None
+        sc, sh = (scale, shift) if film else (weight, weight)
+        ctx.save_for_backward(r, stats, weight, bias, sc, sh, x_bias if has_xb else weight)
+        ctx.config = num_groups, film, has_xb, silu, k
+        ctx.layout = _layout(d)
+        ctx.set_materialize_grads(False)  # ya is never differentiated
+        ya, yd = ya.contiguous(memory_format=_layout(a)), yd.contiguous(memory_format=ctx.layout)
+        ctx.mark_non_differentiable(ya)
+        return ya, yd
+
+    @staticmethod
+    @without_autocast
+    @once_differentiable
+    def backward(ctx, _grad_a, grad_d):
+        nones = (None,) * 10
+        if grad_d is None:
+            return (None,) + nones
+        r, stats, weight, bias, sc, sh, xb = ctx.saved_tensors
+        num_groups, film, has_xb, silu, k = ctx.config
+        # d(out * s)/d(d) at d / s is g'(r): the factor cancels
+        dx = _backward(r, grad_d.contiguous(memory_format=_CL), None, stats[5], stats[3],
+                       weight, bias, sc, sh, xb, num_groups, film, has_xb, silu, k)
+        return (dx.contiguous(memory_format=ctx.layout),) + nones
+
+
+def group_norm_silu_difference_triton(a, d, d_scale, num_groups, weight, bias, eps, scale=None,
+                                      shift=None, x_bias=None, silu=True):
+    """Triton kernels for :func:`group_norm_silu_difference`: ``(g(a), (g(a + d / d_scale) -
+    g(a)) * d_scale)``, differentiable to ``d`` only (``a`` is detached, ``g(a)`` carries no
+    gradient; the prior's weight, bias, scale and shift must not require grad). ``d_scale``: a
+    one-element tensor on a's device, read by the kernels (a number is made one). Results
+    keep their inputs' layouts. Rows wider than the kernels hold (no ADM prior has them) take
+    the twin."""
+    require_triton("group_norm_silu_difference_triton")
+    for name, t in (("a", a), ("d", d)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(
+                f"group_norm_silu_difference: {name} must be a 4-D (N, C, H, W) tensor, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in TRITON_DTYPES:
+            raise ValueError(f"group_norm_silu_difference: the triton backend takes "
+                             f"fp32/fp16/bf16, got {name} in {t.dtype}; use the torch twin")
+    if a.shape != d.shape:
+        raise ValueError(f"group_norm_silu_difference: a {tuple(a.shape)} and d "
+                         f"{tuple(d.shape)} differ in shape")
+    N, C = a.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm_silu_difference: {C} channels do not split into "
+                         f"{num_groups} groups")
+    if (scale is None) != (shift is None):
+        raise ValueError("group_norm_silu_difference: give both scale and shift, or neither")
+    if not isinstance(d_scale, torch.Tensor):
+        d_scale = torch.tensor(float(d_scale), dtype=torch.float32, device=a.device)
+    if d_scale.numel() != 1 or not d_scale.is_floating_point():
+        raise ValueError(f"group_norm_silu_difference: d_scale must be one floating-point "
+                         f"value, got {d_scale.dtype} of shape {tuple(d_scale.shape)}")
+    weight = a.new_ones(C) if weight is None else weight
+    bias = a.new_zeros(C) if bias is None else bias
+    params = {"d": d, "d_scale": d_scale, "weight": weight, "bias": bias}
+    if scale is not None:
+        params["scale"] = scale = scale.reshape(N, C)
+        params["shift"] = shift = shift.reshape(N, C)
+    if x_bias is not None:
+        if x_bias.numel() != C:
+            raise ValueError(f"group_norm_silu_difference: x_bias must have one value per "
+                             f"channel ({C}), got shape {tuple(x_bias.shape)}")
+        params["x_bias"] = x_bias = x_bias.reshape(C).contiguous()
+    for name, t in params.items():
+        if name not in ("d", "d_scale") and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"group_norm_silu_difference: the triton backend differentiates "
+                             f"to d only (a frozen prior), but {name} requires grad")
+        if t.device != a.device:
+            raise ValueError(f"group_norm_silu_difference: {name} is on {t.device}, a on "
+                             f"{a.device}")
+    if C > _MAX_CHANNELS:
+        return group_norm_silu_difference(a, d, d_scale, num_groups, weight, bias, eps, scale,
+                                          shift, x_bias, silu)
+    weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
+    if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
+    if a.numel() == 0:
+        return (torch.empty_like(a, memory_format=_layout(a)),
+                torch.empty_like(d, memory_format=_layout(d)))
+    a = a.detach()
+    if d.requires_grad and torch.is_grad_enabled():
+        return _GroupNormSiLUDifferenceTriton.apply(d, a, d_scale, num_groups, weight, bias,
+                                                    eps, scale, shift, x_bias, silu)
+    ya, yd = _pair_forward(a.contiguous(memory_format=_CL),
+                           d.detach().contiguous(memory_format=_CL), d_scale, num_groups,
+                           weight, bias, eps, scale, shift, x_bias, silu, save_r=False)[:2]
+    return ya.contiguous(memory_format=_layout(a)), yd.contiguous(memory_format=_layout(d))

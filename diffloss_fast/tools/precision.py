@@ -4,8 +4,12 @@ your prior, before you trust it.
 Over restorations close to their target (delta RMS 0.3, 0.05, 0.01 around random targets) and
 timesteps 50/300/600/950, for the natural term, the semantic term and both, it compares each
 reduced precision the device supports with fp32: the loss's relative error and the cosine of
-the input gradients. Reduced precision runs as DiffLoss runs it (difference propagation);
-``--two-pass`` adds the two-pass computation beside it, to see what that propagation fixes.
+the input gradients, against each precision's bounds (bf16 and fp16: within 2%, cosine >=
+0.995; fp8: within 5%, cosine >= 0.98). fp8 is the e4m3 quantization of the prior's
+convolutions: on CUDA sm_89 or later, and on the CPU as its fake-quantized twin. Reduced
+precision runs as DiffLoss runs it (difference propagation); ``--two-pass`` adds the two-pass
+computation of bf16 and fp16 beside it, to see what that propagation fixes (DiffLoss has no
+two-pass fp8).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..loss import DiffLoss
+from ..ops import fp8
 from .baselines import numerics
 from .harness import (add_prior_arguments, check_device, check_prior, measurement_prior,
                       positive_int, prior_source, write_json)
@@ -22,14 +27,29 @@ from .harness import (add_prior_arguments, check_device, check_prior, measuremen
 DELTAS = (0.3, 0.05, 0.01)
 TIMESTEPS = (50, 300, 600, 950)
 TERMS = {"natural": (1.0, 0.0), "semantic": (0.0, 1.0), "both": (1e-3, 1e-6)}
-LOSS_BOUND, COSINE_BOUND = 0.02, 0.995  # DESIGN.md section 3, for bf16 and fp16
+# precision -> (largest loss relative error, smallest gradient cosine): DESIGN.md section 3
+BOUNDS = {"bf16": (0.02, 0.995), "fp16": (0.02, 0.995), "fp8": (0.05, 0.98)}
+PRECISION_CHOICES = tuple(BOUNDS)
 
 
 def reduced_precisions(device: torch.device) -> list[str]:
-    """The reduced precisions DiffLoss can run on ``device``."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return ["fp16"]
-    return ["bf16", "fp16"]
+    """The reduced precisions DiffLoss can run on ``device``: fp8 on the CPU (the twin) and on
+    CUDA devices with FP8 tensor cores (sm_89 or later)."""
+    if device.type != "cuda":
+        return ["bf16", "fp16", "fp8"]
+    found = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    if torch.cuda.get_device_capability(device) >= fp8.MIN_CAPABILITY:
+        found.append("fp8")
+    return found
+
+
+def bounds_text(precisions) -> str:
+    """The bounds of ``precisions``, those that share them named together."""
+    groups: dict[tuple, list[str]] = {}
+    for p in precisions:
+        groups.setdefault(BOUNDS[p], []).append(p)
+    return "; ".join(f"{'/'.join(names)}: loss within {loss:.0%} of fp32, gradient cosine "
+                     f">= {cos}" for (loss, cos), names in groups.items())
 
 
 def cell_inputs(delta: float, t: int, batch: int, size: int, device, seed: int):
@@ -59,8 +79,8 @@ def run_grid(prior, device: torch.device, precisions, *, batch: int, size: int,
              two_pass: bool) -> list[dict]:
     """One row per (precision, propagation, delta, t, term)."""
     methods = [(p, "auto") for p in precisions]
-    if two_pass:
-        methods += [(p, "two-pass") for p in precisions]
+    if two_pass:  # fp8 has the pair only
+        methods += [(p, "two-pass") for p in precisions if p != "fp8"]
     cells = [(i, delta, j, t) for i, delta in enumerate(DELTAS) for j, t in enumerate(TIMESTEPS)]
     # one loss per configuration, so that each builds its copy of the prior once
     losses = {(p, prop, term): DiffLoss(prior, precision=p, propagation=prop,
@@ -76,11 +96,12 @@ def run_grid(prior, device: torch.device, precisions, *, batch: int, size: int,
                 got, grad = _loss_and_grad(losses[precision, propagation, term], inputs)
                 err = abs(got - want) / want if want else float(got != 0)
                 cos = _cosine(grad, want_grad)
+                loss_bound, cosine_bound = BOUNDS[precision]
                 rows.append({"precision": precision,
                              "propagation": "difference" if propagation == "auto" else propagation,
                              "delta": delta, "t": t, "term": term, "loss_fp32": want,
                              "loss": got, "rel_error": err, "cosine": cos,
-                             "ok": err <= LOSS_BOUND and cos >= COSINE_BOUND})
+                             "ok": err <= loss_bound and cos >= cosine_bound})
     return rows
 
 
@@ -100,14 +121,14 @@ def run(args: argparse.Namespace) -> dict:
     weights, config = prior_source(args.prior, args.prior_config)
     prior = measurement_prior(weights, config, torch.device("cpu"), "the comparison")
     size = args.resolution or (256 if device.type == "cuda" else 32)
+    precisions = args.precisions or reduced_precisions(device)
     with numerics("reference-fp32"):  # the fp32 side in strict fp32 (no TF32)
-        rows = run_grid(prior, device, args.precisions or reduced_precisions(device),
-                        batch=args.batch,
-                        size=size, two_pass=args.two_pass)
+        rows = run_grid(prior, device, precisions, batch=args.batch, size=size,
+                        two_pass=args.two_pass)
     print(format_table(rows))
     failed = [r for r in rows if not r["ok"] and r["propagation"] == "difference"]
-    print(f"{len(rows)} comparisons; bounds: loss within {LOSS_BOUND:.0%} of fp32, gradient "
-          f"cosine >= {COSINE_BOUND}; DiffLoss's own computation outside them: {len(failed)}")
+    print(f"{len(rows)} comparisons; bounds: {bounds_text(precisions)}; DiffLoss's own "
+          f"computation outside them: {len(failed)}")
     result = {"device": str(device), "prior": weights or config, "resolution": size,
               "batch": args.batch, "rows": rows}
     if args.json:
@@ -116,8 +137,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    check_device(parser, args.device)
+    device = check_device(parser, args.device)
     check_prior(parser, args.prior, args.prior_config)
+    if "fp8" in (args.precisions or ()):
+        try:
+            fp8.check_device(device)
+        except ValueError as err:
+            parser.error(f"argument --precisions: {err}")
 
 
 def add_parser(subparsers) -> None:
@@ -130,11 +156,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resolution", type=positive_int, default=None,
                    help="image side (default: 256 on CUDA, 32 on the CPU)")
     p.add_argument("--batch", type=positive_int, default=2)
-    p.add_argument("--precisions", nargs="+", choices=("bf16", "fp16"), default=None,
-                   help="default: every reduced precision the device supports (fp16 on the "
-                        "CPU is slow: PyTorch has no fast CPU kernels for it)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISION_CHOICES, default=None,
+                   help="default: every reduced precision the device supports (fp8: CUDA "
+                        "sm_89+, and the CPU's fake-quantized twin; fp16 on the CPU is slow: "
+                        "PyTorch has no fast CPU kernels for it)")
     p.add_argument("--two-pass", action="store_true",
-                   help="also compare the two-pass computation, which difference propagation "
-                        "replaces in reduced precision")
+                   help="also compare the two-pass computation of bf16/fp16, which "
+                        "difference propagation replaces in reduced precision")
     p.add_argument("--json", metavar="PATH", help="save every comparison as JSON")
     p.set_defaults(func=run, check=check)

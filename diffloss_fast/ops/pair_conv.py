@@ -1,0 +1,634 @@
+"""A stride-1 convolution of a (target, difference) pair, with the GroupNorm (+ FiLM) + SiLU
+before it and the bias and residual sum after it fused into its kernel.
+
+In the pair pass (:mod:`diffloss_fast.ops.difference`) every ResBlock convolution reads the
+output of a pair norm: ``ya = g(a)`` and ``yd = (g(a + d / s) - g(a)) * s`` for g the
+GroupNorm (+ FiLM) (+ SiLU) and s the difference's power-of-two scale. Unfused, the norm
+writes ``ya`` and ``yd`` (two activations) for the convolutions to read back, and the bias and
+the ResBlock's residual sum each take a pass over the outputs of their own. Here an implicit
+GEMM convolution applies the norm to each input tile as it loads it (from per-(sample, group)
+statistics computed beforehand, :func:`pair_norm_statistics`), so the normalized pair is never
+written or read; its epilogue adds the bias to the target's output and the residual pair to
+both outputs before the single store.
+
+The GEMM: rows are output pixels of one sample, columns output channels, the reduction runs
+over (tap, input channel). The target's rows and the difference's rows meet the same weight
+tile, loaded once for both: the weight is read once per pair, not once per branch. Zero
+padding is applied after the prologue, as the unfused network pads the SiLU's output.
+
+The prologue computes ``g(a + d / s) - g(a)`` in fp32 from forms without cancellation (those
+of :mod:`.group_norm_silu_difference`); the GEMM rounds its operands to the storage dtype and
+accumulates in fp32. ``a`` and ``out_a`` carry no gradient; the weights are frozen. The
+derivative of the difference with respect to ``d`` is the plain op's at the restored point
+``r = a + d / s``: the backward is the transposed convolution of the output's gradient
+(another implicit GEMM) followed by the plain GroupNorm + SiLU backward at ``r``, which the
+forward kernel writes as it loads ``a`` and ``d`` (one activation saved, the one a restored
+branch would keep; the normalized pair is not kept). The residual's gradient passes on
+unchanged.
+
+:func:`pair_conv2d_torch` composes the plain ops (:func:`group_norm_silu_difference_torch`,
+``F.conv2d``): the definition the kernels are tested against.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ._triton_common import INT32_MAX, TRITON_DTYPES, cdiv, next_power_of_2, require_triton
+from ._triton_common import triton, tl
+from .autocast import without_autocast
+from .difference import to_accumulation as _acc
+from .frozen_conv import _channels_last_weight
+from .group_norm_silu import _MAX_CHANNELS
+from .group_norm_silu import _backward as _gn_backward
+from .group_norm_silu import _launch as _gn_launch
+from .group_norm_silu_difference import group_norm_silu_difference_torch, pair_statistics_triton
+
+_CL = torch.channels_last
+
+
+class PairNormStatistics(NamedTuple):
+    """Per-(sample, group) statistics of a pair norm, each (N, G), fp32 (fp64 for fp64)."""
+    mean_a: torch.Tensor  # mean of a + x_bias
+    rstd_a: torch.Tensor  # 1 / sqrt(var(a) + eps)
+    mean_d: torch.Tensor  # mean of d / d_scale
+    rstd_r: torch.Tensor  # 1 / sqrt(var(a + d / d_scale) + eps)
+    drstd: torch.Tensor   # rstd_r - rstd_a, computed without subtracting them
+
+
+class PairPrologue(NamedTuple):
+    """The pair norm a convolution applies to its input as it loads it: the statistics of
+    :func:`pair_norm_statistics` (of the same a, d, d_scale, num_groups, eps and x_bias) and
+    the norm's parameters. ``scale``/``shift``: FiLM, (N, C) or (N, C, 1, 1), or None;
+    ``x_bias``: (C,), added to a only (the previous convolution's bias), or None."""
+    mean_a: torch.Tensor
+    rstd_a: torch.Tensor
+    mean_d: torch.Tensor
+    rstd_r: torch.Tensor
+    drstd: torch.Tensor
+    num_groups: int
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    x_bias: torch.Tensor | None = None
+    silu: bool = True
+
+
+def pair_norm_statistics(a, d, d_scale, num_groups, eps, x_bias=None) -> PairNormStatistics:
+    """The statistics of ``norm(a + x_bias)`` and ``norm(a + x_bias + d / d_scale)``, from
+    centred sums (as :func:`group_norm_silu_difference_torch` computes them):
+    ``var_r = var_a + 2 cov(a, d) + var_d`` and ``rstd_r - rstd_a = -(var_r - var_a) rstd_a
+    rstd_r / (sigma_a + sigma_r)``, which never subtracts two nearly equal numbers."""
+    n, c = a.shape[:2]
+    af = _acc(a)
+    if x_bias is not None:
+        af = af + _acc(x_bias).reshape(1, -1, 1, 1)
+    ag = af.reshape(n, num_groups, -1)
+    dg = (_acc(d) / d_scale).reshape(n, num_groups, -1)
+    mean_a, mean_d = ag.mean(-1), dg.mean(-1)
+    ca, cd = ag - mean_a[..., None], dg - mean_d[..., None]
+    var_a = ca.square().mean(-1)
+    extra = 2 * (ca * cd).mean(-1) + cd.square().mean(-1)
+    sigma_a = (var_a + eps).sqrt()
+    sigma_r = (var_a + extra).clamp_min(0).add(eps).sqrt()
+    rstd_a, rstd_r = sigma_a.reciprocal(), sigma_r.reciprocal()
+    drstd = -extra * rstd_a * rstd_r / (sigma_a + sigma_r)
+    return PairNormStatistics(mean_a, rstd_a, mean_d, rstd_r, drstd)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pair_prologue(a, d, d_scale, num_groups, weight, bias, eps, scale=None, shift=None,
+                  x_bias=None, silu=True) -> PairPrologue:
+    """The :class:`PairPrologue` of the pair norm with these parameters, its statistics
+    computed by the pair norm's Triton kernels where they run
+    (:func:`~.group_norm_silu_difference.pair_statistics_triton`), else by
+    :func:`pair_norm_statistics`. They carry no gradient: the convolution's
+    backward differentiates the whole norm, statistics included, at the restored point."""
+    if triton is not None and (a.is_cuda or _interpreted()) and a.dtype in TRITON_DTYPES:
+        rows = pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias)
+        stats = PairNormStatistics(*(r.view(a.shape[0], num_groups) for r in rows[:5]))
+    else:
+        with torch.no_grad():
+            stats = pair_norm_statistics(a, d, d_scale, num_groups, eps, x_bias)
+    return PairPrologue(*stats, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                        scale=scale, shift=shift, x_bias=x_bias, silu=silu)
+
+
+def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=None,
+                      residual=None, stride=1, dilation=1, groups=1, padding_mode="zeros"):
+    """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
+    ``(ya, yd)`` the prologue's pair norm of ``(a, d)`` (or ``(a, d)`` itself). The prologue's
+    statistics are not read: the norm computes its own."""
+    if padding_mode != "zeros":
+        raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
+    a = a.detach()
+    if prologue is not None:
+        p = prologue
+        ya, yd = group_norm_silu_difference_torch(a, d, d_scale, p.num_groups, p.weight, p.bias,
+                                                  p.eps, p.scale, p.shift, p.x_bias, p.silu)
+    else:
+        ya, yd = a, d
+    out_a = F.conv2d(ya, weight, bias, stride, padding, dilation, groups)
+    out_d = F.conv2d(yd, weight, None, stride, padding, dilation, groups)
+    if residual is not None:
+        out_a, out_d = out_a + residual[0].detach(), out_d + residual[1]
+    return out_a, out_d
+
+
+if triton is not None:
+    from .group_norm_silu_difference import _silu_difference_f32
+
+
+    @triton.jit
+    def _mm(x, y, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+        """acc + x @ y, fp32 sums of exact products. Triton's CPU interpreter multiplies bf16
+        bit patterns as integers: there the operands go up to fp32 first, which computes the
+        same products."""
+        if INTERPRETED:
+            return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(x, y, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+        """fp32 x rounded to the nearest value of dtype. The CPU interpreter truncates fp32 to
+        bf16 (a GPU rounds to nearest): there the rounding is done on the bits first (to
+        nearest, ties to even), which leaves the truncation exact."""
+        if INTERPRETED:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _silu_pair(u, e):
+        """(silu(u), silu(u + e) - silu(u)), the difference without cancellation (the pair
+        norm's own form, :func:`_silu_difference_f32`)."""
+        return u * tl.sigmoid(u), _silu_difference_f32(u, e)
+
+    @triton.jit
+    def _prologue_params(n, c, c_ok, G, Cg: tl.constexpr, scN, ma_ptr, sa_ptr, md_ptr, sr_ptr,
+                         dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
+                         HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr):
+        """Per input channel c of sample n: the centre offset ka (x_bias - mean_a), mean_d,
+        and the FiLM'd affine terms: u_a = (a + ka) * mul_a + add, u_d = cd * mul_r + ca *
+        mul_dr."""
+        grp = n * G + c // Cg
+        mean_a = tl.load(ma_ptr + grp, mask=c_ok, other=0.0)
+        rstd_a = tl.load(sa_ptr + grp, mask=c_ok, other=0.0)
+        mean_d = tl.load(md_ptr + grp, mask=c_ok, other=0.0)
+        rstd_r = tl.load(sr_ptr + grp, mask=c_ok, other=0.0)
+        drstd = tl.load(dsr_ptr + grp, mask=c_ok, other=0.0)
+        w = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        add = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if HAS_FILM:
+            row = n.to(tl.int64) * scN + c
+            gain = 1.0 + tl.load(sc_ptr + row, mask=c_ok, other=0.0).to(tl.float32)
+            w = w * gain
+            add = add * gain + tl.load(sh_ptr + row, mask=c_ok, other=0.0).to(tl.float32)
+        ka = -mean_a
+        if HAS_XB:
+            ka += tl.load(xb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        return ka, mean_d, rstd_a * w, add, rstd_r * w, drstd * w
+
+    @triton.jit
+    def _pair_conv_fwd_kernel(
+            a_ptr, d_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
+            ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
+            H, W, Cin, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
+            Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            PROLOGUE: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
+            SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+            SAVE_R: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+        """One tile of output pixels x output channels of one sample, for both branches.
+        Inputs and outputs channels_last; 'same' padding (KH // 2, KW // 2), so that the
+        centre tap reads the tile's own pixels: there, the first channel-block programs write
+        r = a + d / s (SAVE_R), each input element once."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n = tl.program_id(2)
+        HW = H * W
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < HW
+        oh = m // W
+        ow = m % W
+        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        co_ok = co < Cout
+        kc = tl.arange(0, BLOCK_K)
+        a_base = a_ptr + n.to(tl.int64) * HW * Cin  # 64-bit per sample, 32-bit within it
+        d_base = d_ptr + n.to(tl.int64) * HW * Cin
+        dtype = a_ptr.dtype.element_ty
+        if PROLOGUE:
+            s = tl.load(ds_ptr).to(tl.float32)
+            inv_s = 1.0 / s  # exact: s is a power of two
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        c_blocks = tl.cdiv(Cin, BLOCK_K)
+        for kk in range(0, KH * KW * c_blocks):
+            tap = kk // c_blocks
+            c = (kk - tap * c_blocks) * BLOCK_K + kc
+            ky = tap // KW
+            kx = tap - ky * KW
+            ih = oh + (ky - KH // 2)
+            iw = ow + (kx - KW // 2)
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_ok = c < Cin
+            mask = pix_ok[:, None] & c_ok[None, :]
+            off = (ih * W + iw)[:, None] * Cin + c[None, :]
+            xa = tl.load(a_base + off, mask=mask, other=0.0)
+            xd = tl.load(d_base + off, mask=mask, other=0.0)
+            if PROLOGUE:
+                ka, mean_d, mul_a, add, mul_r, mul_dr = _prologue_params(
+                    n, c, c_ok, G, Cg, scN, ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr,
+                    gb_ptr, sc_ptr, sh_ptr, xb_ptr, HAS_FILM, HAS_XB)
+                fa = xa.to(tl.float32)
+                fd = xd.to(tl.float32) * inv_s
+                if SAVE_R:
+                    if (pid_n == 0) & (tap == (KH // 2) * KW + KW // 2):
+                        tl.store(r_ptr + n.to(tl.int64) * HW * Cin + off,
+                                 _to(fa + fd, r_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+                ca = fa + ka[None, :]
+                ua = ca * mul_a[None, :] + add[None, :]
+                ud = (fd - mean_d[None, :]) * mul_r[None, :] + ca * mul_dr[None, :]
+                if SILU:
+                    ua, ud = _silu_pair(ua, ud)
+                # zero padding of the activated input, as the unfused convolution pads it
+                ya = _to(tl.where(mask, ua, 0.0), dtype, INTERPRETED)
+                yd = _to(tl.where(mask, ud * s, 0.0), dtype, INTERPRETED)
+            else:
+                ya = xa
+                yd = xd
+            wt = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + ky * sw_y + kx * sw_x,
+                         mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+            acc_a = _mm(ya, wt, acc_a, PRECISION, INTERPRETED)
+            acc_d = _mm(yd, wt, acc_d, PRECISION, INTERPRETED)
+        out = n.to(tl.int64) * HW * Cout + m[:, None] * Cout + co[None, :]
+        omask = m_ok[:, None] & co_ok[None, :]
+        if HAS_BIAS:
+            acc_a += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            acc_a += tl.load(ra_ptr + out, mask=omask, other=0.0).to(tl.float32)
+            acc_d += tl.load(rd_ptr + out, mask=omask, other=0.0).to(tl.float32)
+        tl.store(oa_ptr + out, _to(acc_a, oa_ptr.dtype.element_ty, INTERPRETED), mask=omask)
+        tl.store(od_ptr + out, _to(acc_d, od_ptr.dtype.element_ty, INTERPRETED), mask=omask)
+
+    @triton.jit
+    def _pair_conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, H, W, Cin, Cout, sw_o, sw_c, sw_y, sw_x,
+                                KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+        """The input gradient of a 'same'-padded stride-1 convolution, as an implicit GEMM:
+        rows are input pixels, columns input channels, the reduction runs over (tap, output
+        channel) of the output's gradient at the pixels each tap maps the input pixel to.
+        Channels_last in and out."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        n = tl.program_id(2)
+        HW = H * W
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < HW
+        ih = m // W
+        iw = m % W
+        ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ci_ok = ci < Cin
+        kc = tl.arange(0, BLOCK_K)
+        g_base = g_ptr + n.to(tl.int64) * HW * Cout
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        c_blocks = tl.cdiv(Cout, BLOCK_K)
+        for kk in range(0, KH * KW * c_blocks):
+            tap = kk // c_blocks
+            co = (kk - tap * c_blocks) * BLOCK_K + kc
+            ky = tap // KW
+            kx = tap - ky * KW
+            oh = ih - (ky - KH // 2)
+            ow = iw - (kx - KW // 2)
+            pix_ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
+            co_ok = co < Cout
+            g = tl.load(g_base + (oh * W + ow)[:, None] * Cout + co[None, :],
+                        mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + co[:, None] * sw_o + ci[None, :] * sw_c + ky * sw_y + kx * sw_x,
+                         mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+            acc = _mm(g, wt, acc, PRECISION, INTERPRETED)
+        out = n.to(tl.int64) * HW * Cin + m[:, None] * Cin + ci[None, :]
+        tl.store(dx_ptr + out, _to(acc, dx_ptr.dtype.element_ty, INTERPRETED),
+                 mask=m_ok[:, None] & ci_ok[None, :])
+
+
+class _ConvLaunch(NamedTuple):
+    block_m: int  # output pixels per tile
+    block_n: int  # output channels per tile
+    block_k: int  # input channels per reduction step (one tap at a time)
+    num_warps: int
+    num_stages: int
+
+
+# Elements of the output tile a program holds per branch: the forward holds two such
+# accumulators, the prologue's fp32 temporaries beside them.
+_TILE = 8192
+
+
+@functools.lru_cache(maxsize=256)  # one entry per convolution shape of a network; read only
+def _conv_launch(HW: int, Cin: int, Cout: int, itemsize: int, prologue: bool,
+                 fma: bool) -> _ConvLaunch:
+    """Tile sizes from the shape alone: up to 128 output channels a tile (a ResBlock's
+    convolution is then applied to each loaded input tile for 128 channels at once, the
+    prologue recomputed for every further 128), pixels to fill ``_TILE``, every dim at least
+    16 (tl.dot's smallest). Reduction steps of 64 input channels for 16-bit tiles without a
+    prologue; 32 with one (its fp32 temporaries sit beside both accumulators) and for fp32
+    (twice the shared memory a step). IEEE fp32 (``fma``: no tensor cores) holds its dots'
+    operands in registers: tiles of half the size, steps of 16, always 8 warps. Otherwise 8
+    warps for full tiles, 4 for smaller ones."""
+    block_n = min(64 if fma else 128, max(16, next_power_of_2(Cout)))
+    block_m = max(16, min(128, next_power_of_2(HW), (_TILE // 2 if fma else _TILE) // block_n))
+    step = 16 if fma else 32 if prologue or itemsize > 2 else 64
+    block_k = min(step, max(16, next_power_of_2(Cin)))
+    return _ConvLaunch(block_m=block_m, block_n=block_n, block_k=block_k,
+                       num_warps=8 if fma or block_m * block_n >= _TILE else 4, num_stages=2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 follows cuDNN's TF32 switch, as F.conv2d does (16-bit
+    operands are multiplied exactly either way)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+class _Norm(NamedTuple):
+    """A prologue's tensors as the kernels read them: statistics flat (N * G), fp32;
+    parameters contiguous; placeholders (never read) where FiLM or x_bias is absent."""
+    mean_a: torch.Tensor
+    rstd_a: torch.Tensor
+    mean_d: torch.Tensor
+    rstd_r: torch.Tensor
+    drstd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    x_bias: torch.Tensor
+    num_groups: int
+    film: bool
+    has_xb: bool
+    silu: bool
+
+
+def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
+    flat = [t.reshape(-1).float().contiguous() for t in p[:5]]
+    weight = p.weight.reshape(C).contiguous()
+    bias = p.bias.reshape(C).contiguous()
+    film, has_xb = p.scale is not None, p.x_bias is not None
+    if film:
+        scale, shift = p.scale.reshape(N, C), p.shift.reshape(N, C)
+        if scale.stride(1) != 1 or shift.stride() != scale.stride():
+            scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
+    else:
+        scale = shift = weight
+    x_bias = p.x_bias.reshape(C).contiguous() if has_xb else weight
+    return _Norm(*flat, weight, bias, scale, shift, x_bias, p.num_groups, film, has_xb,
+                 bool(p.silu))
+
+
+def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r):
+    """(out_a, out_d, r or None), all channels_last; a, d, residuals channels_last, weight
+    with unit stride over input channels."""
+    N, Cin, H, W = a.shape
+    Cout, _, KH, KW = weight.shape
+    HW = H * W
+    out_a = torch.empty((N, Cout, H, W), dtype=a.dtype, device=a.device, memory_format=_CL)
+    out_d = torch.empty_like(out_a)
+    r = torch.empty_like(d, memory_format=_CL) if save_r else None
+    precision = _precision(a.dtype)
+    k = _conv_launch(HW, Cin, Cout, a.element_size(), norm is not None,
+                     a.dtype == torch.float32 and precision == "ieee")
+    if norm is None:
+        stats = (a,) * 5
+        params = (a,) * 5
+        G, Cg, scN, film, has_xb, silu = 1, 1, 0, False, False, False
+    else:
+        stats = norm[:5]
+        params = norm[5:10]
+        G, film, has_xb, silu = norm.num_groups, norm.film, norm.has_xb, norm.silu
+        Cg, scN = Cin // G, norm.scale.stride(0)
+    has_res = res_a is not None
+    grid = (cdiv(Cout, k.block_n), cdiv(HW, k.block_m), N)
+    _pair_conv_fwd_kernel[grid](
+        a, d, weight, a if bias is None else bias, res_a if has_res else a,
+        res_d if has_res else a, out_a, out_d, a if r is None else r, d_scale, *stats, *params,
+        H, W, Cin, Cout, G, scN, *weight.stride(), Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m,
+        BLOCK_N=k.block_n, BLOCK_K=k.block_k, PROLOGUE=norm is not None, HAS_FILM=film,
+        HAS_XB=has_xb, SILU=silu, HAS_BIAS=bias is not None, HAS_RES=has_res,
+        SAVE_R=save_r, PRECISION=precision, INTERPRETED=a.device.type == "cpu",
+        num_warps=k.num_warps,
+        num_stages=k.num_stages)
+    return out_a, out_d, r
+
+
+def _dgrad(grad, weight, Cin):
+    """The input gradient of the convolution, channels_last, in grad's dtype."""
+    N, Cout, H, W = grad.shape
+    KH, KW = weight.shape[2:]
+    HW = H * W
+    dx = torch.empty((N, Cin, H, W), dtype=grad.dtype, device=grad.device, memory_format=_CL)
+    precision = _precision(grad.dtype)
+    k = _conv_launch(HW, Cout, Cin, grad.element_size(), False,
+                     grad.dtype == torch.float32 and precision == "ieee")
+    grid = (cdiv(Cin, k.block_n), cdiv(HW, k.block_m), N)
+    _pair_conv_dgrad_kernel[grid](grad, weight, dx, H, W, Cin, Cout, *weight.stride(), KH=KH,
+                                  KW=KW, BLOCK_M=k.block_m, BLOCK_N=k.block_n,
+                                  BLOCK_K=k.block_k, PRECISION=precision,
+                                  INTERPRETED=grad.device.type == "cpu",
+                                  num_warps=k.num_warps, num_stages=k.num_stages)
+    return dx
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the outputs: channels_last for x dense in it, else NCHW."""
+    return _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
+
+
+class _PairConv2d(torch.autograd.Function):
+    """Forward: the fused kernel. Backward, to d (and res_d) only: the transposed convolution
+    of out_d's gradient, then, after a prologue, the plain norm's backward at the saved
+    r = a + d / s."""
+
+    @staticmethod
+    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout):
+        save_r = norm is not None and ctx.needs_input_grad[0]
+        out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r)
+        if save_r:
+            ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
+                                  norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
+                                  norm.x_bias)
+            ctx.norm = norm.num_groups, norm.film, norm.has_xb, norm.silu
+        else:
+            ctx.save_for_backward(weight)
+            ctx.norm = None
+        ctx.cin = a.shape[1]
+        ctx.set_materialize_grads(False)
+        out_a = out_a.contiguous(memory_format=layout)
+        ctx.mark_non_differentiable(out_a)
+        return out_a, out_d.contiguous(memory_format=layout)
+
+    @staticmethod
+    @without_autocast
+    @once_differentiable
+    def backward(ctx, _grad_a, grad_d):
+        nones = (None,) * 7
+        if grad_d is None:
+            return (None, None) + nones
+        grad_res = grad_d if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            return (None, grad_res) + nones
+        weight = ctx.saved_tensors[0]
+        dy = _dgrad(grad_d.contiguous(memory_format=_CL), weight, ctx.cin)
+        if ctx.norm is not None:
+            _, r, mean_r, rstd_r, gw, gb, sc, sh, xb = ctx.saved_tensors
+            G, film, has_xb, silu = ctx.norm
+            N, C, H, W = r.shape
+            # d(out_d)/d(d) at d / s is the plain norm's derivative at r: the scale cancels
+            dy = _gn_backward(r, dy, None, mean_r, rstd_r, gw, gb, sc, sh, xb, G, film,
+                              has_xb, silu, _gn_launch(N, G, H * W, C))
+        return (dy, grad_res) + nones  # channels_last, like the d the kernel read
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"pair_conv2d: {name} must be an int or two ints, got {value!r}")
+    return value
+
+
+def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
+           padding_mode):
+    for name, t in (("a", a), ("d", d), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"pair_conv2d: {name} must be a 4-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if d.shape != a.shape:
+        raise ValueError(f"pair_conv2d: d must have a's shape {tuple(a.shape)}, got "
+                         f"{tuple(d.shape)}")
+    if _pair(stride, "stride") != (1, 1) or _pair(dilation, "dilation") != (1, 1):
+        raise ValueError(f"pair_conv2d: stride and dilation 1 only, got stride={stride!r}, "
+                         f"dilation={dilation!r}")
+    if groups != 1:
+        raise ValueError(f"pair_conv2d: groups=1 only, got groups={groups!r}")
+    if padding_mode != "zeros" or isinstance(padding, str):
+        raise ValueError(f"pair_conv2d: numeric zero padding only, got padding={padding!r}, "
+                         f"padding_mode={padding_mode!r}")
+    N, C, H, W = a.shape
+    Cout, Cin, KH, KW = weight.shape
+    if Cin != C:
+        raise ValueError(f"pair_conv2d: the weight {tuple(weight.shape)} takes {Cin} input "
+                         f"channels, a has {C}")
+    if KH % 2 == 0 or KW % 2 == 0 or _pair(padding, "padding") != (KH // 2, KW // 2):
+        raise ValueError(f"pair_conv2d: odd kernels with 'same' padding (kernel // 2) only, "
+                         f"got kernel {KH}x{KW}, padding={padding!r}")
+    if a.dtype not in TRITON_DTYPES:
+        raise ValueError(f"pair_conv2d: the triton kernel takes fp32/fp16/bf16, got {a.dtype}; "
+                         f"use pair_conv2d_torch for it")
+    tensors = {"d": d, "weight": weight}
+    if bias is not None:
+        if bias.numel() != Cout:
+            raise ValueError(f"pair_conv2d: bias must have one value per output channel "
+                             f"({Cout}), got shape {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    if residual is not None:
+        if len(residual) != 2:
+            raise ValueError("pair_conv2d: residual must be a pair (res_a, res_d)")
+        for name, t in zip(("res_a", "res_d"), residual):
+            if t.shape != (N, Cout, H, W):
+                raise ValueError(f"pair_conv2d: {name} must have the output's shape "
+                                 f"{(N, Cout, H, W)}, got {tuple(t.shape)}")
+            tensors[name] = t
+    for name, t in tensors.items():
+        if t.dtype != a.dtype:
+            raise ValueError(f"pair_conv2d: {name} must have a's dtype {a.dtype}, got {t.dtype}")
+    if max(C, Cout) * H * W > INT32_MAX:
+        raise ValueError("pair_conv2d: one sample must have fewer than 2**31 elements")
+    frozen = {"weight": weight, "bias": bias}
+    if prologue is not None:
+        G = prologue.num_groups
+        if G < 1 or C % G:
+            raise ValueError(f"pair_conv2d: {C} channels do not split into {G} groups")
+        if C > _MAX_CHANNELS:
+            raise ValueError(f"pair_conv2d: a prologue takes up to {_MAX_CHANNELS} channels")
+        for name in PairNormStatistics._fields:
+            if getattr(prologue, name).numel() != N * G:
+                raise ValueError(f"pair_conv2d: prologue.{name} must have one value per "
+                                 f"(sample, group) ({N}x{G})")
+        for name in ("weight", "bias", "x_bias"):
+            t = getattr(prologue, name)
+            if t is not None and t.numel() != C:
+                raise ValueError(f"pair_conv2d: prologue.{name} must have one value per "
+                                 f"channel ({C}), got shape {tuple(t.shape)}")
+        if (prologue.scale is None) != (prologue.shift is None):
+            raise ValueError("pair_conv2d: give the prologue both scale and shift, or neither")
+        for name in ("scale", "shift"):
+            t = getattr(prologue, name)
+            if t is not None and t.numel() != N * C:
+                raise ValueError(f"pair_conv2d: prologue.{name} must have one value per "
+                                 f"(sample, channel) ({N}x{C}), got shape {tuple(t.shape)}")
+        frozen.update({f"prologue.{k}": v for k, v in prologue._asdict().items()
+                       if isinstance(v, torch.Tensor)})
+    for name, t in frozen.items():
+        if t is None:
+            continue
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"pair_conv2d: differentiable to d only (a frozen prior), but "
+                             f"{name} requires grad")
+        if t.device != a.device:
+            raise ValueError(f"pair_conv2d: {name} is on {t.device}, a on {a.device}")
+    for name, t in tensors.items():
+        if t.device != a.device:
+            raise ValueError(f"pair_conv2d: {name} is on {t.device}, a on {a.device}")
+
+
+def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
+                stride=1, dilation=1, groups=1, padding_mode="zeros"):
+    """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
+    convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
+    ``(a, d)`` (``d`` the difference times ``d_scale``, a 0-dim fp32 power-of-two tensor),
+    after ``prologue``'s pair norm if given, the bias added to out_a only and ``residual``'s
+    pair ``(res_a, res_d)`` to the outputs. Differentiable to ``d`` and ``res_d`` only.
+    Inputs are copied to channels_last where they are not (a weight kept channels_last is
+    read in place); the outputs take a's layout. fp32 products follow
+    ``torch.backends.cudnn.allow_tf32``, as ``F.conv2d``'s do."""
+    require_triton("pair_conv2d")
+    _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
+           padding_mode)
+    N, C, H, W = a.shape
+    layout = _layout(a)
+    a = a.detach().contiguous(memory_format=_CL)
+    if not isinstance(d_scale, torch.Tensor):
+        d_scale = torch.tensor(float(d_scale), device=a.device)
+    d_scale = d_scale.to(device=a.device, dtype=torch.float32)
+    w = _channels_last_weight(weight)
+    bias = None if bias is None else bias.reshape(-1).contiguous()
+    norm = None if prologue is None else _norm_tensors(prologue, N, C)
+    res_a = res_d = None
+    if residual is not None:
+        res_a = residual[0].detach().contiguous(memory_format=_CL)
+        res_d = residual[1].contiguous(memory_format=_CL)
+    if a.numel() == 0 or weight.shape[0] == 0:
+        return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
+                                 prologue=prologue, residual=residual)
+    grad = torch.is_grad_enabled() and (d.requires_grad or (res_d is not None
+                                                            and res_d.requires_grad))
+    if grad:
+        return _PairConv2d.apply(d.contiguous(memory_format=_CL), res_d, a, d_scale, w, bias,
+                                 norm, res_a, layout)
+    out_a, out_d, _ = _forward(a, d.contiguous(memory_format=_CL), d_scale, w, bias, norm,
+                               res_a, res_d, False)
+    return out_a.contiguous(memory_format=layout), out_d.contiguous(memory_format=layout)

@@ -1,0 +1,358 @@
+"""The fused pair convolution (GroupNorm + FiLM + SiLU prologue, bias/residual epilogue)
+against its plain-PyTorch twin and against float64.
+
+The float64 reference is the definition itself: two plain convolutions, of the plain norm's
+output at ``a`` and at the restored point ``a + d / s``, subtracted in float64. Tolerances are
+elementwise bounds from an error model, not fitted constants: the prologue's fp32 arithmetic
+(a few dozen roundings of fp32, ``C_PROLOGUE`` ulps of its terms' magnitudes), the rounding of
+the GEMM's operands to the storage dtype (half an ulp each, ``u``), the fp32 sum of K products
+(``K`` fp32 half-ulps of the sum of their magnitudes) and the final rounding to the storage
+dtype. On the CPU the kernels run under TRITON_INTERPRET=1 (conftest.py): shapes stay tiny.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffloss_fast.ops import pair_conv as pc
+from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch
+from diffloss_fast.ops.pair_conv import (PairNormStatistics, pair_conv2d, pair_conv2d_torch,
+                                         pair_norm_statistics, pair_prologue)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+U32 = 2.0 ** -24  # fp32's unit roundoff
+# ulps of fp32 of the prologue: ~20 roundings in the kernel, the statistics' sums (log2 of a
+# group's size) and their own few roundings
+C_PROLOGUE = 64
+EPS = 1e-5
+
+
+def unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def underflow(dtype):
+    """Half the spacing of the subnormals: the absolute rounding error below the normals."""
+    return torch.finfo(dtype).smallest_normal * unit_roundoff(dtype)
+
+
+# name -> (kernel, Cin, Cout, groups (None: no prologue), H, W, film, x_bias, silu, residual,
+# bias, d_scale)
+CASES = {
+    "3x3_film_xbias_residual": (3, 12, 10, 3, 5, 7, True, True, True, True, True, 2.0 ** 10),
+    "3x3_silu_1_per_group": (3, 6, 5, 6, 5, 7, False, False, True, False, True, 1.0),
+    "3x3_plain": (3, 5, 3, None, 5, 7, False, False, False, False, False, 1.0),
+    "1x1_norm_xbias_no_silu": (1, 8, 6, 2, 3, 5, False, True, False, False, True, 2.0 ** 10),
+    "1x1_plain_residual": (1, 7, 9, None, 3, 5, False, False, False, True, True, 2.0 ** 10),
+}
+
+
+def rand(*shape, scale=1.0, shift=0.0, gen):
+    return torch.randn(*shape, generator=gen, dtype=F64) * scale + shift
+
+
+def make(case, dtype, seed=0):
+    """Tensors of a case, stored in ``dtype`` on DEVICE: the target activation around 0.5,
+    the difference about 1e-3 of it, times d_scale."""
+    k, cin, cout, groups, h, w, film, xb, silu, res, has_bias, s = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    n = 2
+    put = lambda t: t.to(dtype).to(DEVICE)  # noqa: E731
+    t = dict(a=put(rand(n, cin, h, w, shift=0.5, gen=gen)),
+             d=put(rand(n, cin, h, w, scale=1e-3 * s, gen=gen)),
+             s=torch.tensor(s, device=DEVICE),
+             weight=put(rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5, gen=gen)),
+             bias=put(rand(cout, scale=0.3, gen=gen)) if has_bias else None,
+             residual=(put(rand(n, cout, h, w, gen=gen)), put(rand(n, cout, h, w, gen=gen)))
+             if res else None, norm=None, padding=k // 2)
+    if groups is not None:
+        t["norm"] = dict(
+            num_groups=groups, weight=put(rand(cin, scale=0.3, shift=1.0, gen=gen)),
+            bias=put(rand(cin, scale=0.3, gen=gen)),
+            scale=put(rand(n, cin, scale=0.5, gen=gen)) if film else None,
+            shift=put(rand(n, cin, scale=0.5, gen=gen)) if film else None,
+            x_bias=put(rand(cin, scale=0.5, gen=gen)) if xb else None, silu=silu)
+    return t
+
+
+def prologue_of(t):
+    p = t["norm"]
+    if p is None:
+        return None
+    return pair_prologue(t["a"], t["d"], t["s"], p["num_groups"], p["weight"], p["bias"], EPS,
+                         p["scale"], p["shift"], p["x_bias"], p["silu"])
+
+
+def call(fn, t, d=None, residual=None):
+    return fn(t["a"], t["d"] if d is None else d, t["s"], t["weight"], t["bias"],
+              padding=t["padding"], prologue=prologue_of(t),
+              residual=t["residual"] if residual is None else residual)
+
+
+def norm64(t, x):
+    p = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in t["norm"].items()}
+    return group_norm_silu_torch(x, p["num_groups"], p["weight"], p["bias"], EPS, p["scale"],
+                                 p["shift"], p["x_bias"], False, p["silu"])
+
+
+def reference(t, dtype):
+    """float64: (out_a, out_d) by the definition, and elementwise bounds of the kernel's
+    error on each (see the module docstring)."""
+    a, d, s = t["a"].double(), t["d"].double(), float(t["s"])
+    w = t["weight"].double()
+    conv = lambda x, weight=w: F.conv2d(x, weight, padding=t["padding"])  # noqa: E731
+    u, tiny = unit_roundoff(dtype), underflow(dtype)
+    K = w[0].numel()
+    if t["norm"] is None:
+        ya, yd = a, d
+        in_a = in_d = torch.zeros_like(a)  # the stored inputs themselves: exact operands
+        out_a, out_d = conv(a), conv(d)
+    else:
+        ya, yr = norm64(t, a), norm64(t, a + d / s)
+        yd = (yr - ya) * s
+        out_a, out_d = conv(ya), (conv(yr) - conv(ya)) * s
+        m_a, m_d = prologue_magnitudes(t, a, d, s)
+        in_a = u * ya.abs() + tiny + C_PROLOGUE * U32 * m_a
+        in_d = u * yd.abs() + tiny + C_PROLOGUE * U32 * m_d
+    sums_a, sums_d = conv(ya.abs(), w.abs()), conv(yd.abs(), w.abs())
+    if t["bias"] is not None:
+        out_a = out_a + t["bias"].double().reshape(1, -1, 1, 1)
+        sums_a = sums_a + t["bias"].double().abs().reshape(1, -1, 1, 1)
+    if t["residual"] is not None:
+        out_a, out_d = out_a + t["residual"][0].double(), out_d + t["residual"][1].double()
+        sums_a, sums_d = (sums_a + t["residual"][0].double().abs(),
+                          sums_d + t["residual"][1].double().abs())
+    tol_a = conv(in_a, w.abs()) + (K + 2) * U32 * sums_a + u * out_a.abs() + tiny
+    tol_d = conv(in_d, w.abs()) + (K + 2) * U32 * sums_d + u * out_d.abs() + tiny
+    return out_a, out_d, tol_a, tol_d
+
+
+def prologue_magnitudes(t, a, d, s):
+    """The magnitudes the prologue's fp32 errors are relative to, per input element: of the
+    terms of u_a = (a + x_bias - mean_a) * rstd_a * w' + b' and of u_d = (d / s - mean_d) *
+    rstd_r * w' + (a + x_bias - mean_a) * (rstd_r - rstd_a) * w', each times (1 + |u_a|)
+    for what the SiLU (difference) multiplies them by."""
+    p = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in t["norm"].items()}
+    n, c = a.shape[:2]
+    x = a if p["x_bias"] is None else a + p["x_bias"].reshape(1, -1, 1, 1)
+    groups = p["num_groups"]
+    grouped = lambda v: v.reshape(n, groups, -1)  # noqa: E731
+    per_channel = lambda v: v.repeat_interleave(c // groups, 1).reshape(n, c, 1, 1)  # noqa: E731
+    mean_a, mean_d = grouped(x).mean(-1), grouped(d / s).mean(-1)
+    rstd_a = (grouped(x).var(-1, unbiased=False) + EPS).rsqrt()
+    rstd_r = (grouped(x + d / s).var(-1, unbiased=False) + EPS).rsqrt()
+    gain = 1 if p["scale"] is None else 1 + p["scale"].reshape(n, c, 1, 1)
+    wg = p["weight"].reshape(1, -1, 1, 1) * gain
+    bg = p["bias"].reshape(1, -1, 1, 1) * gain
+    if p["shift"] is not None:
+        bg = bg + p["shift"].reshape(n, c, 1, 1)
+    ua = (x - per_channel(mean_a)) * per_channel(rstd_a) * wg + bg
+    centre = x.abs() + per_channel(mean_a).abs()
+    m_a = (centre * per_channel(rstd_a) * wg.abs() + bg.abs()) * (1 + ua.abs())
+    m_d = s * ((d.abs() / s + per_channel(mean_d).abs()) * per_channel(rstd_r)
+               + centre * per_channel(rstd_r - rstd_a).abs()) * wg.abs() * (1 + ua.abs())
+    return m_a, m_d
+
+
+def assert_within(got, want, tol, what):
+    err = (got.double() - want).abs()
+    ratio = (err / tol).max().item()
+    assert ratio <= 1, f"{what}: error {ratio:.3g} times its bound (max error {err.max():.3g})"
+
+
+def grad_reference(t, grad_out):
+    """float64 gradient of out_d with respect to the stored difference: through the two
+    plain convolutions of the definition."""
+    a, s = t["a"].double(), float(t["s"])
+    d = t["d"].double().requires_grad_(True)
+    conv = lambda x: F.conv2d(x, t["weight"].double(), padding=t["padding"])  # noqa: E731
+    if t["norm"] is None:
+        out = conv(d)
+    else:
+        out = (conv(norm64(t, a + d / s)) - conv(norm64(t, a))) * s
+    (g,) = torch.autograd.grad(out, d, grad_out.double())
+    return g
+
+
+def grad_bound(t, dtype):
+    """Normwise relative bound of the input gradient: the output's gradient and r rounded to
+    the storage dtype (the gradient of the norm at r moves by a few times r's rounding), the
+    gradient at the norm's output rounded, the result rounded: 8 half-ulps; and the fp32 sum
+    of Cout * kh * kw products."""
+    k = t["weight"].shape[0] * t["weight"][0, 0].numel()
+    return 8 * unit_roundoff(dtype) + (k + 2) * U32
+
+
+def cosine(x, y):
+    return F.cosine_similarity(x.double().flatten(), y.double().flatten(), dim=0).item()
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(true_fp32):
+    """fp32 convolutions in IEEE fp32 (no TF32) for the twin, cuDNN, and the kernel, which
+    follows the same switch."""
+
+
+def check_case(case, dtype, d_layout="cl"):
+    t = make(case, dtype)
+    if d_layout == "nchw":
+        t["a"], t["d"] = t["a"].contiguous(), t["d"].contiguous()
+    else:
+        t["a"] = t["a"].contiguous(memory_format=torch.channels_last)
+        t["d"] = t["d"].contiguous(memory_format=torch.channels_last)
+    d = t["d"].detach().requires_grad_(True)
+    out_a, out_d = call(pair_conv2d, t, d=d)
+    assert not out_a.requires_grad and out_d.requires_grad
+    assert out_a.dtype == out_d.dtype == dtype
+    fmt = torch.channels_last if d_layout == "cl" else torch.contiguous_format
+    assert out_a.is_contiguous(memory_format=fmt) and out_d.is_contiguous(memory_format=fmt)
+    grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
+                           dtype=F64).to(dtype).to(DEVICE)
+    (grad,) = torch.autograd.grad(out_d, d, grad_out)
+
+    dt = t["d"].detach().requires_grad_(True)
+    twin_a, twin_d = call(pair_conv2d_torch, t, d=dt)
+    (twin_grad,) = torch.autograd.grad(twin_d, dt, grad_out)
+
+    ref_a, ref_d, tol_a, tol_d = reference(t, dtype)
+    # the twin rounds the convolution before it adds the residual: one more rounding
+    extra = 0
+    if t["residual"] is not None:
+        extra = unit_roundoff(dtype) * (ref_d - t["residual"][1].double()).abs()
+    assert_within(out_a, ref_a, tol_a, "out_a vs float64")
+    assert_within(out_d, ref_d, tol_d, "out_d vs float64")
+    extra_a = 0 if t["residual"] is None else \
+        unit_roundoff(dtype) * (ref_a - t["residual"][0].double()).abs()
+    assert_within(twin_a, ref_a, tol_a + extra_a, "twin out_a vs float64")
+    assert_within(twin_d, ref_d, tol_d + extra, "twin out_d vs float64")
+    assert_within(out_a, twin_a.double(), 2 * tol_a + extra_a, "out_a vs twin")
+    assert_within(out_d, twin_d.double(), 2 * tol_d + extra, "out_d vs twin")
+
+    g64 = grad_reference(t, grad_out)
+    bound = grad_bound(t, dtype)
+    for name, want in (("float64", g64), ("twin", twin_grad.double())):
+        rel = ((grad.double() - want).norm() / want.norm()).item()
+        allowed = bound if name == "float64" else 2 * bound
+        assert rel <= allowed, f"grad vs {name}: relative error {rel:.3g} > {allowed:.3g}"
+        assert cosine(grad, want) >= 1 - allowed ** 2 / 2
+    twin_rel = ((twin_grad.double() - g64).norm() / g64.norm()).item()
+    assert twin_rel <= bound, f"twin grad vs float64: {twin_rel:.3g} > {bound:.3g}"
+    return t, out_a, out_d, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES)
+def test_matches_twin_and_float64(case, dtype):
+    """Forward and the gradient to d, one 3x3 and 1x1 case each with and without the
+    prologue, odd sizes (5x7 and 3x5 maps, channels not multiples of a block)."""
+    check_case(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_several_blocks_in_every_dim(monkeypatch, dtype):
+    """Blocks of 16 over 35 pixels, 20 input and 20 output channels: ragged tiles in M, N and
+    K, the centre tap's r written by the first channel block's programs only."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 16, 4, 2))
+    monkeypatch.setitem(CASES, "blocks", (3, 20, 20, 5, 5, 7, True, True, True, True, True,
+                                          2.0 ** 10))
+    check_case("blocks", dtype)
+
+
+def test_nchw_inputs_give_nchw_outputs_and_the_same_values():
+    """The wrapper copies NCHW inputs to channels_last; outputs come back in a's layout."""
+    _, out_a, out_d, grad = check_case("3x3_film_xbias_residual", torch.float16, "nchw")
+    _, cl_a, cl_d, cl_grad = check_case("3x3_film_xbias_residual", torch.float16, "cl")
+    for x, y in ((out_a, cl_a), (out_d, cl_d), (grad, cl_grad)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_plain_residual"])
+def test_no_grad_path_is_the_same_kernel(case):
+    """Without a gradient to take, nothing is saved and the outputs are the same."""
+    t = make(case, torch.bfloat16)
+    with torch.no_grad():
+        out_a, out_d = call(pair_conv2d, t)
+    grad_a, grad_d = call(pair_conv2d, t, d=t["d"].detach().requires_grad_(True))
+    assert out_d.grad_fn is None
+    torch.testing.assert_close(out_a, grad_a, rtol=0, atol=0)
+    torch.testing.assert_close(out_d, grad_d.detach(), rtol=0, atol=0)
+
+
+def test_residual_gradient_passes_through():
+    """res_d's gradient is out_d's, unchanged; res_a and a get none."""
+    t = make("1x1_plain_residual", torch.float32)
+    res_a = t["residual"][0].detach().requires_grad_(True)
+    res_d = t["residual"][1].detach().requires_grad_(True)
+    out_a, out_d = call(pair_conv2d, t, residual=(res_a, res_d))
+    assert not out_a.requires_grad
+    grad_out = torch.randn_like(out_d)
+    (got,) = torch.autograd.grad(out_d, res_d, grad_out)
+    torch.testing.assert_close(got, grad_out, rtol=0, atol=0)
+
+
+def test_pair_norm_statistics_without_cancellation():
+    """fp32 statistics of a pair whose difference is 1e-4 of the target: rstd_r - rstd_a to
+    fp32's relative accuracy, which subtracting the two fp32 values would not give."""
+    gen = torch.Generator().manual_seed(3)
+    a64 = rand(2, 8, 6, 5, shift=0.7, gen=gen)
+    d64 = rand(2, 8, 6, 5, scale=1e-4, gen=gen)
+    xb = rand(8, scale=0.5, gen=gen)
+    s = 2.0 ** 12
+    stats = pair_norm_statistics(a64.float(), (d64 * s).float(), torch.tensor(s), 4, EPS,
+                                 xb.float())
+    assert isinstance(stats, PairNormStatistics)
+    x = (a64.float().double() + xb.float().double().reshape(1, -1, 1, 1)).reshape(2, 4, -1)
+    r = x + ((d64 * s).float().double() / s).reshape(2, 4, -1)
+    want = PairNormStatistics(
+        x.mean(-1), (x.var(-1, unbiased=False) + EPS).rsqrt(), (r - x).mean(-1),
+        (r.var(-1, unbiased=False) + EPS).rsqrt(),
+        (r.var(-1, unbiased=False) + EPS).rsqrt() - (x.var(-1, unbiased=False) + EPS).rsqrt())
+    for name, got, ref in zip(stats._fields, stats, want):
+        assert got.dtype == torch.float32 and got.shape == (2, 4)
+        # sums over 60 elements: a few dozen fp32 ulps of the inputs' magnitude
+        torch.testing.assert_close(got.double(), ref, rtol=64 * U32, atol=0, msg=name)
+    naive = (stats.rstd_r - stats.rstd_a).double()
+    assert ((naive - want.drstd).abs() / want.drstd.abs()).max() > 64 * U32
+
+
+def test_python_float_d_scale():
+    t = make("3x3_silu_1_per_group", torch.float32)
+    got = call(pair_conv2d, t)
+    t["s"] = float(t["s"])
+    again = call(pair_conv2d, t)
+    for x, y in zip(got, again):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _refused(t, match, **kwargs):
+    args = dict(padding=t["padding"], prologue=prologue_of(t), residual=t["residual"])
+    args.update(kwargs)
+    weight = args.pop("weight", t["weight"])
+    d = args.pop("d", t["d"])
+    with pytest.raises(ValueError, match=match):
+        pair_conv2d(t["a"], d, t["s"], weight, t["bias"], **args)
+
+
+def test_validation():
+    t = make("3x3_film_xbias_residual", torch.float32)
+    _refused(t, "stride", stride=2)
+    _refused(t, "stride", stride=(1, 2))
+    _refused(t, "dilation", dilation=2)
+    _refused(t, "groups=1", groups=2)
+    _refused(t, "zero padding", padding_mode="reflect")
+    _refused(t, "zero padding", padding="same")
+    _refused(t, "'same' padding", padding=0)
+    _refused(t, "'same' padding", weight=t["weight"][..., :2, :2].contiguous(), padding=1)
+    _refused(t, "d must have a's dtype", d=t["d"].half())
+    _refused(t, "weight must have a's dtype", weight=t["weight"].double())
+    _refused(t, "res_d must have a's dtype", residual=(t["residual"][0],
+                                                       t["residual"][1].half()))
+    _refused(t, "res_a must have the output's shape", residual=(t["residual"][0][:, :3],
+                                                               t["residual"][1]))
+    _refused(t, "input channels", weight=t["weight"][:, :5].contiguous())
+    _refused(t, "requires grad", weight=t["weight"].detach().requires_grad_(True))
+    _refused(t, "groups", prologue=prologue_of(t)._replace(num_groups=5))
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        pair_conv2d(t["a"].double(), t["d"].double(), t["s"], t["weight"].double(),
+                    padding=1)
