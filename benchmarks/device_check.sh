@@ -19,6 +19,10 @@
 #                                       build + tests
 #   benchmarks/device_check.sh all      core and extra
 #   benchmarks/device_check.sh graph    whole-graph torch.compile of both terms, no budget
+#   benchmarks/device_check.sh sweep    at most 9 minutes: conv-sweep, each fused norm + convolution
+#                                       block of ADM-256 against the library path at batches 1, 4,
+#                                       8, 16; the dispatch table goes to $OUT/conv_dispatch.json and
+#                                       diffloss_fast/ops/conv_dispatch.json (commit it)
 #
 # verify and verify-compile take --dry (or DRY=1): the same pipeline on the CPU with the tiny
 # prior at 16x16, batch 1, two timed steps, a 2 s compile budget and one thread, for CI; without
@@ -41,7 +45,7 @@ OUT=${OUT:-$PWD/out}
 py=${PYTHON:-python3}
 verify=0
 [[ $part == verify || $part == verify-compile ]] && verify=1
-if (( verify && ! dry )); then budget=${BUDGET_S:-540}; else budget=${BUDGET_S:-0}; fi
+if (( verify && ! dry )) || [[ $part == sweep ]]; then budget=${BUDGET_S:-540}; else budget=${BUDGET_S:-0}; fi
 reserve=$(( verify ? 40 : 10 ))  # seconds kept for writing the results
 scratch=$(mktemp -d)
 raw=$scratch/raw
@@ -113,6 +117,16 @@ if [[ $part == graph ]]; then  # whole-graph compilation of both terms: minutes 
     --variants reference-bf16 fast-compiled --terms both --compile graph --json "$raw/bench_graph.json"
 fi
 
+if [[ $part == sweep ]]; then
+  cp diffloss_fast/ops/conv_dispatch.json "$raw/conv_dispatch.json"  # other families' entries stay
+  step conv_sweep 480 $py -m diffloss_fast conv-sweep --batches 1 4 8 16 --warmup 2 --repeats 5 \
+    --table "$raw/conv_dispatch.json"
+  if grep -q "conv_sweep rc=0" "$raw/steps.txt"; then
+    cp "$raw/conv_dispatch.json" "$OUT/conv_dispatch.json"
+    cp "$raw/conv_dispatch.json" diffloss_fast/ops/conv_dispatch.json
+  fi
+fi
+
 if (( verify )); then
   commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
   tree=$(git status --porcelain 2>/dev/null | grep -qv '^??' && echo "with uncommitted changes" || echo "as committed")
@@ -128,7 +142,7 @@ if (( verify )); then
   else
     size=(--batch-sizes 8)
     timing=(--repeats 10 --warmup 3)
-    fast=(fast fast-fused fast-graphed fast-two-pass)
+    fast=(fast fast-fused fast-graphed fast-two-pass fast-fp8)
     graphed=fast-graphed
     compile_budget=${COMPILE_BUDGET_S:-75}
     min_repeats=10

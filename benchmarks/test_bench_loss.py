@@ -25,6 +25,8 @@ FAST = [
     ("fast", "bf16", "native"),
     ("fast-fused", "bf16", "auto"),
     ("fast-graphed", "bf16", "auto"),
+    ("fast-two-pass", "bf16", "auto"),  # what propagating the difference costs
+    ("fast-fp8", "fp8", "auto"),  # the e4m3 twin: what precision="fp8" costs today
     ("fast-compiled", "bf16", "auto"),
     ("fast-compiled", "fp16", "auto"),
     ("fast-regional", "bf16", "auto"),
@@ -62,11 +64,13 @@ def test_baseline(benchmark, bench_prior, bench_shape, variant, terms):
 @pytest.mark.parametrize("variant, precision, backend", FAST)
 def test_fast(benchmark, bench_prior, bench_shape, variant, precision, backend, terms):
     _skip_compiled_on_cpu(variant)
-    if variant in ("fast-fused", "fast-graphed") and not CUDA:
+    if variant in ("fast-fused", "fast-graphed", "fast-two-pass") and not CUDA:
         pytest.skip("the fused norm kernels and CUDA graphs are timed on CUDA only (on the "
                     "CPU the kernels run interpreted)")
-    if precision == "bf16" and CUDA and not torch.cuda.is_bf16_supported():
+    if precision in ("bf16", "fp8") and CUDA and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
+    if precision == "fp8" and CUDA and torch.cuda.get_device_capability(DEVICE) < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 or later")
     if backend == "native":
         from diffloss_fast.ops.native import native_available
         if not native_available():

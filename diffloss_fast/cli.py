@@ -1,5 +1,5 @@
-"""The ``diffloss-fast`` command line: bench, memory, profile, roofline, check-precision, train,
-eval.
+"""The ``diffloss-fast`` command line: bench, memory, profile, roofline, conv-sweep,
+check-precision, train, eval.
 
 The only module that imports the measuring tools (:mod:`diffloss_fast.tools`) and the training
 commands (:mod:`diffloss_fast.train`).
@@ -13,7 +13,7 @@ from .tools.harness import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tools import bench, memory, precision, profile, roofline
+    from .tools import bench, conv_sweep, memory, precision, profile, roofline
     from .train.cli import add_parsers as add_training_parsers
     parser = Parser(
         prog="diffloss-fast",
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_parser(sub)
     profile.add_parser(sub)
     roofline.add_parser(sub)
+    conv_sweep.add_parser(sub)
     precision.add_parser(sub)
     add_training_parsers(sub)
     return parser

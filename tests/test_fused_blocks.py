@@ -100,16 +100,60 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
 
 
-def test_fused_blocks_keep_the_fp32_loss_in_bf16_where_two_passes_cannot(micro_unet,
-                                                                         monkeypatch,
-                                                                         one_thread):
-    """A good restoration at a high timestep, the cell the pair exists for: the fused bf16
-    pair path within the accuracy grid's bounds (2%, cosine 0.995) of fp32's two passes."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fused_kernels_keep_the_fp32_loss_where_two_passes_cannot(micro_unet, monkeypatch,
+                                                                  one_thread, precision):
+    """A good restoration at a high timestep, the cell the pair exists for: the pair path with
+    every Triton pair kernel (norm, attention, fused blocks) within the accuracy grid's bounds
+    (2%, cosine 0.995) of fp32's two passes."""
     kw = dict(natural_weight=1.0, semantic_weight=0.1)
     inputs = _inputs(0.01, 950)
     want = _step(dl.DiffLoss(micro_unet, precision="fp32", **kw), *inputs)
     calls = []
-    got = _step(_fused_loss(micro_unet, monkeypatch, calls, precision="bf16", **kw), *inputs)
+    got = _step(_fused_loss(micro_unet, monkeypatch, calls, precision=precision, **kw), *inputs)
     assert calls
     assert abs(got[0] - want[0]) / want[0] < 0.02
     assert float(F.cosine_similarity(got[1], want[1], dim=0)) >= 0.995
+
+
+def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, tmp_path,
+                                                                  monkeypatch):
+    """The sweep's block keys against the keys the pair network itself looks up in a forward
+    (recorded from ``_fused``), each timed both ways; the table it writes is what
+    ``fused_blocks`` reads."""
+    from diffloss_fast.tools import conv_sweep
+    asked = set()
+    real = difference_unet.DifferenceUNet._fused
+
+    def spy(self, kind, x, conv):
+        n, c, height, width = x[0].shape
+        asked.add(Block(kind, n, c, conv.out_channels, height, width).key())
+        return real(self, kind, x, conv)
+    monkeypatch.setattr(difference_unet.DifferenceUNet, "_fused", spy)
+    timed = []
+
+    def timer(net, blk, shape, film, fused, device, *, warmup, repeats):
+        timed.append(fused)
+        return 1.0 if fused else 2.0  # every block "faster" fused
+    entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], 32, timer=timer)
+    assert set(entries) == asked
+    assert all(e == {"library_ms": 2.0, "fused_ms": 1.0} for e in entries.values())
+    assert sorted(map(len, timed)) == [0] * len(entries) + [1] * len(entries)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"sm_89": {"in:1x1x1x1->1": {"fused_ms": 1, "library_ms": 2}}}))
+    table = conv_sweep.write_table(entries, "sm_90", path)
+    assert set(table) == {"sm_89", "sm_90"}  # another family's entries are kept
+    monkeypatch.setattr(conv_dispatch, "card_family", lambda device: "sm_90")
+    assert fused_blocks("cuda", load_table(path)) == set(entries)
+
+
+def test_a_block_is_timed_for_real_both_ways(micro_unet, one_thread):
+    from diffloss_fast.tools import conv_sweep
+    loss_fn = dl.DiffLoss(micro_unet, precision="bf16", fused_kernels=True, execution="eager")
+    net = loss_fn._net(torch.device("cpu"), torch.bfloat16, decoder=True)
+    block, blk, shape, film = conv_sweep.recorded_blocks(net, 1, 32, torch.device("cpu"))[0]
+    for fused in (frozenset(), frozenset({block.key()})):
+        ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
+                                   warmup=0, repeats=1)
+        assert ms > 0
+    assert net.fused_blocks == frozenset()  # left as found

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from ._triton_common import TRITON_DTYPES
-from .attention_difference import attention_difference
+# the pair ops' modules by their own names (their functions share them)
+from . import attention_difference as _attention_pair
+from . import group_norm_silu_difference as _norm_pair
 from .group_norm_silu import group_norm_silu_torch, group_norm_silu_triton
-from .group_norm_silu_difference import (group_norm_silu_difference,
-                                         group_norm_silu_difference_triton)
 from .native import q_sample_pair_native, weighted_l2_native
 from .noising import q_sample_pair_torch, q_sample_pair_triton
 from .resample_2x import avg_pool_2x2, avg_pool_2x2_triton, upsample_2x_torch, upsample_2x_triton
@@ -42,10 +42,11 @@ _LOSS_OPS = {"torch": (q_sample_pair_torch, weighted_l2_torch),
 # fused kernels or not -> (norm_silu, residual_bias_add, avg_pool, upsample,
 #                          norm_silu_difference, attention_difference)
 _PRIOR_OPS = {True: (group_norm_silu_triton, residual_bias_add_triton, avg_pool_2x2_triton,
-                     upsample_2x_triton, group_norm_silu_difference_triton,
-                     attention_difference),
+                     upsample_2x_triton, _norm_pair.group_norm_silu_difference_triton,
+                     _attention_pair.attention_difference_triton),
               False: (group_norm_silu_torch, residual_bias_add_torch, avg_pool_2x2,
-                      upsample_2x_torch, group_norm_silu_difference, attention_difference)}
+                      upsample_2x_torch, _norm_pair.group_norm_silu_difference,
+                      _attention_pair.attention_difference)}
 
 
 @dataclass(frozen=True)

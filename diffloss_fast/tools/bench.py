@@ -81,7 +81,10 @@ def measure(prior, variant: str, terms: str, batch: int, resolution: int,
     """Time one (variant, terms, batch) configuration. A configuration that cannot run here,
     runs out of memory, fails, or compiles past ``compile_budget_s`` becomes a row saying so."""
     baseline = variant in BASELINES
-    prec = PRECISIONS[variant] if baseline else resolve_precision(precision, device)
+    if baseline:
+        prec = PRECISIONS[variant]
+    else:  # fast-fp8 is fp8 whatever --precision says
+        prec = "fp8" if variant == "fast-fp8" else resolve_precision(precision, device)
     row = Row(variant, prec, variant in COMPILED_VARIANTS,
               "torch" if baseline else ops.resolve_backend(backend, device), terms, batch,
               resolution, channels_last="-" if baseline else str(channels_last),

@@ -1,0 +1,165 @@
+"""``diffloss-fast conv-sweep``: which norm + convolution blocks of the pair pass to fuse on this
+card, decided by timing each both ways.
+
+A fused block (:mod:`diffloss_fast.ops.pair_conv`) removes passes over memory but replaces
+cuDNN's convolution by a Triton implicit GEMM, which may be slower for some shapes. For every
+distinct block of the prior's pair pass (a ResBlock's first norm + convolution, ``in``, and its
+second norm + FiLM + convolution + residual sum, ``out``) at each batch, the sweep times the
+whole ResBlock's forward and backward with that block fused and with none, on random
+activations of the block's shapes, and writes both medians to the dispatch table
+(:mod:`diffloss_fast.ops.conv_dispatch`) under the card's family. DiffLoss then fuses exactly
+the blocks measured faster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from guided_diffusion.unet import Downsample, Upsample
+from tqdm import tqdm
+
+from ..difference_unet import DifferenceUNet
+from ..loss import DiffLoss
+from ..ops import conv_dispatch
+from ..ops.conv_dispatch import Block
+from ..prior import build_prior
+from . import hardware
+from .harness import add_prior_arguments, check_device, check_prior, positive_int, prior_source
+
+BATCHES = (1, 4, 8, 16)
+
+
+def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: torch.device):
+    """``[(Block, ResBlock, input shape, FiLM rows)]``: every block the pair pass runs at this
+    batch and resolution, once per distinct key, from one forward of ``net`` (no gradient)."""
+    seen, found = set(), []
+    run = net._resblock
+
+    def record(blk, x, film):
+        n, c, height, width = x[0].shape
+        # the second block reads the first convolution's output, resampled in up/down blocks
+        factor = {Downsample: 0.5, Upsample: 2.0}.get(type(blk.h_upd), 1.0) if blk.updown else 1
+        inner = (int(height * factor), int(width * factor))
+        for kind, conv in (("in", blk.in_layers[2]), ("out", blk.out_layers[3])):
+            if kind == "in" and blk.updown or kind == "out" and not blk.use_scale_shift_norm:
+                continue  # blocks no fused kernel replaces
+            if kind == "in":
+                block = Block(kind, n, c, conv.out_channels, height, width)
+            else:
+                block = Block(kind, n, conv.in_channels, conv.out_channels, *inner)
+            if block.key() not in seen:
+                seen.add(block.key())
+                found.append((block, blk, tuple(x[0].shape), film))
+        return run(blk, x, film)
+
+    net._resblock = record
+    try:
+        shape = (batch, 3, resolution, resolution)
+        a = torch.randn(shape, device=device, dtype=net.dtype)
+        with torch.no_grad():
+            net(a, torch.randn_like(a), torch.full((batch,), 500, device=device),
+                torch.ones((), device=device))
+    finally:
+        del net._resblock
+    return found
+
+
+def time_block(net: DifferenceUNet, blk, shape, film, fused: frozenset[str],
+               device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median ms of one ResBlock's pair forward and backward to its input difference, with the
+    blocks ``fused`` fused."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(shape, device=device, generator=gen, dtype=net.dtype)
+    d = torch.randn(shape, device=device, generator=gen, dtype=net.dtype)
+    if net.channels_last:
+        a, d = (x.contiguous(memory_format=torch.channels_last) for x in (a, d))
+    d.requires_grad_(True)
+    s = torch.ones((), device=device)
+    saved, net.fused_blocks = net.fused_blocks, fused
+
+    def step():
+        out = net._resblock(blk, (a, d, s), film)[1]
+        out.backward(torch.ones_like(out))
+    try:
+        return statistics.median(hardware.time_ms(step, device, warmup=warmup,
+                                                  repeats=repeats))
+    finally:
+        net.fused_blocks = saved
+
+
+def sweep(prior, device: torch.device, batches, resolution: int, *, warmup: int = 3,
+          repeats: int = 10, timer=time_block) -> dict[str, dict]:
+    """``{block key: {"fused_ms", "library_ms"}}`` for every block at every batch."""
+    loss_fn = DiffLoss(prior, precision="bf16", fused_kernels=True, execution="eager")
+    dtype = loss_fn._compute_dtype("bf16")
+    net = loss_fn._net(device, dtype, decoder=True)
+    entries = {}
+    for batch in batches:
+        blocks = recorded_blocks(net, batch, resolution, device)
+        for block, blk, shape, film in tqdm(blocks, desc=f"batch {batch}", unit="block"):
+            key = block.key()
+            times = {name: timer(net, blk, shape, film, fused, device, warmup=warmup,
+                                 repeats=repeats)
+                     for name, fused in (("library_ms", frozenset()),
+                                         ("fused_ms", frozenset({key})))}
+            entries[key] = times
+    return entries
+
+
+def write_table(entries: dict, family: str, path: Path) -> dict:
+    """The dispatch table at ``path`` with ``family``'s entries replaced by ``entries``."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[family] = dict(sorted(entries.items()))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = hardware.resolve_device(args.device)
+    family = conv_dispatch.card_family(device)
+    _, config = prior_source(args.prior, args.prior_config)
+    prior = build_prior(config).to(device)  # timing does not depend on the weights
+    entries = sweep(prior, device, args.batches, args.resolution, warmup=args.warmup,
+                    repeats=args.repeats)
+    faster = sum(e["fused_ms"] < e["library_ms"] for e in entries.values())
+    print(f"{hardware.device_name(device)} ({family}): {faster} of {len(entries)} blocks "
+          "faster fused")
+    for key, e in entries.items():
+        mark = "fused" if e["fused_ms"] < e["library_ms"] else "library"
+        print(f"  {key:<28}{e['library_ms']:>9.3f} ms library{e['fused_ms']:>9.3f} ms fused"
+              f"  -> {mark}")
+    path = Path(args.table)
+    write_table(entries, family, path)
+    print(f"wrote {path}")
+    return entries
+
+
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    check_prior(parser, args.prior, args.prior_config)
+    check_device(parser, args.device)
+    if hardware.resolve_device(args.device).type != "cuda":
+        parser.error("conv-sweep times Triton kernels against cuDNN: it needs a CUDA device")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "conv-sweep", help="time each fused norm + convolution block against the library "
+                           "path, and write the dispatch table DiffLoss reads (CUDA)",
+        description="Times, for every norm + convolution block of the prior's pair pass at "
+                    "each batch, its ResBlock with the block fused and without, and writes "
+                    "both to the convolution dispatch table under this card's family: "
+                    "DiffLoss fuses exactly the blocks measured faster.")
+    add_prior_arguments(p, default="adm-256-uncond",
+                        default_text="its architecture with random weights is timed "
+                                     "(default %(default)s)", legacy_weights=False)
+    p.add_argument("--resolution", type=positive_int, default=256)
+    p.add_argument("--batches", type=positive_int, nargs="+", default=list(BATCHES))
+    p.add_argument("--warmup", type=positive_int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--table", default=str(conv_dispatch.TABLE),
+                   help="the dispatch table to update (default: the package's own)")
+    p.set_defaults(func=run, check=check)
