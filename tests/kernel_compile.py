@@ -35,7 +35,7 @@ from diffloss_fast.ops.attention_difference import attention_difference_triton
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
 from diffloss_fast.ops.group_norm_silu_difference import group_norm_silu_difference_triton
 from diffloss_fast.ops.noising import q_sample_pair_triton
-from diffloss_fast.ops.pair_conv import pair_conv2d, pair_prologue
+from diffloss_fast.ops.pair_conv import E4M3Operands, pair_conv2d, pair_prologue
 from diffloss_fast.ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
 from diffloss_fast.ops.residual_bias_add import residual_bias_add_triton
 from diffloss_fast.ops.weighted_l2 import weighted_l2_triton
@@ -128,6 +128,16 @@ def drive() -> None:
                 pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
                             residual=residual)[1].sum().backward()
             torch.backends.cudnn.allow_tf32 = tf32
+            if dtype == torch.bfloat16 and norm != "silu":
+                # on e4m3 operands (precision="fp8"): with a backward to follow (r saved) and
+                # without
+                q = E4M3Operands(_t(cout, cin, kernel, kernel, dtype=torch.float8_e4m3fn),
+                                 _t(cout), _t(), _t())
+                pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
+                            residual=residual, quantized=q)[1].sum().backward()
+                pair_conv2d(a, d.detach(), _t(), w, b, padding=kernel // 2, prologue=prologue,
+                            residual=residual and (residual[0], residual[1].detach()),
+                            quantized=q)
         # the pair pass's GroupNorm (+ FiLM) (+ SiLU), differentiated to d: 8 channels a group
         # as at ADM-256's 256-channel levels, 2 as in the tiny prior; every option, and once
         # without a backward to follow (no r saved)

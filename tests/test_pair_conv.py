@@ -356,3 +356,265 @@ def test_validation():
     with pytest.raises(ValueError, match="fp32/fp16/bf16"):
         pair_conv2d(t["a"].double(), t["d"].double(), t["s"], t["weight"].double(),
                     padding=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# e4m3 (FP8) operands: ``quantized=``. The definition is the twin (the prologue's norm, then
+# ops/fp8.py's quantizer and e4m3 convolution, the residual added in fp32 and one rounding).
+# The e4m3 products are exact in fp32, so kernel and twin differ only where their operands do
+# (never without a prologue; with one, where the two fp32 prologues' bf16 outputs land on
+# either side of an e4m3 rounding point) and in the order of their fp32 sums, before the
+# final rounding to bf16.
+
+from diffloss_fast.ops.fp8 import E4M3, amax_to_scale, quantize  # noqa: E402
+from diffloss_fast.ops.fp8 import _e4m3_forward, _operand_dtype  # noqa: E402
+from diffloss_fast.ops.group_norm_silu_difference import (  # noqa: E402
+    group_norm_silu_difference_torch)
+from diffloss_fast.ops.pair_conv import E4M3Operands, e4m3_operands  # noqa: E402
+
+BF16 = torch.bfloat16
+Q_CASES = ["3x3_film_xbias_residual", "3x3_plain", "1x1_norm_xbias_no_silu",
+           "1x1_plain_residual"]
+
+
+def twin_norm(t):
+    """The twin's (ya, yd): the prologue's norm in plain PyTorch, or the stored inputs."""
+    if t["norm"] is None:
+        return t["a"], t["d"]
+    p = t["norm"]
+    return group_norm_silu_difference_torch(t["a"], t["d"], t["s"], p["num_groups"],
+                                            p["weight"], p["bias"], EPS, p["scale"],
+                                            p["shift"], p["x_bias"], p["silu"])
+
+
+def quantized_of(t, headroom_a=0.5, headroom_d=4.0):
+    """E4M3Operands of a case: the weight per output channel; the input scales from the
+    twin's norm output's amax times a headroom, as DelayedScaling gives them. 0.5 for a:
+    the largest values of ya saturate at 448."""
+    ya, yd = twin_norm(t)
+    return e4m3_operands(t["weight"], amax_to_scale(ya.abs().amax().float() * headroom_a),
+                         amax_to_scale(yd.abs().amax().float() * headroom_d))
+
+
+def _fp32_toward(x, direction):
+    """x (float64) rounded to fp32 toward -inf (direction -1) or +inf (+1)."""
+    f = x.float()
+    off = f.double() > x if direction < 0 else f.double() < x
+    return torch.where(off, torch.nextafter(f, torch.full_like(f, direction * float("inf"))), f)
+
+
+def quantized_operands_range(t, branch, scale, dtype):
+    """(lowest, highest) e4m3 value (float64, unscaled) each operand of ``branch`` may take
+    in the kernel or the twin. Without a prologue the stored input itself: one value. With
+    one, each computes the norm in fp32 within the prologue's error model (the fp32 part of
+    ``in_a``/``in_d`` of :func:`reference`) of the float64 norm, rounds it to ``dtype`` and
+    quantizes that: x -> quantize(round(x), scale) is monotone (roundings to nearest, an IEEE
+    division, a clamp), so its values lie between those of the interval's ends, rounded
+    outwards to fp32."""
+    if t["norm"] is None:
+        x = t["a"] if branch == "a" else t["d"]
+        q = quantize(x, scale).double()
+        return q, q
+    a, d, s = t["a"].double(), t["d"].double(), float(t["s"])
+    ya, yr = norm64(t, a), norm64(t, a + d / s)
+    m_a, m_d = prologue_magnitudes(t, a, d, s)
+    tiny = underflow(torch.float32)
+    if branch == "a":
+        y, err = ya, tiny + C_PROLOGUE * U32 * m_a
+    else:
+        y, err = (yr - ya) * s, tiny + C_PROLOGUE * U32 * m_d
+    lo, hi = (_fp32_toward(y - err, -1).to(dtype), _fp32_toward(y + err, 1).to(dtype))
+    twin = twin_norm(t)[0 if branch == "a" else 1]
+    assert ((lo <= twin) & (twin <= hi)).all(), "the twin's norm output is outside the model"
+    return quantize(lo, scale).double(), quantize(hi, scale).double()
+
+
+def quantized_bound(t, q, twin_a, twin_d, dtype):
+    """Elementwise bounds of |kernel - twin| for out_a and out_d. Before the final rounding:
+    sigma = fl(input scale * weight scale) times the sums of |operand spread| * |w_q| (what
+    the operands may disagree by) and the two fp32 evaluations' errors, each within
+    (K + 2) fp32 half-ulps of M = sigma * sum |q| |w_q| + |bias| + |residual| (K - 1 sums,
+    the scaling, the bias and residual additions; an FMA only drops one). On CUDA the twin's
+    e4m3 convolution returns its sums in bf16 (fp8.py's operand dtype there): one more bf16
+    half-ulp of sigma * sum |q| |w_q|. Then both round to bf16: |fl(x) - fl(y)| <= |x - y|
+    + u (|x| + |y|), with |y| <= |twin| / (1 - u) and |x| <= |y| + delta."""
+    u, tiny = unit_roundoff(dtype), underflow(dtype)
+    wq = q.weight.double().abs()
+    K = wq[0].numel()
+    conv = lambda x: F.conv2d(x, wq, padding=t["padding"])  # noqa: E731
+    bounds = []
+    for branch, twin, scale in (("a", twin_a, q.a_scale), ("d", twin_d, q.d_scale_q)):
+        lo, hi = quantized_operands_range(t, branch, scale, dtype)
+        sigma = (scale * q.weight_scale).double().reshape(1, -1, 1, 1)  # fp32 product
+        sums = sigma * conv(torch.maximum(lo.abs(), hi.abs()))
+        M = sums.clone()
+        if branch == "a" and t["bias"] is not None:
+            M = M + t["bias"].double().abs().reshape(1, -1, 1, 1)
+        if t["residual"] is not None:
+            M = M + t["residual"][0 if branch == "a" else 1].double().abs()
+        delta = sigma * conv(hi - lo) + 2 * (K + 2) * U32 * M * (1 + 2 * K * U32)
+        if _operand_dtype(twin.device) != torch.float32:
+            delta = delta + unit_roundoff(_operand_dtype(twin.device)) * sums
+        bounds.append(delta + u * (2 * twin.double().abs() / (1 - u) + delta) + 2 * tiny)
+    return bounds
+
+
+def check_quantized_case(case, seed=0):
+    t = make(case, BF16, seed)
+    t["a"] = t["a"].contiguous(memory_format=torch.channels_last)
+    t["d"] = t["d"].contiguous(memory_format=torch.channels_last)
+    q = quantized_of(t)
+    out_a, out_d = pair_conv2d(t["a"], t["d"], t["s"], t["weight"], t["bias"],
+                               padding=t["padding"], prologue=prologue_of(t),
+                               residual=t["residual"], quantized=q)
+    twin_a, twin_d = pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"],
+                                       padding=t["padding"], prologue=prologue_of(t),
+                                       residual=t["residual"], quantized=q)
+    assert out_a.dtype == out_d.dtype == twin_a.dtype == BF16
+    assert out_a.is_contiguous(memory_format=torch.channels_last)
+    tol_a, tol_d = quantized_bound(t, q, twin_a, twin_d, BF16)
+    assert_within(out_a, twin_a.double(), tol_a, "e4m3 out_a vs twin")
+    assert_within(out_d, twin_d.double(), tol_d, "e4m3 out_d vs twin")
+    return t, q, (out_a, out_d), (twin_a, twin_d)
+
+
+@pytest.mark.parametrize("case", Q_CASES)
+def test_e4m3_matches_twin(case):
+    """3x3 and 1x1, with the prologue (FiLM, x_bias, residual; no SiLU) and without, odd
+    maps and channel counts below one 32-wide reduction step."""
+    t, q, _, (twin_a, twin_d) = check_quantized_case(case)
+    if t["residual"] is None:
+        # without a residual the twin is fp8.py's e4m3 convolution of the norm's output, as
+        # the unfused FP8 network computes it
+        ya, yd = twin_norm(t)
+        args = (q.weight, q.weight_scale)
+        conv = dict(stride=1, padding=t["padding"], dilation=1, groups=1, out_dtype=BF16)
+        torch.testing.assert_close(twin_a, _e4m3_forward(ya, q.a_scale, *args, t["bias"],
+                                                         **conv), rtol=0, atol=0)
+        torch.testing.assert_close(twin_d, _e4m3_forward(yd, q.d_scale_q, *args, None,
+                                                         **conv), rtol=0, atol=0)
+
+
+def test_e4m3_several_blocks_in_every_dim(monkeypatch):
+    """Blocks of 16 pixels, 16 output channels and 32 input channels (an FP8 MMA's smallest
+    reduction) over 35 pixels, 40 input and 20 output channels: ragged tiles in M, N and K."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 32, 4, 2))
+    monkeypatch.setitem(CASES, "blocks", (3, 40, 20, 5, 5, 7, True, True, True, True, True,
+                                          2.0 ** 10))
+    check_quantized_case("blocks")
+
+
+def _e4m3_probe_values():
+    """bf16 values that exercise e4m3's rounding: every midpoint between neighbouring normal
+    e4m3 values (ties, to even) and one bf16 step either side of it, the subnormal midpoints
+    (multiples of 2**-10), the change from subnormals to normals at 2**-6, saturation at 448
+    (464 is 448's midpoint with 480, which e4m3fn lacks), zeros, and random magnitudes from
+    2**-14 to 2**10; each with both signs."""
+    mids = [(1 + (m + 0.5) / 8) * 2.0 ** e for e in range(-6, 9) for m in range(8)]
+    step = [m * 2.0 ** -8 for m in mids]  # one bf16 ulp at the low end of the binade or less
+    subnormal = [(k + 0.5) * 2.0 ** -9 for k in range(8)] + [k * 2.0 ** -10 for k in range(20)]
+    edges = [2.0 ** -6, 2.0 ** -6 - 2.0 ** -10, 448.0, 464.0, 465.0, 480.0, 500.0, 1e4, 0.0]
+    gen = torch.Generator().manual_seed(5)
+    rnd = (2.0 ** (torch.rand(120, generator=gen) * 24 - 14)).tolist()
+    pos = mids + [m + s for m, s in zip(mids, step)] + [m - s for m, s in zip(mids, step)]
+    pos += subnormal + edges + rnd
+    x = torch.tensor(pos + [-v for v in pos], dtype=F64).to(BF16)
+    return x
+
+
+def _identity_case(x, a_scale, d_scale_q):
+    """A 1x1 convolution with an identity weight (e4m3 1.0, scale 1) of x laid out as
+    (1, 8, H, W) for both a (as given) and d (reversed): each output is its input's
+    quantized value times the input's scale, one exact product."""
+    c = 8
+    x = x[: x.numel() // c * c]
+    a = x.reshape(1, c, 1, -1).contiguous(memory_format=torch.channels_last).to(DEVICE)
+    d = x.flip(0).reshape(1, c, 1, -1).contiguous(memory_format=torch.channels_last).to(DEVICE)
+    eye = torch.eye(c, dtype=BF16, device=DEVICE).reshape(c, c, 1, 1)
+    q = E4M3Operands(eye.to(E4M3), torch.ones(c, device=DEVICE),
+                     torch.tensor(a_scale, device=DEVICE), torch.tensor(d_scale_q, device=DEVICE))
+    out = pair_conv2d(a, d, torch.tensor(1.0, device=DEVICE), eye, padding=0, quantized=q)
+    return a, d, q, out
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.37, 3.1e-3)], ids=["unit", "arbitrary"])
+def test_e4m3_rounding_in_kernel_is_torchs(scales):
+    """The kernel's quantization, elementwise, against torch's float8_e4m3fn rounding: with
+    unit scales the outputs are x.clamp(-448, 448).to(float8_e4m3fn) itself (e4m3 values are
+    bf16 values); with other scales, quantize(x, scale) * scale rounded to bf16, which also
+    checks the kernel's division is IEEE's."""
+    x = _e4m3_probe_values()
+    a, d, q, (out_a, out_d) = _identity_case(x, *scales)
+    if scales == (1.0, 1.0):
+        torch.testing.assert_close(out_a.float(), a.float().clamp(-448, 448).to(E4M3).float(),
+                                   rtol=0, atol=0)
+    for out, x_, s in ((out_a, a, q.a_scale), (out_d, d, q.d_scale_q)):
+        want = (quantize(x_, s).float() * s).to(BF16)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_e4m3_rounding_cases_are_reached():
+    """The probe values do reach ties to even, saturation and subnormals (a guard on the test
+    above): torch's rounding differs from rounding ties away from zero on some of them."""
+    x = _e4m3_probe_values().float()
+    q = x.clamp(-448, 448).to(E4M3).float()
+    assert (q.abs() == 448).sum() >= 10
+    sub = (q != 0) & (q.abs() < 2.0 ** -6)
+    assert sub.sum() >= 10
+    # ties: |x| exactly halfway, rounded down to the even neighbour at least once
+    away = torch.sign(x) * (x.abs() * 1.0001)  # nudged up: rounds away from zero at ties
+    assert (away.clamp(-448, 448).to(E4M3).float() != q).sum() >= 10
+
+
+@pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_norm_xbias_no_silu"])
+def test_e4m3_gradient_is_the_bf16_paths(case):
+    """Backward unchanged: the bf16 dgrad with the unquantized weight at the restored point,
+    bitwise the gradient without quantization; and within the bf16 gradient's bound of the
+    twin's (straight through fp8.py's e4m3 convolution)."""
+    t = make(case, BF16)
+    q = quantized_of(t)
+    grads = []
+    for quantized in (q, None):
+        d = t["d"].detach().requires_grad_(True)
+        out_a, out_d = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"],
+                                   padding=t["padding"], prologue=prologue_of(t),
+                                   residual=t["residual"], quantized=quantized)
+        assert not out_a.requires_grad
+        grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
+                               dtype=F64).to(BF16).to(DEVICE)
+        grads.append(torch.autograd.grad(out_d, d, grad_out)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    dt = t["d"].detach().requires_grad_(True)
+    twin_d = pair_conv2d_torch(t["a"], dt, t["s"], t["weight"], t["bias"], padding=t["padding"],
+                               prologue=prologue_of(t), residual=t["residual"],
+                               quantized=q)[1]
+    (twin_grad,) = torch.autograd.grad(twin_d, dt, grad_out)
+    rel = ((grads[0].double() - twin_grad.double()).norm() / twin_grad.double().norm()).item()
+    assert rel <= 2 * grad_bound(t, BF16), rel
+
+
+def test_e4m3_no_grad_path_is_the_same_kernel():
+    t = make("3x3_film_xbias_residual", BF16)
+    q = quantized_of(t)
+    args = (t["a"], t["d"], t["s"], t["weight"], t["bias"])
+    kw = dict(padding=1, prologue=prologue_of(t), residual=t["residual"], quantized=q)
+    with torch.no_grad():
+        plain = pair_conv2d(*args, **kw)
+    args = (t["a"], t["d"].detach().requires_grad_(True)) + args[2:]
+    graded = pair_conv2d(*args, **kw)
+    for x, y in zip(plain, graded):
+        torch.testing.assert_close(x, y.detach(), rtol=0, atol=0)
+
+
+def test_e4m3_validation_refusals():
+    t = make("3x3_film_xbias_residual", BF16)
+    q = quantized_of(t)
+    t32 = make("3x3_film_xbias_residual", torch.float32)
+    _refused(t32, "bf16 activations only", quantized=quantized_of(t32))
+    _refused(t, "quantized.weight must be", quantized=q._replace(weight=q.weight.float()))
+    _refused(t, "quantized.weight must be",
+             quantized=q._replace(weight=q.weight[:, :5].contiguous()))
+    _refused(t, "quantized.weight_scale", quantized=q._replace(weight_scale=q.weight_scale[:3]))
+    _refused(t, "quantized.a_scale", quantized=q._replace(a_scale=q.a_scale.double()))
+    _refused(t, "quantized.d_scale_q", quantized=q._replace(d_scale_q=torch.ones(2)))
+    _refused(t, "E4M3Operands", quantized=tuple(q))

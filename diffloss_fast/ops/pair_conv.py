@@ -26,8 +26,20 @@ forward kernel writes as it loads ``a`` and ``d`` (one activation saved, the one
 branch would keep; the normalized pair is not kept). The residual's gradient passes on
 unchanged.
 
+FP8: with ``quantized=`` (:class:`E4M3Operands`) the GEMM runs on e4m3 operands, the
+convolution of :mod:`.fp8` (what :class:`~diffloss_fast.fp8_unet.FP8DifferenceUNet` runs
+through :func:`~.fp8.e4m3_conv2d`) with the prologue and the epilogue fused around it: each
+input tile, after the prologue and its rounding to the storage dtype (where the unfused norm
+writes its bf16 output), is divided by its tensor's scale, clamped to ±448 and rounded to
+e4m3; the dots multiply e4m3 operands exactly and accumulate in fp32; the epilogue multiplies
+each accumulator by ``input_scale * weight_scale[c]``, adds the bias (``a`` only) and the
+residual in fp32 and rounds once to the storage dtype. The difference is quantized as it is
+stored, times ``d_scale``, at its own scale, as the unfused network quantizes it. The backward
+is unchanged: the bf16 dgrad with the unquantized weight, straight through the quantizer.
+
 :func:`pair_conv2d_torch` composes the plain ops (:func:`group_norm_silu_difference_torch`,
-``F.conv2d``): the definition the kernels are tested against.
+``F.conv2d``, and for FP8 :mod:`.fp8`'s quantizer and e4m3 convolution): the definition the
+kernels are tested against.
 """
 from __future__ import annotations
 
@@ -43,6 +55,7 @@ from ._triton_common import INT32_MAX, TRITON_DTYPES, cdiv, next_power_of_2, req
 from ._triton_common import triton, tl
 from .autocast import without_autocast
 from .difference import to_accumulation as _acc
+from .fp8 import E4M3, _E4M3Conv2d, _e4m3_forward, check_device, quantize_weight
 from .frozen_conv import _channels_last_weight
 from .group_norm_silu import _MAX_CHANNELS
 from .group_norm_silu import _backward as _gn_backward
@@ -79,6 +92,26 @@ class PairPrologue(NamedTuple):
     shift: torch.Tensor | None = None
     x_bias: torch.Tensor | None = None
     silu: bool = True
+
+
+class E4M3Operands(NamedTuple):
+    """What a convolution on e4m3 operands needs beyond the bf16 one (see :mod:`.fp8`):
+    ``weight``, the weight (Cout, Cin, kh, kw) as ``torch.float8_e4m3fn`` with its fp32
+    per-output-channel scales ``weight_scale`` (Cout,) (:func:`~.fp8.quantize_weight`), and the
+    per-tensor fp32 scales (0-dim, on the device: read by the kernel, never on the host) of
+    the convolution's two inputs as it sees them, after the prologue: ``a_scale`` of the
+    target's, ``d_scale_q`` of the difference's as stored, times ``d_scale``."""
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    a_scale: torch.Tensor
+    d_scale_q: torch.Tensor
+
+
+def e4m3_operands(weight, a_scale, d_scale_q) -> E4M3Operands:
+    """:class:`E4M3Operands` of a bf16 (or fp32) weight, quantized per output channel by
+    :func:`~.fp8.quantize_weight`, with the given input scales."""
+    q, scale = quantize_weight(weight.detach())
+    return E4M3Operands(q, scale, a_scale, d_scale_q)
 
 
 def pair_norm_statistics(a, d, d_scale, num_groups, eps, x_bias=None) -> PairNormStatistics:
@@ -124,11 +157,32 @@ def pair_prologue(a, d, d_scale, num_groups, weight, bias, eps, scale=None, shif
                         scale=scale, shift=shift, x_bias=x_bias, silu=silu)
 
 
+def _e4m3_conv_f32(x, x_scale, q: E4M3Operands, weight, bias, stride, padding, dilation,
+                   groups):
+    """:mod:`.fp8`'s e4m3 convolution of x at x_scale, in fp32 (not yet rounded to x's
+    dtype); differentiable to x straight through the quantizer with the bf16 ``weight``, as
+    :func:`~.fp8.e4m3_conv2d` is."""
+    pairs = [torch.nn.modules.utils._pair(v) for v in (stride, padding, dilation)]
+    args = (x_scale, q.weight, q.weight_scale, bias, *pairs, groups)  # as nn.Conv2d holds them
+    if torch.is_grad_enabled() and x.requires_grad:
+        # x.float() holds x exactly, so the quantized operand is the same; the fp32 output's
+        # gradient is rounded back to the weight's dtype before the dgrad, as x's would be
+        return _E4M3Conv2d.apply(x.float(), weight, *args)
+    return _e4m3_forward(x, *args, torch.float32)
+
+
 def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=None,
-                      residual=None, stride=1, dilation=1, groups=1, padding_mode="zeros"):
+                      residual=None, stride=1, dilation=1, groups=1, padding_mode="zeros",
+                      quantized: E4M3Operands | None = None):
     """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
     ``(ya, yd)`` the prologue's pair norm of ``(a, d)`` (or ``(a, d)`` itself). The prologue's
-    statistics are not read: the norm computes its own."""
+    statistics are not read: the norm computes its own.
+
+    With ``quantized``, each convolution is :mod:`.fp8`'s e4m3 one (:func:`~.fp8.quantize` of
+    ya at ``a_scale``, of yd at ``d_scale_q``, exact products, fp32 sums, the scales and the
+    bias applied in fp32), the residual added in fp32 and the sum rounded once to a's dtype:
+    the fused kernel's epilogue. (The unfused FP8 network rounds the convolution's output
+    before its separate residual sum; without a residual the two are the same.)"""
     if padding_mode != "zeros":
         raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
     a = a.detach()
@@ -138,6 +192,15 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
                                                   p.eps, p.scale, p.shift, p.x_bias, p.silu)
     else:
         ya, yd = a, d
+    if quantized is not None:
+        conv = functools.partial(_e4m3_conv_f32, q=quantized, weight=weight, stride=stride,
+                                 padding=padding, dilation=dilation, groups=groups)
+        out_a = conv(ya, quantized.a_scale, bias=bias)
+        out_d = conv(yd, quantized.d_scale_q, bias=None)
+        if residual is not None:
+            out_a = out_a + residual[0].detach().float()
+            out_d = out_d + residual[1].float()
+        return out_a.to(a.dtype), out_d.to(d.dtype)
     out_a = F.conv2d(ya, weight, bias, stride, padding, dilation, groups)
     out_d = F.conv2d(yd, weight, None, stride, padding, dilation, groups)
     if residual is not None:
@@ -169,6 +232,35 @@ if triton is not None:
                 bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
                 x = bits.to(tl.float32, bitcast=True)
         return x.to(dtype)
+
+    @triton.jit
+    def _quantize(x, scale, INTERPRETED: tl.constexpr):
+        """x / scale rounded to the nearest e4m3 value (ties to even), saturating at ±448: the
+        value :func:`~.fp8.quantize` gives (an IEEE division, as torch's, not the approximate
+        one ``/`` lowers to). A GPU (sm_89+) converts fp32 to e4m3 to nearest even, saturating.
+        The CPU interpreter does not (it rounds ties away from zero, carries a rounded-up
+        mantissa into the wrong bits, and truncates subnormals): there the value is rounded to
+        e4m3 in fp32 first, on the bits for normals (3 mantissa bits kept) and by adding and
+        subtracting 1.5 * 2**14, whose fp32 spacing is e4m3's subnormal one (2**-9), below
+        2**-6; the conversion of the exact value is then exact."""
+        y = tl.div_rn(x.to(tl.float32), scale)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)  # E4M3_MAX
+        if INTERPRETED:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+            ay = tl.abs(y)
+            sub = (ay + 24576.0) - 24576.0
+            y = tl.where(ay < 0.015625, tl.where(y < 0, -sub, sub),
+                         bits.to(tl.float32, bitcast=True))
+        return y.to(tl.float8e4nv)
+
+    @triton.jit
+    def _mm8(x, y, acc):
+        """acc + x @ y for e4m3 x and y, in fp32. On Hopper an FP8 MMA's own accumulator is
+        narrower than fp32: its partial sums are added into the fp32 accumulator after every
+        32 products (one MMA's reduction), as a GEMM without 'fast accumulation' does. The CPU
+        interpreter decodes e4m3 exactly and multiplies in fp32: no emulation needed."""
+        return tl.dot(x, y, acc, max_num_imprecise_acc=32)
 
     @triton.jit
     def _silu_pair(u, e):
@@ -205,16 +297,20 @@ if triton is not None:
     def _pair_conv_fwd_kernel(
             a_ptr, d_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
             ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
+            ws_ptr, qa_ptr, qd_ptr,
             H, W, Cin, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
             Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PROLOGUE: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
             SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-            SAVE_R: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+            SAVE_R: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+            INTERPRETED: tl.constexpr):
         """One tile of output pixels x output channels of one sample, for both branches.
         Inputs and outputs channels_last; 'same' padding (KH // 2, KW // 2), so that the
         centre tap reads the tile's own pixels: there, the first channel-block programs write
-        r = a + d / s (SAVE_R), each input element once."""
+        r = a + d / s (SAVE_R), each input element once. QUANT: w_ptr holds the e4m3 weight,
+        ws_ptr its per-channel scales, qa_ptr and qd_ptr the inputs' scales; the operands are
+        quantized as they are formed, the scales applied in the epilogue."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         n = tl.program_id(2)
@@ -232,6 +328,9 @@ if triton is not None:
         if PROLOGUE:
             s = tl.load(ds_ptr).to(tl.float32)
             inv_s = 1.0 / s  # exact: s is a power of two
+        if QUANT:
+            qa = tl.load(qa_ptr)
+            qd = tl.load(qd_ptr)
         acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         c_blocks = tl.cdiv(Cin, BLOCK_K)
@@ -271,10 +370,21 @@ if triton is not None:
                 yd = xd
             wt = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + ky * sw_y + kx * sw_x,
                          mask=c_ok[:, None] & co_ok[None, :], other=0.0)
-            acc_a = _mm(ya, wt, acc_a, PRECISION, INTERPRETED)
-            acc_d = _mm(yd, wt, acc_d, PRECISION, INTERPRETED)
+            if QUANT:
+                # from the storage dtype's values, as the unfused network quantizes its
+                # norm's bf16 output; the padding and masked channels quantize to 0
+                acc_a = _mm8(_quantize(ya, qa, INTERPRETED), wt, acc_a)
+                acc_d = _mm8(_quantize(yd, qd, INTERPRETED), wt, acc_d)
+            else:
+                acc_a = _mm(ya, wt, acc_a, PRECISION, INTERPRETED)
+                acc_d = _mm(yd, wt, acc_d, PRECISION, INTERPRETED)
         out = n.to(tl.int64) * HW * Cout + m[:, None] * Cout + co[None, :]
         omask = m_ok[:, None] & co_ok[None, :]
+        if QUANT:
+            # (input scale * weight scale) first, then the product: fp8.py's order
+            w_scale = tl.load(ws_ptr + co, mask=co_ok, other=0.0)
+            acc_a = acc_a * (qa * w_scale)[None, :]
+            acc_d = acc_d * (qd * w_scale)[None, :]
         if HAS_BIAS:
             acc_a += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -340,21 +450,28 @@ _TILE = 8192
 
 @functools.lru_cache(maxsize=256)  # one entry per convolution shape of a network; read only
 def _conv_launch(HW: int, Cin: int, Cout: int, itemsize: int, prologue: bool,
-                 fma: bool) -> _ConvLaunch:
+                 fma: bool, fp8: bool = False) -> _ConvLaunch:
     """Tile sizes from the shape alone: up to 128 output channels a tile (a ResBlock's
     convolution is then applied to each loaded input tile for 128 channels at once, the
     prologue recomputed for every further 128), pixels to fill ``_TILE``, every dim at least
     16 (tl.dot's smallest). Reduction steps of 64 input channels for 16-bit tiles without a
     prologue; 32 with one (its fp32 temporaries sit beside both accumulators) and for fp32
-    (twice the shared memory a step). IEEE fp32 (``fma``: no tensor cores) holds its dots'
-    operands in registers: tiles of half the size, steps of 16, always 8 warps. Otherwise 8
-    warps for full tiles, 4 for smaller ones."""
+    (twice the shared memory a step), fp32 with a prologue in tiles of half the size. IEEE
+    fp32 (``fma``: no tensor cores) holds its dots' operands in registers: tiles of half the
+    size, steps of 16, always 8 warps. Otherwise 8
+    warps for full tiles, 4 for smaller ones. e4m3 operands (``fp8``) take the 16-bit tiles,
+    in steps of 32 (an FP8 MMA's reduction on sm_89 and sm_90, and the products after which
+    sm_90 adds its MMA's narrower partial sums into fp32: with steps of 64 and no prologue,
+    Triton's sm_90 pipeline rejects that interval)."""
+    # fp32 operands with the prologue's temporaries beside them: half the tile, or sm_89
+    # spills registers
+    tile = _TILE // 2 if fma or (prologue and itemsize > 2) else _TILE
     block_n = min(64 if fma else 128, max(16, next_power_of_2(Cout)))
-    block_m = max(16, min(128, next_power_of_2(HW), (_TILE // 2 if fma else _TILE) // block_n))
-    step = 16 if fma else 32 if prologue or itemsize > 2 else 64
-    block_k = min(step, max(16, next_power_of_2(Cin)))
+    block_m = max(16, min(128, next_power_of_2(HW), tile // block_n))
+    step = 16 if fma else 32 if prologue or itemsize > 2 or fp8 else 64
+    block_k = 32 if fp8 else min(step, max(16, next_power_of_2(Cin)))
     return _ConvLaunch(block_m=block_m, block_n=block_n, block_k=block_k,
-                       num_warps=8 if fma or block_m * block_n >= _TILE else 4, num_stages=2)
+                       num_warps=8 if fma or block_m * block_n >= tile else 4, num_stages=2)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -398,9 +515,11 @@ def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
                  bool(p.silu))
 
 
-def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r):
+def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r,
+             quantized: E4M3Operands | None = None):
     """(out_a, out_d, r or None), all channels_last; a, d, residuals channels_last, weight
-    with unit stride over input channels."""
+    with unit stride over input channels. With ``quantized`` (its weight laid out as
+    ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3 weight instead."""
     N, Cin, H, W = a.shape
     Cout, _, KH, KW = weight.shape
     HW = H * W
@@ -409,7 +528,12 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     r = torch.empty_like(d, memory_format=_CL) if save_r else None
     precision = _precision(a.dtype)
     k = _conv_launch(HW, Cin, Cout, a.element_size(), norm is not None,
-                     a.dtype == torch.float32 and precision == "ieee")
+                     a.dtype == torch.float32 and precision == "ieee", quantized is not None)
+    if quantized is not None:
+        weight = quantized.weight
+        scales = quantized[1:]
+    else:
+        scales = (a,) * 3
     if norm is None:
         stats = (a,) * 5
         params = (a,) * 5
@@ -424,10 +548,11 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     _pair_conv_fwd_kernel[grid](
         a, d, weight, a if bias is None else bias, res_a if has_res else a,
         res_d if has_res else a, out_a, out_d, a if r is None else r, d_scale, *stats, *params,
-        H, W, Cin, Cout, G, scN, *weight.stride(), Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m,
+        *scales, H, W, Cin, Cout, G, scN, *weight.stride(), Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m,
         BLOCK_N=k.block_n, BLOCK_K=k.block_k, PROLOGUE=norm is not None, HAS_FILM=film,
         HAS_XB=has_xb, SILU=silu, HAS_BIAS=bias is not None, HAS_RES=has_res,
-        SAVE_R=save_r, PRECISION=precision, INTERPRETED=a.device.type == "cpu",
+        SAVE_R=save_r, PRECISION=precision, QUANT=quantized is not None,
+        INTERPRETED=a.device.type == "cpu",
         num_warps=k.num_warps,
         num_stages=k.num_stages)
     return out_a, out_d, r
@@ -462,9 +587,10 @@ class _PairConv2d(torch.autograd.Function):
     r = a + d / s."""
 
     @staticmethod
-    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout):
+    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout, quantized):
         save_r = norm is not None and ctx.needs_input_grad[0]
-        out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r)
+        out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r,
+                                   quantized)
         if save_r:
             ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
                                   norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
@@ -483,7 +609,7 @@ class _PairConv2d(torch.autograd.Function):
     @without_autocast
     @once_differentiable
     def backward(ctx, _grad_a, grad_d):
-        nones = (None,) * 7
+        nones = (None,) * 8
         if grad_d is None:
             return (None, None) + nones
         grad_res = grad_d if ctx.needs_input_grad[1] else None
@@ -508,6 +634,29 @@ def _pair(value, name):
     if len(value) != 2 or not all(isinstance(v, int) for v in value):
         raise ValueError(f"pair_conv2d: {name} must be an int or two ints, got {value!r}")
     return value
+
+
+def _check_quantized(q, a, weight):
+    if not isinstance(q, E4M3Operands):
+        raise ValueError(f"pair_conv2d: quantized must be an E4M3Operands, got {type(q)}")
+    if a.dtype != torch.bfloat16:
+        raise ValueError(f"pair_conv2d: e4m3 operands with bf16 activations only (the FP8 "
+                         f"network's storage dtype), got {a.dtype}")
+    if q.weight.dtype != E4M3 or q.weight.shape != weight.shape:
+        raise ValueError(f"pair_conv2d: quantized.weight must be the weight {tuple(weight.shape)}"
+                         f" in {E4M3}, got {q.weight.dtype} {tuple(q.weight.shape)}")
+    for name, numel in (("weight_scale", weight.shape[0]), ("a_scale", 1), ("d_scale_q", 1)):
+        t = getattr(q, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != numel:
+            raise ValueError(f"pair_conv2d: quantized.{name} must be an fp32 tensor of {numel} "
+                             f"value(s) (scales are read on the device)")
+    for name, t in q._asdict().items():
+        if t.device != a.device:
+            raise ValueError(f"pair_conv2d: quantized.{name} is on {t.device}, a on {a.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"pair_conv2d: quantized.{name} requires grad (the prior is "
+                             f"frozen)")
+    check_device(a.device)
 
 
 def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
@@ -596,7 +745,8 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
 
 
 def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
-                stride=1, dilation=1, groups=1, padding_mode="zeros"):
+                stride=1, dilation=1, groups=1, padding_mode="zeros",
+                quantized: E4M3Operands | None = None):
     """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
     convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
     ``(a, d)`` (``d`` the difference times ``d_scale``, a 0-dim fp32 power-of-two tensor),
@@ -604,10 +754,16 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     pair ``(res_a, res_d)`` to the outputs. Differentiable to ``d`` and ``res_d`` only.
     Inputs are copied to channels_last where they are not (a weight kept channels_last is
     read in place); the outputs take a's layout. fp32 products follow
-    ``torch.backends.cudnn.allow_tf32``, as ``F.conv2d``'s do."""
+    ``torch.backends.cudnn.allow_tf32``, as ``F.conv2d``'s do.
+
+    ``quantized`` (:class:`E4M3Operands`, bf16 activations, CUDA sm_89+ or the interpreter):
+    the forward convolves e4m3 operands, as :func:`pair_conv2d_torch` with it defines;
+    ``weight`` stays the bf16 weight, which the backward (unchanged) uses."""
     require_triton("pair_conv2d")
     _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
            padding_mode)
+    if quantized is not None:
+        _check_quantized(quantized, a, weight)
     N, C, H, W = a.shape
     layout = _layout(a)
     a = a.detach().contiguous(memory_format=_CL)
@@ -623,12 +779,18 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
         res_d = residual[1].contiguous(memory_format=_CL)
     if a.numel() == 0 or weight.shape[0] == 0:
         return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
-                                 prologue=prologue, residual=residual)
+                                 prologue=prologue, residual=residual, quantized=quantized)
+    if quantized is not None:
+        qw = _channels_last_weight(quantized.weight)
+        if qw.stride() != w.stride():  # one set of strides for both weights
+            qw = torch.empty_like(w, dtype=E4M3).copy_(qw)
+        quantized = E4M3Operands(qw, quantized.weight_scale.reshape(-1).contiguous(),
+                                 quantized.a_scale.reshape(()), quantized.d_scale_q.reshape(()))
     grad = torch.is_grad_enabled() and (d.requires_grad or (res_d is not None
                                                             and res_d.requires_grad))
     if grad:
         return _PairConv2d.apply(d.contiguous(memory_format=_CL), res_d, a, d_scale, w, bias,
-                                 norm, res_a, layout)
+                                 norm, res_a, layout, quantized)
     out_a, out_d, _ = _forward(a, d.contiguous(memory_format=_CL), d_scale, w, bias, norm,
-                               res_a, res_d, False)
+                               res_a, res_d, False, quantized)
     return out_a.contiguous(memory_format=layout), out_d.contiguous(memory_format=layout)
