@@ -380,6 +380,40 @@ class _GroupNormSiLU(torch.autograd.Function):
         return (dx.contiguous(memory_format=ctx.layout),) + nones
 
 
+def norm_parameters(op: str, x: torch.Tensor, name: str, num_groups: int, weight, bias,
+                    scale, shift, x_bias):
+    """The norm's parameters checked against ``x`` (N, C, H, W; ``name`` in messages) and shaped
+    as the kernels read them: weight and bias (C,) (ones and zeros for None), scale and shift
+    (N, C) with one row stride, or None, x_bias (C,) or None. The prior is frozen: none may
+    require grad. Errors name ``op``."""
+    N, C = x.shape[:2]
+    if num_groups < 1 or C % num_groups:
+        raise ValueError(f"{op}: {C} channels do not split into {num_groups} groups")
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{op}: give both scale and shift, or neither")
+    weight = x.new_ones(C) if weight is None else weight
+    bias = x.new_zeros(C) if bias is None else bias
+    params = {"weight": weight, "bias": bias}
+    if scale is not None:
+        params["scale"] = scale = scale.reshape(N, C)
+        params["shift"] = shift = shift.reshape(N, C)
+    if x_bias is not None:
+        if x_bias.numel() != C:
+            raise ValueError(f"{op}: x_bias must have one value per channel ({C}), got shape "
+                             f"{tuple(x_bias.shape)}")
+        params["x_bias"] = x_bias = x_bias.reshape(C).contiguous()
+    for key, t in params.items():
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: the triton backend differentiates to {name} only (a frozen "
+                             f"prior), but {key} requires grad")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {key} is on {t.device}, {name} on {x.device}")
+    weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
+    if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
+        scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
+    return weight, bias, scale, shift, x_bias
+
+
 def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=None,
                            x_bias=None, pass_x=False, silu=True):
     """Fused Triton version of :func:`group_norm_silu_torch`; differentiable in ``x`` only.
@@ -395,33 +429,11 @@ def group_norm_silu_triton(x, num_groups, weight, bias, eps, scale=None, shift=N
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"group_norm_silu: the triton backend takes fp32/fp16/bf16, got "
                          f"{x.dtype}; use the torch twin for it")
-    if num_groups < 1 or C % num_groups:
-        raise ValueError(f"group_norm_silu: {C} channels do not split into {num_groups} groups")
-    if (scale is None) != (shift is None):
-        raise ValueError("group_norm_silu: give both scale and shift, or neither")
-    weight = x.new_ones(C) if weight is None else weight
-    bias = x.new_zeros(C) if bias is None else bias
-    params = {"weight": weight, "bias": bias}
-    if scale is not None:
-        params["scale"] = scale = scale.reshape(N, C)
-        params["shift"] = shift = shift.reshape(N, C)
-    if x_bias is not None:
-        if x_bias.numel() != C:
-            raise ValueError(f"group_norm_silu: x_bias must have one value per channel ({C}), "
-                             f"got shape {tuple(x_bias.shape)}")
-        params["x_bias"] = x_bias = x_bias.reshape(C).contiguous()
-    for name, t in params.items():
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"group_norm_silu: the triton backend differentiates to x only "
-                             f"(a frozen prior), but {name} requires grad")
-        if t.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {t.device}, x on {x.device}")
+    weight, bias, scale, shift, x_bias = norm_parameters(
+        "group_norm_silu", x, "x", num_groups, weight, bias, scale, shift, x_bias)
     if C > _MAX_CHANNELS:
         return group_norm_silu_torch(x, num_groups, weight, bias, eps, scale, shift, x_bias,
                                      pass_x, silu)
-    weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
-    if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
-        scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
     if x.numel() == 0:
         y = torch.empty_like(x, memory_format=_layout(x))
         return (y, x) if pass_x else y

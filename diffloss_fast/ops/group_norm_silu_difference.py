@@ -45,7 +45,7 @@ from ._triton_common import TRITON_DTYPES, require_triton, triton, tl
 from .autocast import without_autocast
 from .difference import to_accumulation as _acc
 from .group_norm_silu import (_CL, _MAX_CHANNELS, _backward, _launch, _layout,
-                              group_norm_silu_torch)
+                              group_norm_silu_torch, norm_parameters)
 
 if triton is not None:
     from .group_norm_silu import _row_channels, _rows, _shift, _x_bias
@@ -415,41 +415,20 @@ def group_norm_silu_difference_triton(a, d, d_scale, num_groups, weight, bias, e
     if a.shape != d.shape:
         raise ValueError(f"group_norm_silu_difference: a {tuple(a.shape)} and d "
                          f"{tuple(d.shape)} differ in shape")
-    N, C = a.shape[:2]
-    if num_groups < 1 or C % num_groups:
-        raise ValueError(f"group_norm_silu_difference: {C} channels do not split into "
-                         f"{num_groups} groups")
-    if (scale is None) != (shift is None):
-        raise ValueError("group_norm_silu_difference: give both scale and shift, or neither")
+    C = a.shape[1]
     if not isinstance(d_scale, torch.Tensor):
         d_scale = torch.tensor(float(d_scale), dtype=torch.float32, device=a.device)
     if d_scale.numel() != 1 or not d_scale.is_floating_point():
         raise ValueError(f"group_norm_silu_difference: d_scale must be one floating-point "
                          f"value, got {d_scale.dtype} of shape {tuple(d_scale.shape)}")
-    weight = a.new_ones(C) if weight is None else weight
-    bias = a.new_zeros(C) if bias is None else bias
-    params = {"d": d, "d_scale": d_scale, "weight": weight, "bias": bias}
-    if scale is not None:
-        params["scale"] = scale = scale.reshape(N, C)
-        params["shift"] = shift = shift.reshape(N, C)
-    if x_bias is not None:
-        if x_bias.numel() != C:
-            raise ValueError(f"group_norm_silu_difference: x_bias must have one value per "
-                             f"channel ({C}), got shape {tuple(x_bias.shape)}")
-        params["x_bias"] = x_bias = x_bias.reshape(C).contiguous()
-    for name, t in params.items():
-        if name not in ("d", "d_scale") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"group_norm_silu_difference: the triton backend differentiates "
-                             f"to d only (a frozen prior), but {name} requires grad")
-        if t.device != a.device:
-            raise ValueError(f"group_norm_silu_difference: {name} is on {t.device}, a on "
-                             f"{a.device}")
+    if d_scale.device != a.device or d.device != a.device:
+        raise ValueError(f"group_norm_silu_difference: d on {d.device} and d_scale on "
+                         f"{d_scale.device}, a on {a.device}")
+    weight, bias, scale, shift, x_bias = norm_parameters(
+        "group_norm_silu_difference", a, "d", num_groups, weight, bias, scale, shift, x_bias)
     if C > _MAX_CHANNELS:
         return group_norm_silu_difference(a, d, d_scale, num_groups, weight, bias, eps, scale,
                                           shift, x_bias, silu)
-    weight, bias = weight.reshape(C).contiguous(), bias.reshape(C).contiguous()
-    if scale is not None and (scale.stride(1) != 1 or shift.stride() != scale.stride()):
-        scale, shift = scale.contiguous(), shift.contiguous()  # one row stride for both
     if a.numel() == 0:
         return (torch.empty_like(a, memory_format=_layout(a)),
                 torch.empty_like(d, memory_format=_layout(d)))
