@@ -64,6 +64,13 @@ class DifferenceUNet(FastUNet):
         n, c, height, width = x[0].shape
         return Block(kind, n, c, conv.out_channels, height, width).key() in self.fused_blocks
 
+    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
+        """A fused block's convolution: ``conv`` (its weight, ``bias`` on the target only) of
+        ``prologue``'s pair norm of ``pair``, plus ``residual``'s pair."""
+        a, d, s = pair
+        return (*pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding,
+                             prologue=prologue, residual=residual), s)
+
     def _resblock(self, blk: ResBlock, x: Pair, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
         emb_out = film[:, blk.film, None, None]  # the same for both: t is shared
@@ -72,9 +79,9 @@ class DifferenceUNet(FastUNet):
         # with a scale-shift norm the first convolution's bias rides in the norm after it
         conv_bias = conv.bias if not scale_shift else None
         if not blk.updown and self._fused("in", x, conv):
-            h = (*pair_conv2d(x[0], x[1], x[2], conv.weight, conv_bias, padding=conv.padding,
-                              prologue=pair_prologue(*x, norm.num_groups, norm.weight,
-                                                     norm.bias, norm.eps)), x[2])
+            h = self._pair_conv(conv, x, conv_bias, pair_prologue(*x, norm.num_groups,
+                                                                  norm.weight, norm.bias,
+                                                                  norm.eps))
         else:
             h = self._norm_silu_pair(norm, x)
             if blk.updown:
@@ -85,9 +92,7 @@ class DifferenceUNet(FastUNet):
         if scale_shift and self._fused("out", h, out_conv):
             prologue = pair_prologue(*h, out_norm.num_groups, out_norm.weight, out_norm.bias,
                                      out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
-            return (*pair_conv2d(h[0], h[1], h[2], out_conv.weight, blk.residual_bias,
-                                 padding=out_conv.padding, prologue=prologue,
-                                 residual=x[:2]), x[2])
+            return self._pair_conv(out_conv, h, blk.residual_bias, prologue, residual=x[:2])
         if scale_shift:
             h = self._norm_silu_pair(out_norm, h, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
         else:

@@ -7,6 +7,14 @@ target activation ``a`` and the difference ``d`` each at its own delayed per-ten
 is the pair that makes FP8 possible at all: ``d`` at its own scale keeps the restoration's
 small difference from the target in e4m3's 3 mantissa bits, where two passes quantized apart
 and subtracted at the end would lose it entirely.
+
+A ResBlock's norm + convolution blocks may run fused (:mod:`diffloss_fast.ops.pair_conv` on
+e4m3 operands): the norm's output is formed as the kernel loads it and never written, so the
+kernel quantizes it at the history's scale alone (:meth:`~.ops.fp8.DelayedScaling.scale_for`)
+and returns its amax for the history (:meth:`~.ops.fp8.DelayedScaling.record`). They fuse
+where the dispatch table measured the FP8 block itself faster (keys of kind ``fp8-in`` and
+``fp8-out``, apart from the bf16 blocks'), and only from the second call on: the first has
+no history to take a scale from.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from torch import nn
 
 from .difference_unet import DifferenceUNet, Pair
 from .ops.fp8 import DelayedScaling, e4m3_conv2d, quantize_weight
+from .ops.pair_conv import E4M3Operands, pair_conv2d
 from .prior import UNetModel
 
 
@@ -40,9 +49,24 @@ class FP8DifferenceUNet(DifferenceUNet):
         self.scaling = DelayedScaling(2 * len(convs), device=self.film_weight.device)
 
     def _fused(self, kind: str, x: Pair, conv: nn.Conv2d) -> bool:
-        """Never: the fused norm + convolution kernels (:mod:`diffloss_fast.ops.pair_conv`)
-        convolve in bf16, and every convolution here goes through the e4m3 op."""
-        return False
+        """Whether this block runs as the fused kernel on e4m3 operands: where the table's
+        FP8 entry (kind ``fp8-<kind>``, never the bf16 block's) says so, once the scaling has
+        an earlier call's amaxes."""
+        return self.scaling.calls > 1 and super()._fused(f"fp8-{kind}", x, conv)
+
+    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
+        """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,
+        found by the kernel, recorded as the unfused convolutions record theirs."""
+        a, d, s = pair
+        slot = 2 * conv.fp8_slot
+        q = E4M3Operands(conv.weight_e4m3, conv.weight_scale, self.scaling.scale_for(slot),
+                         self.scaling.scale_for(slot + 1))
+        amax = torch.zeros(2, device=a.device)
+        out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
+                          residual=residual, quantized=q, amax_out=amax)
+        self.scaling.record(slot, amax[0])
+        self.scaling.record(slot + 1, amax[1])
+        return (*out, s)
 
     def _quantized(self, conv: nn.Conv2d, x: torch.Tensor, role: int, bias: bool):
         return e4m3_conv2d(conv, x, self.scaling.scale(2 * conv.fp8_slot + role, x), bias=bias)

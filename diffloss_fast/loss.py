@@ -418,7 +418,7 @@ class DiffLoss(_DiffLossBase):
                       channels_last=channels_last, attention=self.attention,
                       checkpoint=self.checkpoint, compile_blocks=self.execution == "regional",
                       plan=self._plan(device, dtype))
-            if cls is DifferenceUNet and net.plan.fused:  # blocks measured faster fused
+            if isinstance(net, DifferenceUNet) and net.plan.fused:  # measured faster fused
                 net.fused_blocks = fused_blocks(device)
             if self.execution == "compiled":
                 net = torch.compile(net, mode=self._compile_mode, dynamic=False)

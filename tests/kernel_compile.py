@@ -128,16 +128,20 @@ def drive() -> None:
                 pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
                             residual=residual)[1].sum().backward()
             torch.backends.cudnn.allow_tf32 = tf32
-            if dtype == torch.bfloat16 and norm != "silu":
+            if dtype == torch.bfloat16:
                 # on e4m3 operands (precision="fp8"): with a backward to follow (r saved) and
-                # without
+                # without; with the operands' amax found for delayed scaling (as the FP8
+                # network's fused blocks run, the first 3x3 among them) and without
                 q = E4M3Operands(_t(cout, cin, kernel, kernel, dtype=torch.float8_e4m3fn),
                                  _t(cout), _t(), _t())
-                pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
-                            residual=residual, quantized=q)[1].sum().backward()
-                pair_conv2d(a, d.detach(), _t(), w, b, padding=kernel // 2, prologue=prologue,
-                            residual=residual and (residual[0], residual[1].detach()),
-                            quantized=q)
+                for amax in (_t(2),) if norm == "silu" else (None, _t(2)):
+                    pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
+                                residual=residual, quantized=q,
+                                amax_out=amax)[1].sum().backward()
+                    pair_conv2d(a, d.detach(), _t(), w, b, padding=kernel // 2,
+                                prologue=prologue, residual=residual and (residual[0],
+                                                                          residual[1].detach()),
+                                quantized=q, amax_out=amax)
         # the pair pass's GroupNorm (+ FiLM) (+ SiLU), differentiated to d: 8 channels a group
         # as at ADM-256's 256-channel levels, 2 as in the tiny prior; every option, and once
         # without a backward to follow (no r saved)

@@ -18,6 +18,11 @@ from guided_diffusion.unet import ResBlock
 from random_unets import MICRO, randomized_unet
 
 
+# 16x16 images: the smallest the one-level MICRO prior takes with every block type (its
+# attention at 8x8), as the interpreted kernels' time grows with the pixels
+SIZE = 16
+
+
 class EveryBlock(frozenset):
     """A fused-block set that holds every key."""
 
@@ -64,11 +69,11 @@ def micro_unet():
     return randomized_unet(MICRO)
 
 
-def _inputs(delta, t):
+def _inputs(delta, t, size=SIZE):
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, 32, 32, generator=gen) * 0.8 + 0.1
-    y = x + delta * torch.randn(1, 3, 32, 32, generator=gen)
-    return x, y, torch.tensor([t]), torch.randn(1, 3, 32, 32, generator=gen)
+    x = torch.rand(1, 3, size, size, generator=gen) * 0.8 + 0.1
+    y = x + delta * torch.randn(1, 3, size, size, generator=gen)
+    return x, y, torch.tensor([t]), torch.randn(1, 3, size, size, generator=gen)
 
 
 def _fused_loss(prior, monkeypatch, calls, **kw):
@@ -135,7 +140,7 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
     def timer(net, blk, shape, film, fused, device, *, warmup, repeats):
         timed.append(fused)
         return 1.0 if fused else 2.0  # every block "faster" fused
-    entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], 32, timer=timer)
+    entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], SIZE, timer=timer)
     assert set(entries) == asked
     assert all(e == {"library_ms": 2.0, "fused_ms": 1.0} for e in entries.values())
     assert sorted(map(len, timed)) == [0] * len(entries) + [1] * len(entries)
@@ -151,9 +156,142 @@ def test_a_block_is_timed_for_real_both_ways(micro_unet, one_thread):
     from diffloss_fast.tools import conv_sweep
     loss_fn = dl.DiffLoss(micro_unet, precision="bf16", fused_kernels=True, execution="eager")
     net = loss_fn._net(torch.device("cpu"), torch.bfloat16, decoder=True)
-    block, blk, shape, film = conv_sweep.recorded_blocks(net, 1, 32, torch.device("cpu"))[0]
+    block, blk, shape, film = conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))[0]
     for fused in (frozenset(), frozenset({block.key()})):
         ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
                                    warmup=0, repeats=1)
         assert ms > 0
     assert net.fused_blocks == frozenset()  # left as found
+
+
+@pytest.fixture(scope="module")
+def fp8_fused_and_unfused(micro_unet):
+    """precision="fp8" with every ResBlock block fused (the e4m3 pair kernel) and without, and
+    fp32, at the cell the pair exists for (delta 0.01, t 950). A first call (without
+    gradient, on other images at another timestep) gives both the same history: fused blocks
+    need an earlier call's amaxes."""
+    import diffloss_fast.fp8_unet as fp8_unet
+    kw = dict(natural_weight=1.0, semantic_weight=0.1)
+    # 32x32: at 16x16 a few deep slots' amaxes drift apart by more than an e4m3 step
+    warm, cell = _inputs(0.05, 600, 32), _inputs(0.01, 950, 32)
+    warm = (warm[0].flip(-1), *warm[1:])  # other images than the cell's
+    runs, nets, calls = {}, {}, []
+    for name in ("unfused", "fused"):
+        with pytest.MonkeyPatch.context() as patch:
+            if name == "fused":
+                real = fp8_unet.pair_conv2d
+
+                def counted(*args, **kwargs):
+                    calls.append("out" if kwargs.get("residual") is not None else "in")
+                    return real(*args, **kwargs)
+                patch.setattr(fp8_unet, "pair_conv2d", counted)
+                patch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
+            loss_fn = dl.DiffLoss(micro_unet, precision="fp8", fused_kernels=True,
+                                  execution="eager", **kw)
+            with torch.no_grad():
+                loss_fn(warm[0], warm[1], t=warm[2], noise=warm[3])
+            (net,) = loss_fn._nets.values()
+            first_call = net.scaling.pending.clone()
+            assert not calls  # the first call has no history: nothing fused
+            runs[name] = _step(loss_fn, *cell)
+            nets[name] = net, first_call
+    runs["fp32"] = _step(dl.DiffLoss(micro_unet, precision="fp32", **kw), *cell)
+    return runs, nets, calls
+
+
+def test_fp8_fused_blocks_run_the_e4m3_kernel_and_record_its_amaxes(fp8_fused_and_unfused,
+                                                                    micro_unet):
+    """Every ResBlock block fused (FP8's own keys), each recording the amaxes the kernel found.
+    The fused and unfused networks do not quantize the same values: the kernel's prologue and
+    the unfused norm compute the same fp32 norm in different orders, and the fused block
+    rounds its residual sum once where the unfused rounds twice; one bf16 ulp apart, an input
+    falls on either side of an e4m3 rounding boundary (steps of 2**-4 .. 2**-3 of it), and
+    those flips, layer after layer, are the size of FP8's own error. So the two are held
+    together exactly where their inputs are the same, to a bf16 ulp at the first fused block,
+    and elsewhere to the accuracy FP8 itself is held to."""
+    runs, nets, calls = fp8_fused_and_unfused
+    blocks = [m for m in micro_unet.modules() if isinstance(m, ResBlock)]
+    assert calls.count("out") == len(blocks)
+    assert calls.count("in") == sum(not blk.updown for blk in blocks) > 0
+    (fused, fused_first), (unfused, unfused_first) = nets["fused"], nets["unfused"]
+    assert fused.fused_blocks and not unfused.fused_blocks
+    assert torch.equal(fused_first, unfused_first)  # the same history before this call
+    got, want = fused.scaling.pending, unfused.scaling.pending
+    # the input convolution runs before any fused block: its inputs are the same
+    assert torch.equal(got[:2], want[:2])
+    # the first fused block reads the same a and d: its amaxes within one bf16 ulp
+    first = 2 * next(m for m in fused.modules() if isinstance(m, ResBlock)
+                     and not m.updown).in_layers[2].fp8_slot
+    torch.testing.assert_close(got[first:first + 2], want[first:first + 2], rtol=2.0 ** -7,
+                               atol=0)
+    slots = sorted({2 * m.fp8_slot + r for blk in fused.modules() if isinstance(blk, ResBlock)
+                    for m in (blk.in_layers[2], blk.out_layers[3]) for r in (0, 1)})
+    assert (got[slots] > 0).all() and torch.isfinite(got).all()
+    # after the call, the history the next call reads: within an e4m3 step; which the first
+    # call's amaxes are not, in fused slots (the fused blocks recorded this call's)
+    moved = (fused_first[slots] - want[slots]).abs() > 2.0 ** -3 * want[slots]
+    assert moved.sum() >= len(slots) // 4
+    for net in (fused, unfused):
+        net.scaling.begin_call()
+    torch.testing.assert_close(fused.scaling.history, unfused.scaling.history, rtol=2.0 ** -3,
+                               atol=0)
+    # the loss and its gradient: the fused network is no further from the unfused one than
+    # the accuracy bounds FP8 is held to from fp32 (5%, cosine 0.98)
+    (loss, grad), (loss_u, grad_u) = runs["fused"], runs["unfused"]
+    assert abs(loss - loss_u) / loss_u <= 0.05
+    assert float(F.cosine_similarity(grad, grad_u, dim=0)) >= 0.98
+
+
+def test_fp8_fused_blocks_keep_the_fp32_loss(fp8_fused_and_unfused):
+    """The accuracy cell (delta 0.01, t 950) with every FP8 block fused: within FP8's bounds
+    (5%, cosine 0.98) of fp32, as the unfused FP8 network is on this prior."""
+    runs = fp8_fused_and_unfused[0]
+    want = runs["fp32"]
+    for name in ("unfused", "fused"):
+        loss, grad = runs[name]
+        assert abs(loss - want[0]) / want[0] < 0.05, name
+        assert float(F.cosine_similarity(grad, want[1], dim=0)) >= 0.98, name
+
+
+def test_fp8_blocks_have_their_own_keys(micro_unet):
+    """bf16 measurements never switch an FP8 block on: FP8 looks its blocks up as fp8-in and
+    fp8-out, and fuses nothing before its scaling has an earlier call."""
+    from diffloss_fast.fp8_unet import FP8DifferenceUNet
+    loss_fn = dl.DiffLoss(micro_unet, precision="fp8", fused_kernels=True, execution="eager")
+    net = loss_fn._net(torch.device("cpu"), torch.bfloat16, decoder=True)
+    assert isinstance(net, FP8DifferenceUNet)
+    blk = next(m for m in net.modules() if isinstance(m, ResBlock) and not m.updown)
+    conv = blk.in_layers[2]
+    x = torch.zeros(2, conv.in_channels, 16, 16)
+    bf16_key = Block("in", 2, conv.in_channels, conv.out_channels, 16, 16).key()
+    fp8_key = Block("fp8-in", 2, conv.in_channels, conv.out_channels, 16, 16).key()
+    assert fp8_key.startswith("fp8-in:")
+    net.scaling.calls = 2
+    net.fused_blocks = frozenset({bf16_key})
+    assert not net._fused("in", (x, x, None), conv)
+    net.fused_blocks = frozenset({fp8_key})
+    assert net._fused("in", (x, x, None), conv)
+    net.scaling.calls = 1  # the first call: no history to scale from
+    assert not net._fused("in", (x, x, None), conv)
+
+
+def test_the_sweep_times_the_fp8_blocks_under_their_own_keys(micro_unet):
+    """On a card with FP8 tensor cores (forced here) the sweep also times the FP8 network's
+    blocks, the same blocks as bf16's under fp8- keys, each with the scaling past its first
+    call (where FP8 blocks may fuse at all)."""
+    from diffloss_fast.fp8_unet import FP8DifferenceUNet
+    from diffloss_fast.tools import conv_sweep
+    timed = []
+
+    def timer(net, blk, shape, film, fused, device, *, warmup, repeats):
+        fp8 = isinstance(net, FP8DifferenceUNet)
+        assert all(k.startswith("fp8-") == fp8 for k in fused)
+        assert not fp8 or net.scaling.calls > 1
+        timed.append(fp8)
+        return 1.0 if fused else 2.0
+    assert not conv_sweep.has_fp8(torch.device("cpu"))
+    entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [1], SIZE, timer=timer,
+                               fp8=True)
+    bf16 = {k for k in entries if not k.startswith("fp8-")}
+    assert bf16 and set(entries) == bf16 | {f"fp8-{k}" for k in bf16}
+    assert timed.count(True) == timed.count(False) == 2 * len(bf16)

@@ -618,3 +618,76 @@ def test_e4m3_validation_refusals():
     _refused(t, "quantized.a_scale", quantized=q._replace(a_scale=q.a_scale.double()))
     _refused(t, "quantized.d_scale_q", quantized=q._replace(d_scale_q=torch.ones(2)))
     _refused(t, "E4M3Operands", quantized=tuple(q))
+
+
+def _amax_run(t, q, amax_out):
+    return pair_conv2d(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
+                       prologue=prologue_of(t), residual=t["residual"], quantized=q,
+                       amax_out=amax_out)
+
+
+@pytest.mark.parametrize("case", Q_CASES)
+def test_e4m3_amax_is_the_quantized_inputs(case):
+    """amax_out: the largest |value| of each input as the kernel quantizes it (after the
+    prologue, rounded to bf16), as torch finds it in the twin's norm output, and the outputs
+    unchanged by asking for it. Where the kernel's fp32 prologue and the twin's round to
+    different bf16 values, the amax stays within the prologue's error model."""
+    t = make(case, BF16)
+    q = quantized_of(t)
+    plain = _amax_run(t, q, None)
+    got = torch.zeros(2, device=DEVICE)
+    out = _amax_run(t, q, got)
+    for x, y in zip(out, plain):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    ya, yd = twin_norm(t)
+    want = torch.stack([ya.abs().amax().float(), yd.abs().amax().float()])
+    twin = torch.zeros(2, device=DEVICE)
+    pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
+                      prologue=prologue_of(t), residual=t["residual"], quantized=q,
+                      amax_out=twin)
+    assert torch.equal(twin, want)
+    assert got.dtype == torch.float32 and torch.equal(got, want), (got, want)
+
+
+def test_e4m3_amax_over_ragged_tiles_counts_each_input_once(monkeypatch):
+    """Tiles ragged in pixels, input and output channels (the masked lanes and the padding
+    hold zeros, which a max of magnitudes ignores), several output-channel programs reading
+    the same inputs; the amax is raised, never lowered, from what amax_out held."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 32, 4, 2))
+    monkeypatch.setitem(CASES, "blocks", (3, 40, 20, 5, 5, 7, True, True, True, True, True,
+                                          2.0 ** 10))
+    t = make("blocks", BF16)
+    q = quantized_of(t)
+    ya, yd = twin_norm(t)
+    want = torch.stack([ya.abs().amax().float(), yd.abs().amax().float()])
+    got = torch.zeros(2, device=DEVICE)
+    _amax_run(t, q, got)
+    assert torch.equal(got, want), (got, want)
+    high = torch.tensor([float(want[0]) * 2, 0.0], device=DEVICE)
+    _amax_run(t, q, high)
+    assert torch.equal(high, torch.stack([want[0] * 2, want[1]]))
+
+
+def test_e4m3_amax_counts_nan_as_inf():
+    """Non-finite inputs raise the amax to inf (NaN too: an atomic max of fp32 bit patterns
+    has no order for NaN), which DelayedScaling.record keeps as 0, as scale() does."""
+    t = make("3x3_plain", BF16)
+    q = quantized_of(t)
+    t["a"] = t["a"].clone()
+    t["d"] = t["d"].clone()
+    t["a"][0, 1, 2, 3] = float("nan")
+    t["d"][1, 0, 4, 0] = -float("inf")
+    got = torch.zeros(2, device=DEVICE)
+    _amax_run(t, q, got)
+    assert torch.equal(got, torch.full((2,), float("inf"), device=DEVICE))
+
+
+def test_e4m3_amax_refusals():
+    t = make("3x3_film_xbias_residual", BF16)
+    q = quantized_of(t)
+    with pytest.raises(ValueError, match="amax_out.*needs quantized"):
+        _amax_run(t, None, torch.zeros(2, device=DEVICE))
+    for bad in (torch.zeros(3, device=DEVICE), torch.zeros(2, dtype=F64, device=DEVICE),
+                torch.zeros(4, device=DEVICE)[::2]):
+        with pytest.raises(ValueError, match="amax_out must be"):
+            _amax_run(t, q, bad)

@@ -20,8 +20,10 @@ import torch
 
 TABLE = Path(__file__).with_name("conv_dispatch.json")
 # The blocks a fused kernel can replace: a ResBlock's first norm + SiLU and 3x3 convolution
-# ("in"), and its second norm + FiLM + SiLU, 3x3 convolution and residual sum ("out").
-KINDS = ("in", "out")
+# ("in"), and its second norm + FiLM + SiLU, 3x3 convolution and residual sum ("out"); the
+# precision="fp8" network's, on e4m3 operands, under keys of their own ("fp8-in", "fp8-out"):
+# a bf16 measurement never decides an FP8 block.
+KINDS = ("in", "out", "fp8-in", "fp8-out")
 
 
 class Block(NamedTuple):

@@ -110,7 +110,10 @@ class DelayedScaling(nn.Module):
     network, moves ``pending`` into the history and reads each slot's largest value into
     ``amax``; :meth:`scale` then gives a tensor's scale from that, times ``HEADROOM`` (from the
     tensor's own amax where the history is empty: the first call), and records the tensor's
-    own amax in ``pending``.
+    own amax in ``pending``. A fused kernel, which forms its input as it loads it and so cannot
+    have its amax read first, takes :meth:`scale_for` (the history's scale alone) and hands the
+    amax it found to :meth:`record`. ``calls`` counts :meth:`begin_call` on the host (no
+    device value read): from the second call on, every slot's history holds an earlier call.
 
     The history moves at the start of the next call, not as each tensor is read: a recomputation
     of the same call (activation checkpointing) reads the same scales and records the same
@@ -126,6 +129,7 @@ class DelayedScaling(nn.Module):
         self.register_buffer("history", torch.zeros(slots, length, device=device))
         self.register_buffer("pending", torch.zeros(slots, device=device))
         self.register_buffer("amax", torch.zeros(slots, device=device))
+        self.calls = 0
 
     def begin_call(self) -> None:
         """Commit the previous call's amaxes (zeros before the first call) and read this
@@ -133,6 +137,7 @@ class DelayedScaling(nn.Module):
         self.history.copy_(torch.roll(self.history, 1, dims=1))
         self.history[:, 0].copy_(self.pending)
         torch.amax(self.history, dim=1, out=self.amax)
+        self.calls += 1
 
     def scale(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """``x``'s scale (a 0-dim fp32 tensor): from the history's amax of earlier calls
@@ -143,6 +148,20 @@ class DelayedScaling(nn.Module):
         self.pending[slot].copy_(own)
         earlier = self.amax[slot]
         return amax_to_scale(torch.where(earlier > 0, earlier * HEADROOM, own))
+
+    def scale_for(self, slot: int) -> torch.Tensor:
+        """The slot's scale from the history alone (``HEADROOM`` times the earlier calls'
+        amax), for a tensor whose own amax is not known before it is read: 1 where the
+        history holds only zeros (before a second call, or after calls whose tensor was all
+        zeros), as for a tensor of zeros."""
+        return amax_to_scale(self.amax[slot] * HEADROOM)
+
+    def record(self, slot: int, amax: torch.Tensor) -> None:
+        """Record ``amax`` (0-dim, on the device), found elsewhere, as the slot's amax of this
+        call, as :meth:`scale` records its tensor's own: a non-finite one as 0."""
+        amax = amax.detach().float()
+        self.pending[slot].copy_(torch.where(torch.isfinite(amax), amax,
+                                             torch.zeros_like(amax)))
 
 
 def _operand_dtype(device: torch.device) -> torch.dtype:

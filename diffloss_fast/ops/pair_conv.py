@@ -36,6 +36,9 @@ each accumulator by ``input_scale * weight_scale[c]``, adds the bias (``a`` only
 residual in fp32 and rounds once to the storage dtype. The difference is quantized as it is
 stored, times ``d_scale``, at its own scale, as the unfused network quantizes it. The backward
 is unchanged: the bf16 dgrad with the unquantized weight, straight through the quantizer.
+Delayed scaling (:class:`~.fp8.DelayedScaling`) records each convolution input's amax, but
+the fused input is never written: with ``amax_out`` the kernel finds the amax of its operands
+as it quantizes them, on the device, for the history.
 
 :func:`pair_conv2d_torch` composes the plain ops (:func:`group_norm_silu_difference_torch`,
 ``F.conv2d``, and for FP8 :mod:`.fp8`'s quantizer and e4m3 convolution): the definition the
@@ -171,9 +174,20 @@ def _e4m3_conv_f32(x, x_scale, q: E4M3Operands, weight, bias, stride, padding, d
     return _e4m3_forward(x, *args, torch.float32)
 
 
+def _raise_amax(amax_out, ya, yd):
+    """amax_out[0], amax_out[1] raised to max |ya|, max |yd| (NaN as inf), in place."""
+    if ya.numel() == 0:
+        return
+    with torch.no_grad():
+        own = torch.stack([ya.detach().abs().amax().float(), yd.detach().abs().amax().float()])
+        own = torch.where(torch.isnan(own), torch.full_like(own, float("inf")), own)
+        torch.maximum(amax_out, own, out=amax_out)
+
+
 def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=None,
                       residual=None, stride=1, dilation=1, groups=1, padding_mode="zeros",
-                      quantized: E4M3Operands | None = None):
+                      quantized: E4M3Operands | None = None,
+                      amax_out: torch.Tensor | None = None):
     """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
     ``(ya, yd)`` the prologue's pair norm of ``(a, d)`` (or ``(a, d)`` itself). The prologue's
     statistics are not read: the norm computes its own.
@@ -182,7 +196,8 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
     ya at ``a_scale``, of yd at ``d_scale_q``, exact products, fp32 sums, the scales and the
     bias applied in fp32), the residual added in fp32 and the sum rounded once to a's dtype:
     the fused kernel's epilogue. (The unfused FP8 network rounds the convolution's output
-    before its separate residual sum; without a residual the two are the same.)"""
+    before its separate residual sum; without a residual the two are the same.)
+    ``amax_out`` (with ``quantized``): see :func:`pair_conv2d`."""
     if padding_mode != "zeros":
         raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
     a = a.detach()
@@ -193,6 +208,8 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
     else:
         ya, yd = a, d
     if quantized is not None:
+        if amax_out is not None:
+            _raise_amax(amax_out, ya, yd)
         conv = functools.partial(_e4m3_conv_f32, q=quantized, weight=weight, stride=stride,
                                  padding=padding, dilation=dilation, groups=groups)
         out_a = conv(ya, quantized.a_scale, bias=bias)
@@ -255,6 +272,15 @@ if triton is not None:
         return y.to(tl.float8e4nv)
 
     @triton.jit
+    def _tile_amax(y, mask):
+        """max |y| over the tile's unmasked elements, fp32, with NaN as inf (an atomic max of
+        fp32 bit patterns orders every value but NaN; the history keeps no non-finite amax
+        either way), and 0 for none."""
+        v = tl.abs(y.to(tl.float32))
+        v = tl.where(v != v, float("inf"), v)
+        return tl.max(tl.max(tl.where(mask, v, 0.0), axis=1), axis=0)
+
+    @triton.jit
     def _mm8(x, y, acc):
         """acc + x @ y for e4m3 x and y, in fp32. On Hopper an FP8 MMA's own accumulator is
         narrower than fp32: its partial sums are added into the fp32 accumulator after every
@@ -297,20 +323,23 @@ if triton is not None:
     def _pair_conv_fwd_kernel(
             a_ptr, d_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
             ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
-            ws_ptr, qa_ptr, qd_ptr,
+            ws_ptr, qa_ptr, qd_ptr, am_ptr,
             H, W, Cin, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
             Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PROLOGUE: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
             SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             SAVE_R: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-            INTERPRETED: tl.constexpr):
+            AMAX: tl.constexpr, INTERPRETED: tl.constexpr):
         """One tile of output pixels x output channels of one sample, for both branches.
         Inputs and outputs channels_last; 'same' padding (KH // 2, KW // 2), so that the
         centre tap reads the tile's own pixels: there, the first channel-block programs write
         r = a + d / s (SAVE_R), each input element once. QUANT: w_ptr holds the e4m3 weight,
         ws_ptr its per-channel scales, qa_ptr and qd_ptr the inputs' scales; the operands are
-        quantized as they are formed, the scales applied in the epilogue."""
+        quantized as they are formed, the scales applied in the epilogue. AMAX (with QUANT):
+        am_ptr[0] and am_ptr[1] are raised to the largest |operand| of a and of d before its
+        scale, each input element counted once, at the centre tap of the first channel-block
+        programs (the pixels and channels SAVE_R writes), NaN counted as inf."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         n = tl.program_id(2)
@@ -333,6 +362,9 @@ if triton is not None:
             qd = tl.load(qd_ptr)
         acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_d = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if AMAX:
+            amax_a = tl.zeros([], tl.float32)
+            amax_d = tl.zeros([], tl.float32)
         c_blocks = tl.cdiv(Cin, BLOCK_K)
         for kk in range(0, KH * KW * c_blocks):
             tap = kk // c_blocks
@@ -371,6 +403,10 @@ if triton is not None:
             wt = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + ky * sw_y + kx * sw_x,
                          mask=c_ok[:, None] & co_ok[None, :], other=0.0)
             if QUANT:
+                if AMAX:
+                    if (pid_n == 0) & (tap == (KH // 2) * KW + KW // 2):
+                        amax_a = tl.maximum(amax_a, _tile_amax(ya, mask))
+                        amax_d = tl.maximum(amax_d, _tile_amax(yd, mask))
                 # from the storage dtype's values, as the unfused network quantizes its
                 # norm's bf16 output; the padding and masked channels quantize to 0
                 acc_a = _mm8(_quantize(ya, qa, INTERPRETED), wt, acc_a)
@@ -378,6 +414,10 @@ if triton is not None:
             else:
                 acc_a = _mm(ya, wt, acc_a, PRECISION, INTERPRETED)
                 acc_d = _mm(yd, wt, acc_d, PRECISION, INTERPRETED)
+        if AMAX:
+            if pid_n == 0:  # non-negative floats: an atomic max of their bit patterns
+                tl.atomic_max(am_ptr, amax_a)
+                tl.atomic_max(am_ptr + 1, amax_d)
         out = n.to(tl.int64) * HW * Cout + m[:, None] * Cout + co[None, :]
         omask = m_ok[:, None] & co_ok[None, :]
         if QUANT:
@@ -516,10 +556,11 @@ def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
 
 
 def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r,
-             quantized: E4M3Operands | None = None):
+             quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None):
     """(out_a, out_d, r or None), all channels_last; a, d, residuals channels_last, weight
     with unit stride over input channels. With ``quantized`` (its weight laid out as
-    ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3 weight instead."""
+    ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3 weight instead, and
+    raises ``amax_out`` (2 fp32 values) to its operands' amaxes where given."""
     N, Cin, H, W = a.shape
     Cout, _, KH, KW = weight.shape
     HW = H * W
@@ -548,13 +589,12 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     _pair_conv_fwd_kernel[grid](
         a, d, weight, a if bias is None else bias, res_a if has_res else a,
         res_d if has_res else a, out_a, out_d, a if r is None else r, d_scale, *stats, *params,
-        *scales, H, W, Cin, Cout, G, scN, *weight.stride(), Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m,
-        BLOCK_N=k.block_n, BLOCK_K=k.block_k, PROLOGUE=norm is not None, HAS_FILM=film,
-        HAS_XB=has_xb, SILU=silu, HAS_BIAS=bias is not None, HAS_RES=has_res,
-        SAVE_R=save_r, PRECISION=precision, QUANT=quantized is not None,
-        INTERPRETED=a.device.type == "cpu",
-        num_warps=k.num_warps,
-        num_stages=k.num_stages)
+        *scales, a if amax_out is None else amax_out, H, W, Cin, Cout, G, scN, *weight.stride(),
+        Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_K=k.block_k,
+        PROLOGUE=norm is not None, HAS_FILM=film, HAS_XB=has_xb, SILU=silu,
+        HAS_BIAS=bias is not None, HAS_RES=has_res, SAVE_R=save_r, PRECISION=precision,
+        QUANT=quantized is not None, AMAX=amax_out is not None,
+        INTERPRETED=a.device.type == "cpu", num_warps=k.num_warps, num_stages=k.num_stages)
     return out_a, out_d, r
 
 
@@ -587,10 +627,11 @@ class _PairConv2d(torch.autograd.Function):
     r = a + d / s."""
 
     @staticmethod
-    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout, quantized):
+    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout, quantized,
+                amax_out):
         save_r = norm is not None and ctx.needs_input_grad[0]
         out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r,
-                                   quantized)
+                                   quantized, amax_out)
         if save_r:
             ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
                                   norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
@@ -609,7 +650,7 @@ class _PairConv2d(torch.autograd.Function):
     @without_autocast
     @once_differentiable
     def backward(ctx, _grad_a, grad_d):
-        nones = (None,) * 8
+        nones = (None,) * 9
         if grad_d is None:
             return (None, None) + nones
         grad_res = grad_d if ctx.needs_input_grad[1] else None
@@ -746,7 +787,7 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
 
 def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
                 stride=1, dilation=1, groups=1, padding_mode="zeros",
-                quantized: E4M3Operands | None = None):
+                quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None):
     """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
     convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
     ``(a, d)`` (``d`` the difference times ``d_scale``, a 0-dim fp32 power-of-two tensor),
@@ -758,12 +799,28 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
 
     ``quantized`` (:class:`E4M3Operands`, bf16 activations, CUDA sm_89+ or the interpreter):
     the forward convolves e4m3 operands, as :func:`pair_conv2d_torch` with it defines;
-    ``weight`` stays the bf16 weight, which the backward (unchanged) uses."""
+    ``weight`` stays the bf16 weight, which the backward (unchanged) uses.
+
+    ``amax_out`` (with ``quantized``; 2 fp32 values on a's device): raised in place, on the
+    device, to the largest magnitude of the convolution's two inputs as it quantizes them
+    (after the prologue and its rounding, before the scale; padding not counted), a's in
+    ``amax_out[0]``, d's (times ``d_scale``) in ``amax_out[1]``, NaN counted as inf. What
+    delayed scaling records of an input the fused kernel forms without writing it
+    (:meth:`~.fp8.DelayedScaling.record`); zero it first for this call's amaxes alone."""
     require_triton("pair_conv2d")
     _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
            padding_mode)
     if quantized is not None:
         _check_quantized(quantized, a, weight)
+    if amax_out is not None:
+        if quantized is None:
+            raise ValueError("pair_conv2d: amax_out is the e4m3 operands' amax: it needs "
+                             "quantized")
+        if (not isinstance(amax_out, torch.Tensor) or amax_out.dtype != torch.float32
+                or amax_out.shape != (2,) or not amax_out.is_contiguous()
+                or amax_out.device != a.device or amax_out.requires_grad):
+            raise ValueError("pair_conv2d: amax_out must be a contiguous fp32 tensor of 2 "
+                             "values on a's device, without grad")
     N, C, H, W = a.shape
     layout = _layout(a)
     a = a.detach().contiguous(memory_format=_CL)
@@ -779,7 +836,8 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
         res_d = residual[1].contiguous(memory_format=_CL)
     if a.numel() == 0 or weight.shape[0] == 0:
         return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
-                                 prologue=prologue, residual=residual, quantized=quantized)
+                                 prologue=prologue, residual=residual, quantized=quantized,
+                                 amax_out=amax_out)
     if quantized is not None:
         qw = _channels_last_weight(quantized.weight)
         if qw.stride() != w.stride():  # one set of strides for both weights
@@ -790,7 +848,7 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
                                                             and res_d.requires_grad))
     if grad:
         return _PairConv2d.apply(d.contiguous(memory_format=_CL), res_d, a, d_scale, w, bias,
-                                 norm, res_a, layout, quantized)
+                                 norm, res_a, layout, quantized, amax_out)
     out_a, out_d, _ = _forward(a, d.contiguous(memory_format=_CL), d_scale, w, bias, norm,
-                               res_a, res_d, False, quantized)
+                               res_a, res_d, False, quantized, amax_out)
     return out_a.contiguous(memory_format=layout), out_d.contiguous(memory_format=layout)

@@ -8,7 +8,9 @@ second norm + FiLM + convolution + residual sum, ``out``) at each batch, the swe
 whole ResBlock's forward and backward with that block fused and with none, on random
 activations of the block's shapes, and writes both medians to the dispatch table
 (:mod:`diffloss_fast.ops.conv_dispatch`) under the card's family. DiffLoss then fuses exactly
-the blocks measured faster.
+the blocks measured faster. On a card with FP8 tensor cores the ``precision="fp8"`` network's
+blocks (the same kernel on e4m3 operands, against its e4m3 convolutions) are timed too, under
+keys of their own (``fp8-in``, ``fp8-out``): the two compete with different library paths.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from guided_diffusion.unet import Downsample, Upsample
 from tqdm import tqdm
 
 from ..difference_unet import DifferenceUNet
+from ..fp8_unet import FP8DifferenceUNet
 from ..loss import DiffLoss
 from ..ops import conv_dispatch
 from ..ops.conv_dispatch import Block
+from ..ops.fp8 import MIN_CAPABILITY
 from ..prior import build_prior
 from . import hardware
 from .harness import add_prior_arguments, check_device, check_prior, positive_int, prior_source
@@ -37,6 +41,7 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
     batch and resolution, once per distinct key, from one forward of ``net`` (no gradient)."""
     seen, found = set(), []
     run = net._resblock
+    prefix = "fp8-" if isinstance(net, FP8DifferenceUNet) else ""  # FP8's own keys
 
     def record(blk, x, film):
         n, c, height, width = x[0].shape
@@ -47,9 +52,9 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
             if kind == "in" and blk.updown or kind == "out" and not blk.use_scale_shift_norm:
                 continue  # blocks no fused kernel replaces
             if kind == "in":
-                block = Block(kind, n, c, conv.out_channels, height, width)
+                block = Block(prefix + kind, n, c, conv.out_channels, height, width)
             else:
-                block = Block(kind, n, conv.in_channels, conv.out_channels, *inner)
+                block = Block(prefix + kind, n, conv.in_channels, conv.out_channels, *inner)
             if block.key() not in seen:
                 seen.add(block.key())
                 found.append((block, blk, tuple(x[0].shape), film))
@@ -90,15 +95,29 @@ def time_block(net: DifferenceUNet, blk, shape, film, fused: frozenset[str],
         net.fused_blocks = saved
 
 
+def has_fp8(device: torch.device) -> bool:
+    """Whether ``device`` runs precision="fp8" on FP8 tensor cores (CUDA sm_89+)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
 def sweep(prior, device: torch.device, batches, resolution: int, *, warmup: int = 3,
-          repeats: int = 10, timer=time_block) -> dict[str, dict]:
-    """``{block key: {"fused_ms", "library_ms"}}`` for every block at every batch."""
-    loss_fn = DiffLoss(prior, precision="bf16", fused_kernels=True, execution="eager")
-    dtype = loss_fn._compute_dtype("bf16")
-    net = loss_fn._net(device, dtype, decoder=True)
+          repeats: int = 10, timer=time_block, fp8: bool | None = None) -> dict[str, dict]:
+    """``{block key: {"fused_ms", "library_ms"}}`` for every block at every batch: the bf16
+    network's, and with ``fp8`` (default: where the device has FP8 tensor cores) the FP8
+    network's."""
+    nets = []
+    fp8 = has_fp8(device) if fp8 is None else fp8
+    for precision in ("bf16", "fp8") if fp8 else ("bf16",):
+        loss_fn = DiffLoss(prior, precision=precision, fused_kernels=True, execution="eager")
+        nets.append(loss_fn._net(device, loss_fn._compute_dtype(precision), decoder=True))
     entries = {}
-    for batch in batches:
+    for net, batch in ((net, batch) for net in nets for batch in batches):
         blocks = recorded_blocks(net, batch, resolution, device)
+        if isinstance(net, FP8DifferenceUNet):
+            # its blocks fuse from the second call on: commit the recorded forward's amaxes,
+            # which the timed blocks then read their scales from
+            net.scaling.begin_call()
         for block, blk, shape, film in tqdm(blocks, desc=f"batch {batch}", unit="block"):
             key = block.key()
             times = {name: timer(net, blk, shape, film, fused, device, warmup=warmup,
