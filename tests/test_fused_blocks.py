@@ -76,16 +76,22 @@ def _inputs(delta, t, size=SIZE):
     return x, y, torch.tensor([t]), torch.randn(1, 3, size, size, generator=gen)
 
 
-def _fused_loss(prior, monkeypatch, calls, **kw):
-    """A DiffLoss whose pair network fuses every block it can, counting the fused calls."""
-    loss_fn = dl.DiffLoss(prior, fused_kernels=True, execution="eager", **kw)
-    real = difference_unet.pair_conv2d
+def _fuse_every_block(monkeypatch, module, calls):
+    """Every block of the networks built from now on fused, each fused call of ``module``'s
+    ``pair_conv2d`` counted in ``calls`` by its block's kind."""
+    real = module.pair_conv2d
 
     def counted(*args, **kwargs):
         calls.append("out" if kwargs.get("residual") is not None else "in")
         return real(*args, **kwargs)
-    monkeypatch.setattr(difference_unet, "pair_conv2d", counted)
+    monkeypatch.setattr(module, "pair_conv2d", counted)
     monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
+
+
+def _fused_loss(prior, monkeypatch, calls, **kw):
+    """A DiffLoss whose pair network fuses every block it can, counting the fused calls."""
+    loss_fn = dl.DiffLoss(prior, fused_kernels=True, execution="eager", **kw)
+    _fuse_every_block(monkeypatch, difference_unet, calls)
     return loss_fn
 
 
@@ -179,13 +185,7 @@ def fp8_fused_and_unfused(micro_unet):
     for name in ("unfused", "fused"):
         with pytest.MonkeyPatch.context() as patch:
             if name == "fused":
-                real = fp8_unet.pair_conv2d
-
-                def counted(*args, **kwargs):
-                    calls.append("out" if kwargs.get("residual") is not None else "in")
-                    return real(*args, **kwargs)
-                patch.setattr(fp8_unet, "pair_conv2d", counted)
-                patch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
+                _fuse_every_block(patch, fp8_unet, calls)
             loss_fn = dl.DiffLoss(micro_unet, precision="fp8", fused_kernels=True,
                                   execution="eager", **kw)
             with torch.no_grad():

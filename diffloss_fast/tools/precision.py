@@ -14,12 +14,14 @@ two-pass fp8).
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import torch
 from tqdm import tqdm
 
 from ..loss import DiffLoss
 from ..ops import fp8
+from . import hardware
 from .baselines import numerics
 from .harness import (add_prior_arguments, check_device, check_prior, measurement_prior,
                       positive_int, prior_source, write_json)
@@ -129,8 +131,10 @@ def run(args: argparse.Namespace) -> dict:
     failed = [r for r in rows if not r["ok"] and r["propagation"] == "difference"]
     print(f"{len(rows)} comparisons; bounds: {bounds_text(precisions)}; DiffLoss's own "
           f"computation outside them: {len(failed)}")
-    result = {"device": str(device), "prior": weights or config, "resolution": size,
-              "batch": args.batch, "rows": rows}
+    result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "device": str(device), "device_name": hardware.device_name(device),
+              "prior": weights or config, "resolution": size, "batch": args.batch,
+              "rows": rows}
     if args.json:
         write_json(args.json, result)
     return result
