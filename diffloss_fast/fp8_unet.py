@@ -52,7 +52,7 @@ class FP8DifferenceUNet(DifferenceUNet):
         """Whether this block runs as the fused kernel on e4m3 operands: where the table's
         FP8 entry (kind ``fp8-<kind>``, never the bf16 block's) says so, once the scaling has
         an earlier call's amaxes."""
-        return self.scaling.calls > 1 and super()._fused(f"fp8-{kind}", x, conv)
+        return super()._fused(f"fp8-{kind}", x, conv) and self.scaling.calls > 1
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
         """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,

@@ -162,8 +162,8 @@ def test_a_block_is_timed_for_real_both_ways(micro_unet, one_thread):
     from diffloss_fast.tools import conv_sweep
     loss_fn = dl.DiffLoss(micro_unet, precision="bf16", fused_kernels=True, execution="eager")
     net = loss_fn._net(torch.device("cpu"), torch.bfloat16, decoder=True)
-    block, blk, shape, film = conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))[0]
-    for fused in (frozenset(), frozenset({block.key()})):
+    key, blk, shape, film = conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))[0]
+    for fused in (frozenset(), frozenset({key})):
         ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
                                    warmup=0, repeats=1)
         assert ms > 0

@@ -20,14 +20,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from guided_diffusion.unet import Downsample, Upsample
 from tqdm import tqdm
 
 from ..difference_unet import DifferenceUNet
 from ..fp8_unet import FP8DifferenceUNet
 from ..loss import DiffLoss
 from ..ops import conv_dispatch
-from ..ops.conv_dispatch import Block
 from ..ops.fp8 import MIN_CAPABILITY
 from ..prior import build_prior
 from . import hardware
@@ -36,29 +34,35 @@ from .harness import add_prior_arguments, check_device, check_prior, positive_in
 BATCHES = (1, 4, 8, 16)
 
 
+class _Asked(frozenset):
+    """A fused-block set that holds nothing and notes every key the network looks up in it."""
+
+    def __new__(cls):
+        self = super().__new__(cls, {"*"})  # non-empty: the network looks its blocks up
+        self.keys = []
+        return self
+
+    def __contains__(self, key):
+        self.keys.append(key)
+        return False
+
+
 def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: torch.device):
-    """``[(Block, ResBlock, input shape, FiLM rows)]``: every block the pair pass runs at this
-    batch and resolution, once per distinct key, from one forward of ``net`` (no gradient)."""
+    """``[(block key, ResBlock, input shape, FiLM rows)]``: every block the pair pass runs at
+    this batch and resolution, once per distinct key, from one forward of ``net`` (no
+    gradient), each key as the network itself looks it up in its fused blocks."""
     seen, found = set(), []
-    run = net._resblock
-    prefix = "fp8-" if isinstance(net, FP8DifferenceUNet) else ""  # FP8's own keys
+    run, saved = net._resblock, net.fused_blocks
+    asked = net.fused_blocks = _Asked()
 
     def record(blk, x, film):
-        n, c, height, width = x[0].shape
-        # the second block reads the first convolution's output, resampled in up/down blocks
-        factor = {Downsample: 0.5, Upsample: 2.0}.get(type(blk.h_upd), 1.0) if blk.updown else 1
-        inner = (int(height * factor), int(width * factor))
-        for kind, conv in (("in", blk.in_layers[2]), ("out", blk.out_layers[3])):
-            if kind == "in" and blk.updown or kind == "out" and not blk.use_scale_shift_norm:
-                continue  # blocks no fused kernel replaces
-            if kind == "in":
-                block = Block(prefix + kind, n, c, conv.out_channels, height, width)
-            else:
-                block = Block(prefix + kind, n, conv.in_channels, conv.out_channels, *inner)
-            if block.key() not in seen:
-                seen.add(block.key())
-                found.append((block, blk, tuple(x[0].shape), film))
-        return run(blk, x, film)
+        start = len(asked.keys)
+        out = run(blk, x, film)
+        for key in asked.keys[start:]:
+            if key not in seen:
+                seen.add(key)
+                found.append((key, blk, tuple(x[0].shape), film))
+        return out
 
     net._resblock = record
     try:
@@ -69,6 +73,7 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
                 torch.ones((), device=device))
     finally:
         del net._resblock
+        net.fused_blocks = saved
     return found
 
 
@@ -118,8 +123,7 @@ def sweep(prior, device: torch.device, batches, resolution: int, *, warmup: int 
             # its blocks fuse from the second call on: commit the recorded forward's amaxes,
             # which the timed blocks then read their scales from
             net.scaling.begin_call()
-        for block, blk, shape, film in tqdm(blocks, desc=f"batch {batch}", unit="block"):
-            key = block.key()
+        for key, blk, shape, film in tqdm(blocks, desc=f"batch {batch}", unit="block"):
             times = {name: timer(net, blk, shape, film, fused, device, warmup=warmup,
                                  repeats=repeats)
                      for name, fused in (("library_ms", frozenset()),
