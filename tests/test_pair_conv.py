@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffloss_fast.ops import pair_conv as pc
+from diffloss_fast.ops._conv_common import _ConvLaunch
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_torch
 from diffloss_fast.ops.pair_conv import (PairNormStatistics, pair_conv2d, pair_conv2d_torch,
                                          pair_norm_statistics, pair_prologue)
@@ -253,7 +254,7 @@ def test_matches_twin_and_float64(case, dtype):
 def test_several_blocks_in_every_dim(monkeypatch, dtype):
     """Blocks of 16 over 35 pixels, 20 input and 20 output channels: ragged tiles in M, N and
     K, the centre tap's r written by the first channel block's programs only."""
-    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 16, 4, 2))
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 16, 4, 2))
     monkeypatch.setitem(CASES, "blocks", (3, 20, 20, 5, 5, 7, True, True, True, True, True,
                                           2.0 ** 10))
     check_case("blocks", dtype)
@@ -498,7 +499,7 @@ def test_e4m3_matches_twin(case):
 def test_e4m3_several_blocks_in_every_dim(monkeypatch):
     """Blocks of 16 pixels, 16 output channels and 32 input channels (an FP8 MMA's smallest
     reduction) over 35 pixels, 40 input and 20 output channels: ragged tiles in M, N and K."""
-    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 32, 4, 2))
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 32, 4, 2))
     monkeypatch.setitem(CASES, "blocks", (3, 40, 20, 5, 5, 7, True, True, True, True, True,
                                           2.0 ** 10))
     check_quantized_case("blocks")
@@ -653,7 +654,7 @@ def test_e4m3_amax_over_ragged_tiles_counts_each_input_once(monkeypatch):
     """Tiles ragged in pixels, input and output channels (the masked lanes and the padding
     hold zeros, which a max of magnitudes ignores), several output-channel programs reading
     the same inputs; the amax is raised, never lowered, from what amax_out held."""
-    monkeypatch.setattr(pc, "_conv_launch", lambda *args: pc._ConvLaunch(16, 16, 32, 4, 2))
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 32, 4, 2))
     monkeypatch.setitem(CASES, "blocks", (3, 40, 20, 5, 5, 7, True, True, True, True, True,
                                           2.0 ** 10))
     t = make("blocks", BF16)
