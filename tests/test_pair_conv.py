@@ -326,6 +326,67 @@ def test_python_float_d_scale():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+# the decoder's concatenated input [a, a2], [d, d2], read in place (``concat=``): case, and
+# the channels of the first part; a norm group straddles the boundary in the normed cases
+SPLITS = {"3x3_film_xbias_residual": 7, "3x3_silu_1_per_group": 4, "1x1_plain_residual": 3}
+
+
+def _parts(x, c1):
+    cl = torch.channels_last
+    return x[:, :c1].contiguous(memory_format=cl), x[:, c1:].contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SPLITS)
+def test_concatenated_input_read_in_place(monkeypatch, case, dtype):
+    """Two segments of the reduction, each ragged in blocks of 16: the outputs within the
+    kernel's float64 bounds of the concatenation's convolution, the gradients of both parts
+    those of the whole, and the prologue's statistics of the two parts those of the whole
+    (the same sums in the same order)."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 16, 4, 2))
+    t = make(case, dtype)
+    c1 = SPLITS[case]
+    a1, a2 = _parts(t["a"], c1)
+    d1, d2 = (x.detach().requires_grad_(True) for x in _parts(t["d"], c1))
+    prologue = None
+    if t["norm"] is not None:
+        p = t["norm"]
+        prologue = pair_prologue(a1, d1.detach(), t["s"], p["num_groups"], p["weight"],
+                                 p["bias"], EPS, p["scale"], p["shift"], p["x_bias"],
+                                 p["silu"], concat=(a2, d2.detach()))
+        whole = prologue_of(t)
+        for name in PairNormStatistics._fields:
+            assert torch.equal(getattr(prologue, name), getattr(whole, name)), name
+    out_a, out_d = pair_conv2d(a1, d1, t["s"], t["weight"], t["bias"], padding=t["padding"],
+                               prologue=prologue, residual=t["residual"], concat=(a2, d2))
+    ref_a, ref_d, tol_a, tol_d = reference(t, dtype)
+    assert_within(out_a, ref_a, tol_a, "out_a vs float64")
+    assert_within(out_d, ref_d, tol_d, "out_d vs float64")
+    grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
+                           dtype=F64).to(dtype).to(DEVICE)
+    grads = torch.autograd.grad(out_d, (d1, d2), grad_out)
+    grad = torch.cat(grads, 1)
+    g64 = grad_reference(t, grad_out)
+    rel = ((grad.double() - g64).norm() / g64.norm()).item()
+    assert rel <= grad_bound(t, dtype), f"grad vs float64: relative error {rel:.3g}"
+    with torch.no_grad():
+        again = pair_conv2d(a1, d1, t["s"], t["weight"], t["bias"], padding=t["padding"],
+                            prologue=prologue, residual=t["residual"], concat=(a2, d2))
+    for x, y in zip((out_a, out_d), again):
+        assert torch.equal(x, y)
+
+
+def test_concatenated_input_twin_is_the_concatenation():
+    t = make("3x3_film_xbias_residual", torch.float64)
+    a1, a2 = _parts(t["a"], 5)
+    d1, d2 = _parts(t["d"], 5)
+    got = pair_conv2d_torch(a1, d1, t["s"], t["weight"], t["bias"], padding=1,
+                            prologue=prologue_of(t), residual=t["residual"], concat=(a2, d2))
+    want = call(pair_conv2d_torch, t)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def _refused(t, match, **kwargs):
     args = dict(padding=t["padding"], prologue=prologue_of(t), residual=t["residual"])
     args.update(kwargs)
@@ -354,6 +415,13 @@ def test_validation():
     _refused(t, "input channels", weight=t["weight"][:, :5].contiguous())
     _refused(t, "requires grad", weight=t["weight"].detach().requires_grad_(True))
     _refused(t, "groups", prologue=prologue_of(t)._replace(num_groups=5))
+    a2, d2 = t["a"][:, :4], t["d"][:, :4]
+    _refused(t, "concat must be a pair", concat=(a2,))
+    _refused(t, "share a's batch and size", concat=(a2[:1], d2[:1]))
+    _refused(t, "share a's batch and size", concat=(a2, d2[:, :3]))
+    _refused(t, "the input has 16", concat=(a2, d2))
+    _refused(t, "a2 must have a's dtype", concat=(a2.half(), d2),
+             weight=torch.cat([t["weight"], t["weight"][:, :4]], 1))
     with pytest.raises(ValueError, match="fp32/fp16/bf16"):
         pair_conv2d(t["a"].double(), t["d"].double(), t["s"], t["weight"].double(),
                     padding=1)

@@ -48,7 +48,7 @@ from .group_norm_silu import (_CL, _MAX_CHANNELS, _backward, _launch, _layout,
                               group_norm_silu_torch, norm_parameters)
 
 if triton is not None:
-    from .group_norm_silu import _row_channels, _rows, _shift, _x_bias
+    from .group_norm_silu import _row_channels, _rows, _x_bias
 
 
 def _silu_difference(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -179,32 +179,49 @@ if triton is not None:
         return s, 1.0 / s
 
     @triton.jit
-    def _gnd_stats_kernel(a_ptr, d_ptr, ds_ptr, xb_ptr, part_ptr, HW, G, C, Cg: tl.constexpr,
-                          S_PER, SPLIT, BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr,
-                          HAS_XB: tl.constexpr):
+    def _cat_load(p1, p2, pix, c, C1, C2, mask, TWO: tl.constexpr):
+        """fp32 values at pixels pix (n * HW + p, int64) and channels c of x1 (C1 channels) or,
+        with TWO, of the channel concatenation [x1, x2] (x2's C2 channels after x1's), both
+        channels_last, read in place: the decoder's concatenated input, never copied."""
+        if TWO:
+            first = c < C1
+            x1 = tl.load(p1 + pix * C1 + c, mask=mask & first, other=0.0).to(tl.float32)
+            x2 = tl.load(p2 + pix * C2 + tl.where(first, 0, c - C1), mask=mask & (c >= C1),
+                         other=0.0).to(tl.float32)
+            return tl.where(first, x1, x2)
+        return tl.load(p1 + pix * C1 + c, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _gnd_stats_kernel(a_ptr, d_ptr, a2_ptr, d2_ptr, ds_ptr, xb_ptr, part_ptr, HW, G, C, C1,
+                          Cg: tl.constexpr, S_PER, SPLIT, BLOCK_S: tl.constexpr,
+                          BLOCK_CC: tl.constexpr, HAS_XB: tl.constexpr, TWO: tl.constexpr):
         """Per-channel partial sums over a slice of pixels of va = a + x_bias - ka and vd = d /
         d_scale - kd, of their squares and of va * vd, ka and kd the first elements of the
         channel's group (shifted sums keep variances and covariance accurate when |mean| >>
-        std): part[n, sp, 0..4, c]."""
+        std): part[n, sp, 0..4, c]. With TWO, a and d are the concatenations [a, a2] and
+        [d, d2] (C1 channels from the first of each)."""
         n = tl.program_id(0)
         sp = tl.program_id(1)
         _, inv = _d_scale(ds_ptr)
         c, cm, _ = _row_channels(n, G, C, Cg, BLOCK_CC)
         first = (c // Cg) * Cg
-        base = n.to(tl.int64) * HW * C + first
-        ka = _shift(a_ptr, base, xb_ptr, first, cm, HAS_XB) - _x_bias(xb_ptr, c, cm, HAS_XB)
-        kd = tl.load(d_ptr + base, mask=cm, other=0.0).to(tl.float32) * inv
+        pix0 = n.to(tl.int64) * HW
+        ka = _cat_load(a_ptr, a2_ptr, pix0, first, C1, C - C1, cm, TWO) \
+            + _x_bias(xb_ptr, first, cm, HAS_XB) - _x_bias(xb_ptr, c, cm, HAS_XB)
+        kd = _cat_load(d_ptr, d2_ptr, pix0, first, C1, C - C1, cm, TWO) * inv
         sa = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         sd = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         saa = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         sdd = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         sad = tl.zeros([BLOCK_S, BLOCK_CC], tl.float32)
         for start in tl.range(sp * S_PER, (sp + 1) * S_PER, BLOCK_S, num_stages=1):
-            off, mask = _rows(n, start, HW, C, BLOCK_S, BLOCK_CC)
-            va = tl.where(mask, tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            s = start + tl.arange(0, BLOCK_S)
+            mask = (s < HW)[:, None] & cm[None, :]
+            pix = (pix0 + s)[:, None]
+            va = tl.where(mask, _cat_load(a_ptr, a2_ptr, pix, c[None, :], C1, C - C1, mask, TWO)
                           - ka[None, :], 0.0)
-            vd = tl.where(mask, tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32) * inv
-                          - kd[None, :], 0.0)
+            vd = tl.where(mask, _cat_load(d_ptr, d2_ptr, pix, c[None, :], C1, C - C1, mask, TWO)
+                          * inv - kd[None, :], 0.0)
             sa += va
             sd += vd
             saa += va * va
@@ -218,9 +235,9 @@ if triton is not None:
         tl.store(p + 4 * C, tl.sum(sad, axis=0), mask=cm)
 
     @triton.jit
-    def _gnd_group_kernel(part_ptr, a_ptr, d_ptr, ds_ptr, xb_ptr, st_ptr, NG, HW, G, C,
-                          Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
-                          BLOCK_G: tl.constexpr, HAS_XB: tl.constexpr):
+    def _gnd_group_kernel(part_ptr, a_ptr, d_ptr, a2_ptr, d2_ptr, ds_ptr, xb_ptr, st_ptr, NG, HW,
+                          G, C, C1, Cg: tl.constexpr, SPLIT, eps, BLOCK_P: tl.constexpr,
+                          BLOCK_G: tl.constexpr, HAS_XB: tl.constexpr, TWO: tl.constexpr):
         """One (sample, group): fold its channels' shifted partial sums into st[0..5, ng] =
         mean_a, s_a, mean_d, s_r, s_r - s_a (without subtracting the two) and mean_r."""
         ng = tl.program_id(0)
@@ -253,9 +270,11 @@ if triton is not None:
         s_a = 1.0 / sigma_a
         s_r = 1.0 / sigma_r
         _, inv = _d_scale(ds_ptr)
-        off = n.to(tl.int64) * HW * C + g * Cg
-        mean_a = _shift(a_ptr, off, xb_ptr, g * Cg, True, HAS_XB) + ma
-        mean_d = tl.load(d_ptr + off).to(tl.float32) * inv + md
+        pix0 = n.to(tl.int64) * HW
+        mean_a = _cat_load(a_ptr, a2_ptr, pix0, g * Cg, C1, C - C1, True, TWO) + ma
+        if HAS_XB:
+            mean_a += tl.load(xb_ptr + g * Cg).to(tl.float32)
+        mean_d = _cat_load(d_ptr, d2_ptr, pix0, g * Cg, C1, C - C1, True, TWO) * inv + md
         tl.store(st_ptr + ng, mean_a)
         tl.store(st_ptr + NG + ng, s_a)
         tl.store(st_ptr + 2 * NG + ng, mean_d)
@@ -310,36 +329,45 @@ if triton is not None:
                 tl.store(r_ptr + off, (a + d).to(r_ptr.dtype.element_ty), mask=mask)
 
 
-def _statistics(a, d, d_scale, G, eps, xb, has_xb):
+def _statistics(a, d, d_scale, G, eps, xb, has_xb, concat=None):
     """The (_STATS, N * G) statistics of the pair (a + x_bias, d / d_scale) and the launch
-    shape; a and d channels_last, ``xb`` x_bias (any tensor when ``has_xb`` is False)."""
-    N, C, H, W = a.shape
+    shape; a and d channels_last, ``xb`` x_bias (any tensor when ``has_xb`` is False).
+    ``concat``: (a2, d2), channels_last, whose channels follow a's and d's."""
+    N, C1, H, W = a.shape
+    a2, d2 = concat if concat is not None else (a, d)
+    C = C1 + (a2.shape[1] if concat is not None else 0)
     HW, Cg = H * W, C // G
     k = _launch(N, G, HW, C)
     part = torch.empty(N * k.split * _SUMS * C, dtype=torch.float32, device=a.device)
     stats = torch.empty(_STATS, N * G, dtype=torch.float32, device=a.device)
-    _gnd_stats_kernel[(N, k.split)](a, d, d_scale, xb, part, HW, G, C, Cg, k.s_per, k.split,
-                                    BLOCK_S=k.block_s, BLOCK_CC=k.block_cc, HAS_XB=has_xb,
-                                    num_warps=k.num_warps)
-    _gnd_group_kernel[(N * G,)](part, a, d, d_scale, xb, stats, N * G, HW, G, C, Cg, k.split,
-                                float(eps), BLOCK_P=k.block_p, BLOCK_G=k.block_g,
-                                HAS_XB=has_xb, num_warps=4)
+    two = concat is not None
+    _gnd_stats_kernel[(N, k.split)](a, d, a2, d2, d_scale, xb, part, HW, G, C, C1, Cg, k.s_per,
+                                    k.split, BLOCK_S=k.block_s, BLOCK_CC=k.block_cc,
+                                    HAS_XB=has_xb, TWO=two, num_warps=k.num_warps)
+    _gnd_group_kernel[(N * G,)](part, a, d, a2, d2, d_scale, xb, stats, N * G, HW, G, C, C1, Cg,
+                                k.split, float(eps), BLOCK_P=k.block_p, BLOCK_G=k.block_g,
+                                HAS_XB=has_xb, TWO=two, num_warps=4)
     return stats, k
 
 
-def pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias=None) -> torch.Tensor:
+def pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias=None,
+                           concat=None) -> torch.Tensor:
     """The statistics of the pair norm alone, for a kernel that applies the norm itself (the
     fused convolution's prologue, :mod:`.pair_conv`): a (6, N * num_groups) fp32 tensor of
     rows mean_a (of a + x_bias), s_a, mean_d (of d / d_scale), s_r, s_r - s_a and mean_r. No
-    gradient; a and d are read in place when channels_last (else copied)."""
+    gradient; a and d are read in place when channels_last (else copied). ``concat``:
+    ``(a2, d2)``, the statistics of the channel concatenations ``[a, a2]``, ``[d, d2]``, read
+    in place (x_bias then has one value per channel of the concatenation)."""
     require_triton("pair_statistics_triton")
     if not isinstance(d_scale, torch.Tensor):
         d_scale = torch.tensor(float(d_scale), dtype=torch.float32, device=a.device)
-    a = a.detach().contiguous(memory_format=torch.channels_last)
-    d = d.detach().contiguous(memory_format=torch.channels_last)
+    cl = lambda t: t.detach().contiguous(memory_format=torch.channels_last)  # noqa: E731
+    a, d = cl(a), cl(d)
+    if concat is not None:
+        concat = tuple(cl(t) for t in concat)
     has_xb = x_bias is not None
     xb = x_bias.reshape(-1).contiguous() if has_xb else a
-    return _statistics(a, d, d_scale, num_groups, eps, xb, has_xb)[0]
+    return _statistics(a, d, d_scale, num_groups, eps, xb, has_xb, concat)[0]
 
 
 def _pair_forward(a, d, d_scale, G, weight, bias, eps, scale, shift, x_bias, silu, save_r):

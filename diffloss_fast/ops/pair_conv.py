@@ -145,16 +145,20 @@ def _interpreted() -> bool:
 
 
 def pair_prologue(a, d, d_scale, num_groups, weight, bias, eps, scale=None, shift=None,
-                  x_bias=None, silu=True) -> PairPrologue:
+                  x_bias=None, silu=True, concat=None) -> PairPrologue:
     """The :class:`PairPrologue` of the pair norm with these parameters, its statistics
     computed by the pair norm's Triton kernels where they run
     (:func:`~.group_norm_silu_difference.pair_statistics_triton`), else by
     :func:`pair_norm_statistics`. They carry no gradient: the convolution's
-    backward differentiates the whole norm, statistics included, at the restored point."""
+    backward differentiates the whole norm, statistics included, at the restored point.
+    ``concat`` ``(a2, d2)``: the norm of the channel concatenations ``[a, a2]``, ``[d, d2]``
+    (read in place by the kernels)."""
     if triton is not None and (a.is_cuda or _interpreted()) and a.dtype in TRITON_DTYPES:
-        rows = pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias)
+        rows = pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias, concat)
         stats = PairNormStatistics(*(r.view(a.shape[0], num_groups) for r in rows[:5]))
     else:
+        if concat is not None:
+            a, d = torch.cat([a, concat[0]], 1), torch.cat([d, concat[1]], 1)
         with torch.no_grad():
             stats = pair_norm_statistics(a, d, d_scale, num_groups, eps, x_bias)
     return PairPrologue(*stats, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
@@ -186,7 +190,8 @@ def _raise_amax(amax_out, ya, yd):
 
 
 def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=None,
-                      residual=None, stride=1, dilation=1, groups=1, padding_mode="zeros",
+                      residual=None, concat=None, stride=1, dilation=1, groups=1,
+                      padding_mode="zeros",
                       quantized: E4M3Operands | None = None,
                       amax_out: torch.Tensor | None = None):
     """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
@@ -198,10 +203,13 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
     bias applied in fp32), the residual added in fp32 and the sum rounded once to a's dtype:
     the fused kernel's epilogue. (The unfused FP8 network rounds the convolution's output
     before its separate residual sum; without a residual the two are the same.)
-    ``amax_out`` (with ``quantized``): see :func:`pair_conv2d`."""
+    ``amax_out`` (with ``quantized``): see :func:`pair_conv2d`. ``concat`` ``(a2, d2)``: the
+    input is ``torch.cat([a, a2], 1)``, ``torch.cat([d, d2], 1)``."""
     if padding_mode != "zeros":
         raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
     a = a.detach()
+    if concat is not None:
+        a, d = torch.cat([a, concat[0].detach()], 1), torch.cat([d, concat[1]], 1)
     if prologue is not None:
         p = prologue
         ya, yd = group_norm_silu_difference_torch(a, d, d_scale, p.num_groups, p.weight, p.bias,
@@ -300,12 +308,24 @@ if triton is not None:
         return ka, mean_d, rstd_a * w, add, rstd_r * w, drstd * w
 
     @triton.jit
+    def _segment_load(p1, p2, pix, c, C1, C2, mask, second):
+        """The tile at pixels pix and channels c of a segment of the input: of x1 (C1
+        channels), or where ``second`` (per channel, the same for the whole step) of x2 (C2
+        channels), both channels_last: a reduction step over a concatenated input reads its
+        own part in place. The other segment's load is masked off entirely: it moves no
+        data."""
+        off = pix[:, None] * tl.where(second, C2, C1)[None, :] + c[None, :]
+        x1 = tl.load(p1 + off, mask=mask & ~second[None, :], other=0.0)
+        x2 = tl.load(p2 + off, mask=mask & second[None, :], other=0.0)
+        return tl.where(second[None, :], x2, x1)
+
+    @triton.jit
     def _pair_conv_fwd_kernel(
-            a_ptr, d_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
+            a_ptr, d_ptr, a2_ptr, d2_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
             ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
             ws_ptr, qa_ptr, qd_ptr, am_ptr,
-            H, W, Cin, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
-            Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+            H, W, Cin, C1, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
+            Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TWO: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PROLOGUE: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
             SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -319,7 +339,9 @@ if triton is not None:
         quantized as they are formed, the scales applied in the epilogue. AMAX (with QUANT):
         am_ptr[0] and am_ptr[1] are raised to the largest |operand| of a and of d before its
         scale, each input element counted once, at the centre tap of the first channel-block
-        programs (the pixels and channels SAVE_R writes), NaN counted as inf."""
+        programs (the pixels and channels SAVE_R writes), NaN counted as inf. TWO: the input
+        is the channel concatenation [a, a2], [d, d2] (C1 channels from a and d, Cin in all),
+        read in place as two segments of the reduction, each step within one segment."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         n = tl.program_id(2)
@@ -331,8 +353,12 @@ if triton is not None:
         co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         co_ok = co < Cout
         kc = tl.arange(0, BLOCK_K)
-        a_base = a_ptr + n.to(tl.int64) * HW * Cin  # 64-bit per sample, 32-bit within it
-        d_base = d_ptr + n.to(tl.int64) * HW * Cin
+        C2 = Cin - C1  # 0 without TWO
+        a_base = a_ptr + n.to(tl.int64) * HW * C1  # 64-bit per sample, 32-bit within it
+        d_base = d_ptr + n.to(tl.int64) * HW * C1
+        if TWO:
+            a2_base = a2_ptr + n.to(tl.int64) * HW * C2
+            d2_base = d2_ptr + n.to(tl.int64) * HW * C2
         dtype = a_ptr.dtype.element_ty
         if PROLOGUE:
             s = tl.load(ds_ptr).to(tl.float32)
@@ -345,20 +371,31 @@ if triton is not None:
         if AMAX:
             amax_a = tl.zeros([], tl.float32)
             amax_d = tl.zeros([], tl.float32)
-        c_blocks = tl.cdiv(Cin, BLOCK_K)
+        blocks1 = tl.cdiv(C1, BLOCK_K)
+        c_blocks = blocks1 + tl.cdiv(C2, BLOCK_K)
         for kk in range(0, KH * KW * c_blocks):
             tap = kk // c_blocks
-            c = (kk - tap * c_blocks) * BLOCK_K + kc
+            j = kk - tap * c_blocks
             ky = tap // KW
             kx = tap - ky * KW
             ih = oh + (ky - KH // 2)
             iw = ow + (kx - KW // 2)
             pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            c_ok = c < Cin
-            mask = pix_ok[:, None] & c_ok[None, :]
-            off = (ih * W + iw)[:, None] * Cin + c[None, :]
-            xa = tl.load(a_base + off, mask=mask, other=0.0)
-            xd = tl.load(d_base + off, mask=mask, other=0.0)
+            pix = ih * W + iw
+            if TWO:
+                second = (kc * 0 + j) >= blocks1  # per channel: one segment a step
+                cs = (j - tl.where(second, blocks1, 0)) * BLOCK_K + kc  # within its segment
+                c_ok = cs < tl.where(second, C2, C1)
+                c = cs + tl.where(second, C1, 0)  # within the concatenation
+                mask = pix_ok[:, None] & c_ok[None, :]
+                xa = _segment_load(a_base, a2_base, pix, cs, C1, C2, mask, second)
+                xd = _segment_load(d_base, d2_base, pix, cs, C1, C2, mask, second)
+            else:
+                c = j * BLOCK_K + kc
+                c_ok = c < Cin
+                mask = pix_ok[:, None] & c_ok[None, :]
+                xa = tl.load(a_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
+                xd = tl.load(d_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
             if PROLOGUE:
                 ka, mean_d, mul_a, add, mul_r, mul_dr = _prologue_params(
                     n, c, c_ok, G, Cg, scN, ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr,
@@ -367,8 +404,9 @@ if triton is not None:
                 fd = xd.to(tl.float32) * inv_s
                 if SAVE_R:
                     if (pid_n == 0) & (tap == (KH // 2) * KW + KW // 2):
-                        tl.store(r_ptr + n.to(tl.int64) * HW * Cin + off,
-                                 _to(fa + fd, r_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+                        r_off = n.to(tl.int64) * HW * Cin + pix[:, None] * Cin + c[None, :]
+                        tl.store(r_ptr + r_off, _to(fa + fd, r_ptr.dtype.element_ty,
+                                                    INTERPRETED), mask=mask)
                 ca = fa + ka[None, :]
                 ua = ca * mul_a[None, :] + add[None, :]
                 ud = (fd - mean_d[None, :]) * mul_r[None, :] + ca * mul_dr[None, :]
@@ -491,17 +529,23 @@ def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
 
 
 def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r,
-             quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None):
+             quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None,
+             concat=None):
     """(out_a, out_d, r or None), all channels_last; a, d, residuals channels_last, weight
     with unit stride over input channels. With ``quantized`` (its weight laid out as
     ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3 weight instead, and
-    raises ``amax_out`` (2 fp32 values) to its operands' amaxes where given."""
-    N, Cin, H, W = a.shape
+    raises ``amax_out`` (2 fp32 values) to its operands' amaxes where given. ``concat``:
+    (a2, d2), channels_last, whose channels follow a's and d's in the input (r holds the
+    whole concatenation)."""
+    N, C1, H, W = a.shape
+    a2, d2 = concat if concat is not None else (a, d)
+    Cin = C1 + (a2.shape[1] if concat is not None else 0)
     Cout, _, KH, KW = weight.shape
     HW = H * W
     out_a = torch.empty((N, Cout, H, W), dtype=a.dtype, device=a.device, memory_format=_CL)
     out_d = torch.empty_like(out_a)
-    r = torch.empty_like(d, memory_format=_CL) if save_r else None
+    r = (torch.empty((N, Cin, H, W), dtype=d.dtype, device=d.device, memory_format=_CL)
+         if save_r else None)
     precision = _precision(a.dtype)
     k = _conv_launch(HW, Cin, Cout, a.element_size(), norm is not None,
                      a.dtype == torch.float32 and precision == "ieee", quantized is not None)
@@ -522,10 +566,10 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     has_res = res_a is not None
     grid = (cdiv(Cout, k.block_n), cdiv(HW, k.block_m), N)
     _pair_conv_fwd_kernel[grid](
-        a, d, weight, a if bias is None else bias, res_a if has_res else a,
+        a, d, a2, d2, weight, a if bias is None else bias, res_a if has_res else a,
         res_d if has_res else a, out_a, out_d, a if r is None else r, d_scale, *stats, *params,
-        *scales, a if amax_out is None else amax_out, H, W, Cin, Cout, G, scN, *weight.stride(),
-        Cg=Cg, KH=KH, KW=KW, BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_K=k.block_k,
+        *scales, a if amax_out is None else amax_out, H, W, Cin, C1, Cout, G, scN,
+        *weight.stride(), Cg=Cg, KH=KH, KW=KW, TWO=concat is not None, BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_K=k.block_k,
         PROLOGUE=norm is not None, HAS_FILM=film, HAS_XB=has_xb, SILU=silu,
         HAS_BIAS=bias is not None, HAS_RES=has_res, SAVE_R=save_r, PRECISION=precision,
         QUANT=quantized is not None, AMAX=amax_out is not None,
@@ -562,11 +606,13 @@ class _PairConv2d(torch.autograd.Function):
     r = a + d / s."""
 
     @staticmethod
-    def forward(ctx, d, res_d, a, d_scale, weight, bias, norm, res_a, layout, quantized,
+    def forward(ctx, d, d2, res_d, a, a2, d_scale, weight, bias, norm, res_a, layout, quantized,
                 amax_out):
-        save_r = norm is not None and ctx.needs_input_grad[0]
+        ctx.input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        save_r = norm is not None and ctx.input_grad
+        concat = None if a2 is None else (a2, d2)
         out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r,
-                                   quantized, amax_out)
+                                   quantized, amax_out, concat)
         if save_r:
             ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
                                   norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
@@ -575,7 +621,8 @@ class _PairConv2d(torch.autograd.Function):
         else:
             ctx.save_for_backward(weight)
             ctx.norm = None
-        ctx.cin = a.shape[1]
+        ctx.c1 = a.shape[1]
+        ctx.cin = a.shape[1] + (0 if a2 is None else a2.shape[1])
         ctx.set_materialize_grads(False)
         out_a = out_a.contiguous(memory_format=layout)
         ctx.mark_non_differentiable(out_a)
@@ -585,12 +632,12 @@ class _PairConv2d(torch.autograd.Function):
     @without_autocast
     @once_differentiable
     def backward(ctx, _grad_a, grad_d):
-        nones = (None,) * 9
+        nones = (None,) * 10
         if grad_d is None:
-            return (None, None) + nones
-        grad_res = grad_d if ctx.needs_input_grad[1] else None
-        if not ctx.needs_input_grad[0]:
-            return (None, grad_res) + nones
+            return (None, None, None) + nones
+        grad_res = grad_d if ctx.needs_input_grad[2] else None
+        if not ctx.input_grad:
+            return (None, None, grad_res) + nones
         weight = ctx.saved_tensors[0]
         dy = _dgrad(grad_d.contiguous(memory_format=_CL), weight, ctx.cin)
         if ctx.norm is not None:
@@ -600,7 +647,10 @@ class _PairConv2d(torch.autograd.Function):
             # d(out_d)/d(d) at d / s is the plain norm's derivative at r: the scale cancels
             dy = _gn_backward(r, dy, None, mean_r, rstd_r, gw, gb, sc, sh, xb, G, film,
                               has_xb, silu, _gn_launch(N, G, H * W, C))
-        return (dy, grad_res) + nones  # channels_last, like the d the kernel read
+        if ctx.cin == ctx.c1:
+            return (dy, None, grad_res) + nones  # channels_last, like the d the kernel read
+        # a concatenated input's two parts: views of the one gradient
+        return (dy[:, :ctx.c1], dy[:, ctx.c1:], grad_res) + nones
 
 
 def _pair(value, name):
@@ -636,7 +686,7 @@ def _check_quantized(q, a, weight):
 
 
 def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode):
+           padding_mode, concat=None):
     for name, t in (("a", a), ("d", d), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pair_conv2d: {name} must be a 4-D tensor, got "
@@ -644,6 +694,19 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
     if d.shape != a.shape:
         raise ValueError(f"pair_conv2d: d must have a's shape {tuple(a.shape)}, got "
                          f"{tuple(d.shape)}")
+    tensors = {"d": d, "weight": weight}
+    C = a.shape[1]
+    if concat is not None:
+        if len(concat) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 4
+                                       for t in concat):
+            raise ValueError("pair_conv2d: concat must be a pair of 4-D tensors (a2, d2)")
+        a2, d2 = concat
+        if (a2.shape[0], *a2.shape[2:]) != (a.shape[0], *a.shape[2:]) or d2.shape != a2.shape:
+            raise ValueError(f"pair_conv2d: concat's a2 and d2 must share a's batch and size "
+                             f"{(a.shape[0], *a.shape[2:])} and each other's shape, got "
+                             f"{tuple(a2.shape)} and {tuple(d2.shape)}")
+        tensors.update(a2=a2, d2=d2)
+        C += a2.shape[1]
     if _pair(stride, "stride") != (1, 1) or _pair(dilation, "dilation") != (1, 1):
         raise ValueError(f"pair_conv2d: stride and dilation 1 only, got stride={stride!r}, "
                          f"dilation={dilation!r}")
@@ -652,18 +715,17 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
     if padding_mode != "zeros" or isinstance(padding, str):
         raise ValueError(f"pair_conv2d: numeric zero padding only, got padding={padding!r}, "
                          f"padding_mode={padding_mode!r}")
-    N, C, H, W = a.shape
+    N, _, H, W = a.shape
     Cout, Cin, KH, KW = weight.shape
     if Cin != C:
         raise ValueError(f"pair_conv2d: the weight {tuple(weight.shape)} takes {Cin} input "
-                         f"channels, a has {C}")
+                         f"channels, the input has {C}")
     if KH % 2 == 0 or KW % 2 == 0 or _pair(padding, "padding") != (KH // 2, KW // 2):
         raise ValueError(f"pair_conv2d: odd kernels with 'same' padding (kernel // 2) only, "
                          f"got kernel {KH}x{KW}, padding={padding!r}")
     if a.dtype not in TRITON_DTYPES:
         raise ValueError(f"pair_conv2d: the triton kernel takes fp32/fp16/bf16, got {a.dtype}; "
                          f"use pair_conv2d_torch for it")
-    tensors = {"d": d, "weight": weight}
     if bias is not None:
         if bias.numel() != Cout:
             raise ValueError(f"pair_conv2d: bias must have one value per output channel "
@@ -721,7 +783,7 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
 
 
 def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
-                stride=1, dilation=1, groups=1, padding_mode="zeros",
+                concat=None, stride=1, dilation=1, groups=1, padding_mode="zeros",
                 quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None):
     """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
     convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
@@ -731,6 +793,11 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     Inputs are copied to channels_last where they are not (a weight kept channels_last is
     read in place); the outputs take a's layout. fp32 products follow
     ``torch.backends.cudnn.allow_tf32``, as ``F.conv2d``'s do.
+
+    ``concat`` (``(a2, d2)``): the input is the channel concatenation ``[a, a2]``,
+    ``[d, d2]`` (the decoder's skip connection after its own input), read in place as two
+    segments of the reduction instead of copied; ``prologue`` and ``weight`` are the
+    concatenation's. Differentiable to ``d2`` too.
 
     ``quantized`` (:class:`E4M3Operands`, bf16 activations, CUDA sm_89+ or the interpreter):
     the forward convolves e4m3 operands, as :func:`pair_conv2d_torch` with it defines;
@@ -744,7 +811,7 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     (:meth:`~.fp8.DelayedScaling.record`); zero it first for this call's amaxes alone."""
     require_triton("pair_conv2d")
     _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode)
+           padding_mode, concat)
     if quantized is not None:
         _check_quantized(quantized, a, weight)
     if amax_out is not None:
@@ -757,6 +824,11 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
             raise ValueError("pair_conv2d: amax_out must be a contiguous fp32 tensor of 2 "
                              "values on a's device, without grad")
     N, C, H, W = a.shape
+    a2 = d2 = None
+    if concat is not None:
+        a2 = concat[0].detach().contiguous(memory_format=_CL)
+        d2 = concat[1].contiguous(memory_format=_CL)
+        C += a2.shape[1]
     layout = _layout(a)
     a = a.detach().contiguous(memory_format=_CL)
     if not isinstance(d_scale, torch.Tensor):
@@ -771,19 +843,20 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
         res_d = residual[1].contiguous(memory_format=_CL)
     if a.numel() == 0 or weight.shape[0] == 0:
         return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
-                                 prologue=prologue, residual=residual, quantized=quantized,
-                                 amax_out=amax_out)
+                                 prologue=prologue, residual=residual, concat=concat,
+                                 quantized=quantized, amax_out=amax_out)
     if quantized is not None:
         qw = _channels_last_weight(quantized.weight)
         if qw.stride() != w.stride():  # one set of strides for both weights
             qw = torch.empty_like(w, dtype=E4M3).copy_(qw)
         quantized = E4M3Operands(qw, quantized.weight_scale.reshape(-1).contiguous(),
                                  quantized.a_scale.reshape(()), quantized.d_scale_q.reshape(()))
-    grad = torch.is_grad_enabled() and (d.requires_grad or (res_d is not None
-                                                            and res_d.requires_grad))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (d, d2, res_d))
+    d = d.contiguous(memory_format=_CL)
     if grad:
-        return _PairConv2d.apply(d.contiguous(memory_format=_CL), res_d, a, d_scale, w, bias,
-                                 norm, res_a, layout, quantized, amax_out)
-    out_a, out_d, _ = _forward(a, d.contiguous(memory_format=_CL), d_scale, w, bias, norm,
-                               res_a, res_d, False, quantized, amax_out)
+        return _PairConv2d.apply(d, d2, res_d, a, a2, d_scale, w, bias, norm, res_a, layout,
+                                 quantized, amax_out)
+    out_a, out_d, _ = _forward(a, d, d_scale, w, bias, norm, res_a, res_d, False, quantized,
+                               amax_out, None if a2 is None else (a2, d2))
     return out_a.contiguous(memory_format=layout), out_d.contiguous(memory_format=layout)
