@@ -13,6 +13,8 @@ ordinary backward at the restored point.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,26 @@ from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class Concat(NamedTuple):
+    """A decoder block's input, its own pair and the encoder's skip pair, not yet concatenated
+    along channels: a fused block (``cat-in``) reads the two in place, anything else joins
+    them first (:meth:`joined`)."""
+    h: Pair
+    skip: Pair
+
+    def joined(self) -> Pair:
+        return (torch.cat([self.h[0], self.skip[0]], 1), torch.cat([self.h[1], self.skip[1]], 1),
+                self.h[2])
+
+
+def input_shape(x: Pair | Concat) -> tuple[int, int, int, int]:
+    """(batch, channels, height, width) of a block's input, concatenated or not."""
+    if isinstance(x, Concat):
+        n, c, height, width = x.h[0].shape
+        return n, c + x.skip[0].shape[1], height, width
+    return tuple(x[0].shape)
+
+
 class DifferenceUNet(FastUNet):
     """``forward(a_t, d_t, t, d_scale) -> (d_eps or None, d_h)``: the differences of the
     predicted noise and of the middle-block features between ``a_t + d_t / d_scale`` and
@@ -36,8 +58,10 @@ class DifferenceUNet(FastUNet):
     ``fused_blocks``: the keys (:class:`~diffloss_fast.ops.conv_dispatch.Block`) of the
     ResBlock norm + convolution blocks that run as one fused Triton kernel
     (:mod:`diffloss_fast.ops.pair_conv`), the norm applied as the convolution loads its input
-    and the residual sum added as it writes; empty (the library path) unless the convolution
-    dispatch table measured them faster on this card."""
+    and the residual sum added as it writes, and of the decoder blocks whose concatenated
+    input the fused kernels read in place (``cat-in``: its norm's statistics, its first and
+    its skip convolution, no concatenation written); empty (the library path) unless the
+    convolution dispatch table measured them faster on this card."""
 
     fused_blocks: frozenset[str] = frozenset()
 
@@ -56,12 +80,12 @@ class DifferenceUNet(FastUNet):
                                                 norm.bias, norm.eps, scale, shift, x_bias,
                                                 silu), s)
 
-    def _fused(self, kind: str, x: Pair, conv: nn.Conv2d) -> bool:
+    def _fused(self, kind: str, x: Pair | Concat, conv: nn.Conv2d) -> bool:
         """Whether this norm + convolution block runs as one fused kernel
         (:mod:`diffloss_fast.ops.conv_dispatch`): only where the GPU sweep measured it faster."""
         if not self.fused_blocks:
             return False
-        n, c, height, width = x[0].shape
+        n, c, height, width = input_shape(x)
         return Block(kind, n, c, conv.out_channels, height, width).key() in self.fused_blocks
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
@@ -71,13 +95,38 @@ class DifferenceUNet(FastUNet):
         return (*pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding,
                              prologue=prologue, residual=residual), s)
 
-    def _resblock(self, blk: ResBlock, x: Pair, film: torch.Tensor) -> Pair:
+    def _fused_concat(self, blk: ResBlock, x: Concat) -> bool:
+        """Whether this decoder block reads its concatenated input in place (``cat-in``):
+        a ResBlock whose skip is a 1x1 convolution, where the sweep measured it faster."""
+        if blk.updown or not isinstance(blk.skip_connection, nn.Conv2d):
+            return False
+        return self._fused("cat-in", x, blk.in_layers[2])
+
+    def _concat_in(self, blk: ResBlock, x: Concat) -> tuple[Pair, Pair]:
+        """(h, x) of a decoder ResBlock after its first norm + convolution and its skip
+        convolution, both reading the two parts of its input in place."""
+        norm, conv = blk.in_layers[0], blk.in_layers[2]
+        (a, d, s), (a2, d2, _) = x
+        prologue = pair_prologue(a, d, s, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                 concat=(a2, d2))
+        bias = conv.bias if not blk.use_scale_shift_norm else None
+        h = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
+                        concat=(a2, d2))
+        skip = blk.skip_connection
+        x = pair_conv2d(a, d, s, skip.weight, None, padding=skip.padding, concat=(a2, d2))
+        return (*h, s), (*x, s)
+
+    def _resblock(self, blk: ResBlock, x: Pair | Concat, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
         emb_out = film[:, blk.film, None, None]  # the same for both: t is shared
-        out_norm, out_conv = blk.out_layers[0], blk.out_layers[3]
         scale_shift = blk.use_scale_shift_norm
         # with a scale-shift norm the first convolution's bias rides in the norm after it
         conv_bias = conv.bias if not scale_shift else None
+        if isinstance(x, Concat):
+            if self._fused_concat(blk, x):
+                h, x = self._concat_in(blk, x)
+                return self._resblock_out(blk, h, x, emb_out)
+            x = x.joined()
         if not blk.updown and self._fused("in", x, conv):
             h = self._pair_conv(conv, x, conv_bias, pair_prologue(*x, norm.num_groups,
                                                                   norm.weight, norm.bias,
@@ -89,6 +138,13 @@ class DifferenceUNet(FastUNet):
             h = self._conv(conv, h, bias=not scale_shift)
         skip = blk.skip_connection
         x = self._conv(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else x
+        return self._resblock_out(blk, h, x, emb_out)
+
+    def _resblock_out(self, blk: ResBlock, h: Pair, x: Pair, emb_out: torch.Tensor) -> Pair:
+        """A ResBlock's second norm (+ FiLM) + convolution of h, and the residual sum with
+        its skip path's x."""
+        conv, out_norm, out_conv = blk.in_layers[2], blk.out_layers[0], blk.out_layers[3]
+        scale_shift = blk.use_scale_shift_norm
         if scale_shift and self._fused("out", h, out_conv):
             prologue = pair_prologue(*h, out_norm.num_groups, out_norm.weight, out_norm.bias,
                                      out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
@@ -131,8 +187,9 @@ class DifferenceUNet(FastUNet):
         back = lambda o: o.transpose(1, 2).unflatten(2, (height, width))  # noqa: E731
         return x[0] + back(out_a), x[1] + back(out_d), x[2]
 
-    def _concat(self, h: Pair, skip: Pair) -> Pair:
-        return torch.cat([h[0], skip[0]], 1), torch.cat([h[1], skip[1]], 1), h[2]
+    def _concat(self, h: Pair, skip: Pair) -> Pair | Concat:
+        """Joined, unless some block may read the two in place (see :class:`Concat`)."""
+        return Concat(h, skip) if self.fused_blocks else Concat(h, skip).joined()
 
     def _feature(self, h: Pair) -> torch.Tensor:
         return h[1]

@@ -54,6 +54,11 @@ class FP8DifferenceUNet(DifferenceUNet):
         an earlier call's amaxes."""
         return super()._fused(f"fp8-{kind}", x, conv) and self.scaling.calls > 1
 
+    def _fused_concat(self, blk, x) -> bool:
+        """Never: the in-place read of a concatenated input has no e4m3 form yet (its
+        convolutions would run in bf16); the decoder's input is joined first."""
+        return False
+
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
         """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,
         found by the kernel, recorded as the unfused convolutions record theirs."""

@@ -142,6 +142,18 @@ def drive() -> None:
                                 prologue=prologue, residual=residual and (residual[0],
                                                                           residual[1].detach()),
                                 quantized=q, amax_out=amax)
+        # a decoder ResBlock's concatenated input read in place (1024 + 512 channels: groups
+        # of 48 straddle the boundary): its norm's statistics, its first 3x3, its 1x1 skip
+        parts = [(_t(2, c, 16, 16, dtype=dtype, channels_last=True),
+                  _t(2, c, 16, 16, dtype=dtype, grad=True, channels_last=True))
+                 for c in (1024, 512)]
+        (a, d), (a2, d2) = parts
+        prologue = pair_prologue(a, d.detach(), _t(), 32, _t(1536, dtype=dtype),
+                                 _t(1536, dtype=dtype), 1e-5, concat=(a2, d2.detach()))
+        for kernel, norm in ((3, prologue), (1, None)):
+            pair_conv2d(a, d, _t(), _t(512, 1536, kernel, kernel, dtype=dtype),
+                        _t(512, dtype=dtype), padding=kernel // 2, prologue=norm,
+                        concat=(a2, d2))[1].sum().backward()
         # the pair pass's GroupNorm (+ FiLM) (+ SiLU), differentiated to d: 8 channels a group
         # as at ADM-256's 256-channel levels, 2 as in the tiny prior; every option, and once
         # without a backward to follow (no r saved)

@@ -82,7 +82,10 @@ def _fuse_every_block(monkeypatch, module, calls):
     real = module.pair_conv2d
 
     def counted(*args, **kwargs):
-        calls.append("out" if kwargs.get("residual") is not None else "in")
+        if kwargs.get("concat") is not None:
+            calls.append("cat-in" if kwargs.get("prologue") is not None else "cat-skip")
+        else:
+            calls.append("out" if kwargs.get("residual") is not None else "in")
         return real(*args, **kwargs)
     monkeypatch.setattr(module, "pair_conv2d", counted)
     monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
@@ -103,10 +106,14 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     want = _step(dl.DiffLoss(micro_unet, fused_kernels=True, execution="eager", **kw), *inputs)
     calls = []
     got = _step(_fused_loss(micro_unet, monkeypatch, calls, **kw), *inputs)
-    # every ResBlock's second block ran fused, and the first of those that do not resample
+    # every ResBlock's second block ran fused; the decoder's concatenated inputs were read in
+    # place by their first and skip convolutions; the other first blocks that do not resample
+    # ran fused too
     blocks = [m for m in micro_unet.modules() if isinstance(m, ResBlock)]
+    decoder = [block[0] for block in micro_unet.output_blocks]
     assert calls.count("out") == len(blocks)
-    assert calls.count("in") == sum(not blk.updown for blk in blocks) > 0
+    assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
+    assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
 
@@ -137,7 +144,7 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
     real = difference_unet.DifferenceUNet._fused
 
     def spy(self, kind, x, conv):
-        n, c, height, width = x[0].shape
+        n, c, height, width = difference_unet.input_shape(x)
         asked.add(Block(kind, n, c, conv.out_channels, height, width).key())
         return real(self, kind, x, conv)
     monkeypatch.setattr(difference_unet.DifferenceUNet, "_fused", spy)
@@ -148,6 +155,7 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
         return 1.0 if fused else 2.0  # every block "faster" fused
     entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], SIZE, timer=timer)
     assert set(entries) == asked
+    assert {key.split(":")[0] for key in entries} == {"in", "out", "cat-in"}
     assert all(e == {"library_ms": 2.0, "fused_ms": 1.0} for e in entries.values())
     assert sorted(map(len, timed)) == [0] * len(entries) + [1] * len(entries)
     path = tmp_path / "table.json"
@@ -162,11 +170,15 @@ def test_a_block_is_timed_for_real_both_ways(micro_unet, one_thread):
     from diffloss_fast.tools import conv_sweep
     loss_fn = dl.DiffLoss(micro_unet, precision="bf16", fused_kernels=True, execution="eager")
     net = loss_fn._net(torch.device("cpu"), torch.bfloat16, decoder=True)
-    key, blk, shape, film = conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))[0]
-    for fused in (frozenset(), frozenset({key})):
-        ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
-                                   warmup=0, repeats=1)
-        assert ms > 0
+    blocks = conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))
+    first = blocks[0]
+    concatenated = next(b for b in blocks if b[0].startswith("cat-in:"))
+    assert len(concatenated[2]) == 2  # the decoder block's two input shapes
+    for key, blk, shape, film in (first, concatenated):
+        for fused in (frozenset(), frozenset({key})):
+            ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
+                                       warmup=0, repeats=1)
+            assert ms > 0
     assert net.fused_blocks == frozenset()  # left as found
 
 
@@ -277,8 +289,8 @@ def test_fp8_blocks_have_their_own_keys(micro_unet):
 
 def test_the_sweep_times_the_fp8_blocks_under_their_own_keys(micro_unet):
     """On a card with FP8 tensor cores (forced here) the sweep also times the FP8 network's
-    blocks, the same blocks as bf16's under fp8- keys, each with the scaling past its first
-    call (where FP8 blocks may fuse at all)."""
+    blocks, the same blocks as bf16's but the concatenated inputs' under fp8- keys, each with
+    the scaling past its first call (where FP8 blocks may fuse at all)."""
     from diffloss_fast.fp8_unet import FP8DifferenceUNet
     from diffloss_fast.tools import conv_sweep
     timed = []
@@ -293,5 +305,8 @@ def test_the_sweep_times_the_fp8_blocks_under_their_own_keys(micro_unet):
     entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [1], SIZE, timer=timer,
                                fp8=True)
     bf16 = {k for k in entries if not k.startswith("fp8-")}
-    assert bf16 and set(entries) == bf16 | {f"fp8-{k}" for k in bf16}
-    assert timed.count(True) == timed.count(False) == 2 * len(bf16)
+    # the FP8 network joins a concatenated input first: it has no cat-in block
+    joined = {k for k in bf16 if k.startswith("cat-in:")}
+    assert joined and set(entries) == bf16 | {f"fp8-{k}" for k in bf16 - joined}
+    assert timed.count(False) == 2 * len(bf16)
+    assert timed.count(True) == 2 * len(bf16 - joined)

@@ -134,15 +134,21 @@ if triton is not None:
         return u
 
     @triton.jit
-    def _dxhat(x_ptr, dy_ptr, off, mask, mul, add, dgain, centre, rstd, SILU: tl.constexpr):
-        """Recompute the forward for one tile: the normalized input and its gradient."""
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        du = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    def _dxhat_of(x, du, mask, mul, add, dgain, centre, rstd, SILU: tl.constexpr):
+        """The normalized input and its gradient from a tile of x and of the output's
+        gradient du, both fp32 (recomputing the forward's u)."""
         if SILU:
             u = x * mul[None, :] + add[None, :]
             sig = tl.sigmoid(u)
             du = du * sig * (1.0 + u * (1.0 - sig))
         return (x - centre[None, :]) * rstd[None, :], tl.where(mask, du * dgain[None, :], 0.0)
+
+    @triton.jit
+    def _dxhat(x_ptr, dy_ptr, off, mask, mul, add, dgain, centre, rstd, SILU: tl.constexpr):
+        """:func:`_dxhat_of` of the tile at ``off`` of x and dy."""
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        du = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        return _dxhat_of(x, du, mask, mul, add, dgain, centre, rstd, SILU)
 
     # Each loop keeps one tile in flight (num_stages=1): a streaming pass gains nothing from
     # software pipelining (benchmarks/NOTES.md).

@@ -21,10 +21,11 @@ of :mod:`.group_norm_silu_difference`); the GEMM rounds its operands to the stor
 accumulates in fp32. ``a`` and ``out_a`` carry no gradient; the weights are frozen. The
 derivative of the difference with respect to ``d`` is the plain op's at the restored point
 ``r = a + d / s``: the backward is the transposed convolution of the output's gradient
-(another implicit GEMM) followed by the plain GroupNorm + SiLU backward at ``r``, which the
-forward kernel writes as it loads ``a`` and ``d`` (one activation saved, the one a restored
-branch would keep; the normalized pair is not kept). The residual's gradient passes on
-unchanged.
+(another implicit GEMM, whose epilogue adds up the norm backward's partial sums,
+:mod:`.pair_conv_backward`) followed by the plain GroupNorm + SiLU backward at ``r``, which
+the forward kernel writes as it loads ``a`` and ``d`` (one activation saved, the one a
+restored branch would keep; the normalized pair is not kept). The residual's gradient passes
+on unchanged.
 
 FP8: with ``quantized=`` (:class:`E4M3Operands`) the GEMM runs on e4m3 operands, the
 convolution of :mod:`.fp8` (what :class:`~diffloss_fast.fp8_unet.FP8DifferenceUNet` runs
@@ -62,9 +63,8 @@ from .difference import to_accumulation as _acc
 from .fp8 import E4M3, _E4M3Conv2d, _e4m3_forward, check_device, quantize_weight
 from .frozen_conv import _channels_last_weight
 from .group_norm_silu import _MAX_CHANNELS
-from .group_norm_silu import _backward as _gn_backward
-from .group_norm_silu import _launch as _gn_launch
 from .group_norm_silu_difference import group_norm_silu_difference_torch, pair_statistics_triton
+from .pair_conv_backward import SavedNorm, pair_conv_input_gradient
 
 _CL = torch.channels_last
 
@@ -451,47 +451,6 @@ if triton is not None:
         tl.store(oa_ptr + out, _to(acc_a, oa_ptr.dtype.element_ty, INTERPRETED), mask=omask)
         tl.store(od_ptr + out, _to(acc_d, od_ptr.dtype.element_ty, INTERPRETED), mask=omask)
 
-    @triton.jit
-    def _pair_conv_dgrad_kernel(g_ptr, w_ptr, dx_ptr, H, W, Cin, Cout, sw_o, sw_c, sw_y, sw_x,
-                                KH: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-        """The input gradient of a 'same'-padded stride-1 convolution, as an implicit GEMM:
-        rows are input pixels, columns input channels, the reduction runs over (tap, output
-        channel) of the output's gradient at the pixels each tap maps the input pixel to.
-        Channels_last in and out."""
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        n = tl.program_id(2)
-        HW = H * W
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < HW
-        ih = m // W
-        iw = m % W
-        ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ci_ok = ci < Cin
-        kc = tl.arange(0, BLOCK_K)
-        g_base = g_ptr + n.to(tl.int64) * HW * Cout
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        c_blocks = tl.cdiv(Cout, BLOCK_K)
-        for kk in range(0, KH * KW * c_blocks):
-            tap = kk // c_blocks
-            co = (kk - tap * c_blocks) * BLOCK_K + kc
-            ky = tap // KW
-            kx = tap - ky * KW
-            oh = ih - (ky - KH // 2)
-            ow = iw - (kx - KW // 2)
-            pix_ok = m_ok & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
-            co_ok = co < Cout
-            g = tl.load(g_base + (oh * W + ow)[:, None] * Cout + co[None, :],
-                        mask=pix_ok[:, None] & co_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + co[:, None] * sw_o + ci[None, :] * sw_c + ky * sw_y + kx * sw_x,
-                         mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
-            acc = _mm(g, wt, acc, PRECISION, INTERPRETED)
-        out = n.to(tl.int64) * HW * Cin + m[:, None] * Cin + ci[None, :]
-        tl.store(dx_ptr + out, _to(acc, dx_ptr.dtype.element_ty, INTERPRETED),
-                 mask=m_ok[:, None] & ci_ok[None, :])
-
 
 class _Norm(NamedTuple):
     """A prologue's tensors as the kernels read them: statistics flat (N * G), fp32;
@@ -577,24 +536,6 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     return out_a, out_d, r
 
 
-def _dgrad(grad, weight, Cin):
-    """The input gradient of the convolution, channels_last, in grad's dtype."""
-    N, Cout, H, W = grad.shape
-    KH, KW = weight.shape[2:]
-    HW = H * W
-    dx = torch.empty((N, Cin, H, W), dtype=grad.dtype, device=grad.device, memory_format=_CL)
-    precision = _precision(grad.dtype)
-    k = _conv_launch(HW, Cout, Cin, grad.element_size(), False,
-                     grad.dtype == torch.float32 and precision == "ieee")
-    grid = (cdiv(Cin, k.block_n), cdiv(HW, k.block_m), N)
-    _pair_conv_dgrad_kernel[grid](grad, weight, dx, H, W, Cin, Cout, *weight.stride(), KH=KH,
-                                  KW=KW, BLOCK_M=k.block_m, BLOCK_N=k.block_n,
-                                  BLOCK_K=k.block_k, PRECISION=precision,
-                                  INTERPRETED=grad.device.type == "cpu",
-                                  num_warps=k.num_warps, num_stages=k.num_stages)
-    return dx
-
-
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """The memory format of the outputs: channels_last for x dense in it, else NCHW."""
     return _CL if x.is_contiguous(memory_format=_CL) else torch.contiguous_format
@@ -638,15 +579,10 @@ class _PairConv2d(torch.autograd.Function):
         grad_res = grad_d if ctx.needs_input_grad[2] else None
         if not ctx.input_grad:
             return (None, None, grad_res) + nones
-        weight = ctx.saved_tensors[0]
-        dy = _dgrad(grad_d.contiguous(memory_format=_CL), weight, ctx.cin)
-        if ctx.norm is not None:
-            _, r, mean_r, rstd_r, gw, gb, sc, sh, xb = ctx.saved_tensors
-            G, film, has_xb, silu = ctx.norm
-            N, C, H, W = r.shape
-            # d(out_d)/d(d) at d / s is the plain norm's derivative at r: the scale cancels
-            dy = _gn_backward(r, dy, None, mean_r, rstd_r, gw, gb, sc, sh, xb, G, film,
-                              has_xb, silu, _gn_launch(N, G, H * W, C))
+        weight, *saved = ctx.saved_tensors
+        # d(out_d)/d(d) at d / s is the plain norm's derivative at r: the scale cancels
+        norm = None if ctx.norm is None else SavedNorm(*saved, *ctx.norm)
+        dy = pair_conv_input_gradient(grad_d, weight, ctx.cin, norm)
         if ctx.cin == ctx.c1:
             return (dy, None, grad_res) + nones  # channels_last, like the d the kernel read
         # a concatenated input's two parts: views of the one gradient

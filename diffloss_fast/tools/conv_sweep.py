@@ -6,7 +6,8 @@ cuDNN's convolution by a Triton implicit GEMM, which may be slower for some shap
 distinct block of the prior's pair pass (a ResBlock's first norm + convolution, ``in``, and its
 second norm + FiLM + convolution + residual sum, ``out``) at each batch, the sweep times the
 whole ResBlock's forward and backward with that block fused and with none, on random
-activations of the block's shapes, and writes both medians to the dispatch table
+activations of the block's shapes (a decoder block's two inputs, ``cat-in``, read in place
+when fused and concatenated otherwise), and writes both medians to the dispatch table
 (:mod:`diffloss_fast.ops.conv_dispatch`) under the card's family. DiffLoss then fuses exactly
 the blocks measured faster. On a card with FP8 tensor cores the ``precision="fp8"`` network's
 blocks (the same kernel on e4m3 operands, against its e4m3 convolutions) are timed too, under
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..difference_unet import DifferenceUNet
+from ..difference_unet import Concat, DifferenceUNet
 from ..fp8_unet import FP8DifferenceUNet
 from ..loss import DiffLoss
 from ..ops import conv_dispatch
@@ -47,10 +48,18 @@ class _Asked(frozenset):
         return False
 
 
+def _shapes(x) -> tuple:
+    """A ResBlock input's shape, or a decoder input's two shapes (its own and the skip's)."""
+    if isinstance(x, Concat):
+        return tuple(x.h[0].shape), tuple(x.skip[0].shape)
+    return tuple(x[0].shape)
+
+
 def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: torch.device):
     """``[(block key, ResBlock, input shape, FiLM rows)]``: every block the pair pass runs at
     this batch and resolution, once per distinct key, from one forward of ``net`` (no
-    gradient), each key as the network itself looks it up in its fused blocks."""
+    gradient), each key as the network itself looks it up in its fused blocks. A decoder
+    block's input shape is the pair of its two parts' shapes."""
     seen, found = set(), []
     run, saved = net._resblock, net.fused_blocks
     asked = net.fused_blocks = _Asked()
@@ -61,7 +70,7 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
         for key in asked.keys[start:]:
             if key not in seen:
                 seen.add(key)
-                found.append((key, blk, tuple(x[0].shape), film))
+                found.append((key, blk, _shapes(x), film))
         return out
 
     net._resblock = record
@@ -80,18 +89,22 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
 def time_block(net: DifferenceUNet, blk, shape, film, fused: frozenset[str],
                device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median ms of one ResBlock's pair forward and backward to its input difference, with the
-    blocks ``fused`` fused."""
+    blocks ``fused`` fused. ``shape``: as :func:`recorded_blocks` gives it."""
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(shape, device=device, generator=gen, dtype=net.dtype)
-    d = torch.randn(shape, device=device, generator=gen, dtype=net.dtype)
-    if net.channels_last:
-        a, d = (x.contiguous(memory_format=torch.channels_last) for x in (a, d))
-    d.requires_grad_(True)
     s = torch.ones((), device=device)
+
+    def pair(size):
+        a = torch.randn(size, device=device, generator=gen, dtype=net.dtype)
+        d = torch.randn(size, device=device, generator=gen, dtype=net.dtype)
+        if net.channels_last:
+            a, d = (x.contiguous(memory_format=torch.channels_last) for x in (a, d))
+        return a, d.requires_grad_(True), s
+    concat = isinstance(shape[0], tuple)
+    x = Concat(pair(shape[0]), pair(shape[1])) if concat else pair(shape)
     saved, net.fused_blocks = net.fused_blocks, fused
 
     def step():
-        out = net._resblock(blk, (a, d, s), film)[1]
+        out = net._resblock(blk, x, film)[1]
         out.backward(torch.ones_like(out))
     try:
         return statistics.median(hardware.time_ms(step, device, warmup=warmup,
