@@ -22,7 +22,7 @@ from torch import nn
 from .fast_unet import FastUNet
 from .ops.conv_dispatch import Block
 from .ops.frozen_conv import frozen_conv2d
-from .ops.pair_conv import pair_conv2d, pair_prologue
+from .ops.pair_conv import NextNorm, PairNormStatistics, pair_conv2d, pair_prologue
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 # (target activation, difference times d_scale, d_scale): what flows from layer to layer
@@ -80,41 +80,57 @@ class DifferenceUNet(FastUNet):
                                                 norm.bias, norm.eps, scale, shift, x_bias,
                                                 silu), s)
 
-    def _fused(self, kind: str, x: Pair | Concat, conv: nn.Conv2d) -> bool:
-        """Whether this norm + convolution block runs as one fused kernel
-        (:mod:`diffloss_fast.ops.conv_dispatch`): only where the GPU sweep measured it faster."""
+    def _fused(self, kind: str, shape: tuple[int, int, int, int], conv: nn.Conv2d) -> bool:
+        """Whether this norm + convolution block, of an input of ``shape``, runs as one fused
+        kernel (:mod:`diffloss_fast.ops.conv_dispatch`): only where the GPU sweep measured it
+        faster."""
         if not self.fused_blocks:
             return False
-        n, c, height, width = input_shape(x)
+        n, c, height, width = shape
         return Block(kind, n, c, conv.out_channels, height, width).key() in self.fused_blocks
 
-    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
+    def _next_norm(self, blk: ResBlock, shape) -> NextNorm | None:
+        """The ResBlock's second norm, for the epilogue of its first convolution (output of
+        ``shape``) to add up its statistics, where that norm is applied by a fused block; else
+        None (the norm computes its own)."""
+        if not (blk.use_scale_shift_norm and self._fused("out", shape, blk.out_layers[3])):
+            return None
+        norm = blk.out_layers[0]
+        return NextNorm(norm.num_groups, norm.eps, blk.in_layers[2].bias)
+
+    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
+                   next_norm: NextNorm | None = None) -> tuple[Pair, PairNormStatistics | None]:
         """A fused block's convolution: ``conv`` (its weight, ``bias`` on the target only) of
-        ``prologue``'s pair norm of ``pair``, plus ``residual``'s pair."""
+        ``prologue``'s pair norm of ``pair``, plus ``residual``'s pair; and ``next_norm``'s
+        statistics of the output, or None."""
         a, d, s = pair
-        return (*pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding,
-                             prologue=prologue, residual=residual), s)
+        out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
+                          residual=residual, next_norm=next_norm)
+        return (out[0], out[1], s), (out[2] if next_norm is not None else None)
 
     def _fused_concat(self, blk: ResBlock, x: Concat) -> bool:
         """Whether this decoder block reads its concatenated input in place (``cat-in``):
         a ResBlock whose skip is a 1x1 convolution, where the sweep measured it faster."""
         if blk.updown or not isinstance(blk.skip_connection, nn.Conv2d):
             return False
-        return self._fused("cat-in", x, blk.in_layers[2])
+        return self._fused("cat-in", input_shape(x), blk.in_layers[2])
 
-    def _concat_in(self, blk: ResBlock, x: Concat) -> tuple[Pair, Pair]:
-        """(h, x) of a decoder ResBlock after its first norm + convolution and its skip
-        convolution, both reading the two parts of its input in place."""
+    def _concat_in(self, blk: ResBlock, x: Concat):
+        """(h, x, statistics of h or None) of a decoder ResBlock after its first norm +
+        convolution and its skip convolution, both reading the two parts of its input in
+        place (see :meth:`_next_norm`)."""
         norm, conv = blk.in_layers[0], blk.in_layers[2]
         (a, d, s), (a2, d2, _) = x
         prologue = pair_prologue(a, d, s, norm.num_groups, norm.weight, norm.bias, norm.eps,
                                  concat=(a2, d2))
         bias = conv.bias if not blk.use_scale_shift_norm else None
+        n, _, height, width = a.shape
+        next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
         h = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                        concat=(a2, d2))
+                        concat=(a2, d2), next_norm=next_norm)
         skip = blk.skip_connection
         x = pair_conv2d(a, d, s, skip.weight, None, padding=skip.padding, concat=(a2, d2))
-        return (*h, s), (*x, s)
+        return (h[0], h[1], s), (*x, s), (h[2] if next_norm is not None else None)
 
     def _resblock(self, blk: ResBlock, x: Pair | Concat, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]
@@ -124,13 +140,15 @@ class DifferenceUNet(FastUNet):
         conv_bias = conv.bias if not scale_shift else None
         if isinstance(x, Concat):
             if self._fused_concat(blk, x):
-                h, x = self._concat_in(blk, x)
-                return self._resblock_out(blk, h, x, emb_out)
+                return self._resblock_out(blk, *self._concat_in(blk, x), emb_out)
             x = x.joined()
-        if not blk.updown and self._fused("in", x, conv):
-            h = self._pair_conv(conv, x, conv_bias, pair_prologue(*x, norm.num_groups,
-                                                                  norm.weight, norm.bias,
-                                                                  norm.eps))
+        stats = None
+        if not blk.updown and self._fused("in", input_shape(x), conv):
+            n, _, height, width = x[0].shape
+            next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
+            h, stats = self._pair_conv(conv, x, conv_bias,
+                                       pair_prologue(*x, norm.num_groups, norm.weight,
+                                                     norm.bias, norm.eps), next_norm=next_norm)
         else:
             h = self._norm_silu_pair(norm, x)
             if blk.updown:
@@ -138,17 +156,21 @@ class DifferenceUNet(FastUNet):
             h = self._conv(conv, h, bias=not scale_shift)
         skip = blk.skip_connection
         x = self._conv(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else x
-        return self._resblock_out(blk, h, x, emb_out)
+        return self._resblock_out(blk, h, x, stats, emb_out)
 
-    def _resblock_out(self, blk: ResBlock, h: Pair, x: Pair, emb_out: torch.Tensor) -> Pair:
+    def _resblock_out(self, blk: ResBlock, h: Pair, x: Pair, stats: PairNormStatistics | None,
+                      emb_out: torch.Tensor) -> Pair:
         """A ResBlock's second norm (+ FiLM) + convolution of h, and the residual sum with
-        its skip path's x."""
+        its skip path's x; ``stats``: the norm's statistics of h where the convolution that
+        wrote h added them up."""
         conv, out_norm, out_conv = blk.in_layers[2], blk.out_layers[0], blk.out_layers[3]
         scale_shift = blk.use_scale_shift_norm
-        if scale_shift and self._fused("out", h, out_conv):
+        if scale_shift and self._fused("out", tuple(h[0].shape), out_conv):
             prologue = pair_prologue(*h, out_norm.num_groups, out_norm.weight, out_norm.bias,
-                                     out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
-            return self._pair_conv(out_conv, h, blk.residual_bias, prologue, residual=x[:2])
+                                     out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias,
+                                     statistics=stats)
+            return self._pair_conv(out_conv, h, blk.residual_bias, prologue,
+                                   residual=x[:2])[0]
         if scale_shift:
             h = self._norm_silu_pair(out_norm, h, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
         else:

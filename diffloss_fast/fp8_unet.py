@@ -23,7 +23,7 @@ from torch import nn
 
 from .difference_unet import DifferenceUNet, Pair
 from .ops.fp8 import DelayedScaling, e4m3_conv2d, quantize_weight
-from .ops.pair_conv import E4M3Operands, pair_conv2d
+from .ops.pair_conv import E4M3Operands, NextNorm, pair_conv2d
 from .prior import UNetModel
 
 
@@ -48,18 +48,19 @@ class FP8DifferenceUNet(DifferenceUNet):
             conv.fp8_slot = slot  # the scaling slots 2 * slot (for a) and 2 * slot + 1 (for d)
         self.scaling = DelayedScaling(2 * len(convs), device=self.film_weight.device)
 
-    def _fused(self, kind: str, x: Pair, conv: nn.Conv2d) -> bool:
+    def _fused(self, kind: str, shape, conv: nn.Conv2d) -> bool:
         """Whether this block runs as the fused kernel on e4m3 operands: where the table's
         FP8 entry (kind ``fp8-<kind>``, never the bf16 block's) says so, once the scaling has
         an earlier call's amaxes."""
-        return super()._fused(f"fp8-{kind}", x, conv) and self.scaling.calls > 1
+        return super()._fused(f"fp8-{kind}", shape, conv) and self.scaling.calls > 1
 
     def _fused_concat(self, blk, x) -> bool:
         """Never: the in-place read of a concatenated input has no e4m3 form yet (its
         convolutions would run in bf16); the decoder's input is joined first."""
         return False
 
-    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None) -> Pair:
+    def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
+                   next_norm: NextNorm | None = None):
         """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,
         found by the kernel, recorded as the unfused convolutions record theirs."""
         a, d, s = pair
@@ -68,10 +69,10 @@ class FP8DifferenceUNet(DifferenceUNet):
                          self.scaling.scale_for(slot + 1))
         amax = torch.zeros(2, device=a.device)
         out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                          residual=residual, quantized=q, amax_out=amax)
+                          residual=residual, next_norm=next_norm, quantized=q, amax_out=amax)
         self.scaling.record(slot, amax[0])
         self.scaling.record(slot + 1, amax[1])
-        return (*out, s)
+        return (out[0], out[1], s), (out[2] if next_norm is not None else None)
 
     def _quantized(self, conv: nn.Conv2d, x: torch.Tensor, role: int, bias: bool):
         return e4m3_conv2d(conv, x, self.scaling.scale(2 * conv.fp8_slot + role, x), bias=bias)

@@ -35,7 +35,7 @@ from diffloss_fast.ops.attention_difference import attention_difference_triton
 from diffloss_fast.ops.group_norm_silu import group_norm_silu_triton
 from diffloss_fast.ops.group_norm_silu_difference import group_norm_silu_difference_triton
 from diffloss_fast.ops.noising import q_sample_pair_triton
-from diffloss_fast.ops.pair_conv import E4M3Operands, pair_conv2d, pair_prologue
+from diffloss_fast.ops.pair_conv import E4M3Operands, NextNorm, pair_conv2d, pair_prologue
 from diffloss_fast.ops.resample_2x import avg_pool_2x2_triton, upsample_2x_triton
 from diffloss_fast.ops.residual_bias_add import residual_bias_add_triton
 from diffloss_fast.ops.weighted_l2 import weighted_l2_triton
@@ -127,6 +127,9 @@ def drive() -> None:
                                 residual=(residual[0], residual[1].detach()))
                 pair_conv2d(a, d, _t(), w, b, padding=kernel // 2, prologue=prologue,
                             residual=residual)[1].sum().backward()
+                if norm == "silu":  # the first 3x3, its second norm's statistics as it writes
+                    pair_conv2d(a, d, _t(), w, None, padding=1, prologue=prologue,
+                                next_norm=NextNorm(32, 1e-5, b))[1].sum().backward()
             torch.backends.cudnn.allow_tf32 = tf32
             if dtype == torch.bfloat16:
                 # on e4m3 operands (precision="fp8"): with a backward to follow (r saved) and

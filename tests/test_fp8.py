@@ -277,7 +277,7 @@ def test_fp8_network_and_its_gradient(tiny_unet, one_thread):
     assert convs and all(c.weight_e4m3.dtype == torch.float8_e4m3fn for c in convs)
     # the bf16 fused norm + convolution blocks never stand in for an e4m3 convolution
     net.fused_blocks = frozenset({"any"})
-    assert not net._fused("in", (restored, restored, None), convs[1])
+    assert not net._fused("in", tuple(restored.shape), convs[1])
     net.fused_blocks = frozenset()
     # quantized from the prior's own fp32 weights (the noise head: its first 3 channels)
     source = tiny_unet.out[2].weight[:3]

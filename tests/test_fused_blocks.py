@@ -86,6 +86,8 @@ def _fuse_every_block(monkeypatch, module, calls):
             calls.append("cat-in" if kwargs.get("prologue") is not None else "cat-skip")
         else:
             calls.append("out" if kwargs.get("residual") is not None else "in")
+        if kwargs.get("next_norm") is not None:
+            calls.append("stats")  # the next norm's statistics from this call's epilogue
         return real(*args, **kwargs)
     monkeypatch.setattr(module, "pair_conv2d", counted)
     monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
@@ -114,6 +116,8 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     assert calls.count("out") == len(blocks)
     assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
     assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
+    # each fused first block added up its fused second block's norm statistics
+    assert calls.count("stats") == calls.count("in") + calls.count("cat-in")
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
 
@@ -143,10 +147,10 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
     asked = set()
     real = difference_unet.DifferenceUNet._fused
 
-    def spy(self, kind, x, conv):
-        n, c, height, width = difference_unet.input_shape(x)
+    def spy(self, kind, shape, conv):
+        n, c, height, width = shape
         asked.add(Block(kind, n, c, conv.out_channels, height, width).key())
-        return real(self, kind, x, conv)
+        return real(self, kind, shape, conv)
     monkeypatch.setattr(difference_unet.DifferenceUNet, "_fused", spy)
     timed = []
 
@@ -280,11 +284,11 @@ def test_fp8_blocks_have_their_own_keys(micro_unet):
     assert fp8_key.startswith("fp8-in:")
     net.scaling.calls = 2
     net.fused_blocks = frozenset({bf16_key})
-    assert not net._fused("in", (x, x, None), conv)
+    assert not net._fused("in", tuple(x.shape), conv)
     net.fused_blocks = frozenset({fp8_key})
-    assert net._fused("in", (x, x, None), conv)
+    assert net._fused("in", tuple(x.shape), conv)
     net.scaling.calls = 1  # the first call: no history to scale from
-    assert not net._fused("in", (x, x, None), conv)
+    assert not net._fused("in", tuple(x.shape), conv)
 
 
 def test_the_sweep_times_the_fp8_blocks_under_their_own_keys(micro_unet):

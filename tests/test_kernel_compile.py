@@ -35,7 +35,8 @@ def test_every_kernel_compiles_for_hopper_and_ada():
     # specializes. The kernels that fold the partial sums into groups read a few KiB: not held
     # to it.
     norms = [r for r in results if r["kernel"].startswith(("_gn_", "_gnd_"))
-             and r["kernel"] not in ("_gn_group_kernel", "_gnd_group_kernel")
+             and r["kernel"] not in ("_gn_group_kernel", "_gnd_group_kernel",
+                                     "_gnd_tile_fold_kernel")
              and r["constexprs"].get("Cg") != "2"]
     assert {r["kernel"] for r in norms} == {"_gn_stats_kernel", "_gn_silu_fwd_kernel",
                                             "_gn_silu_bwd_stats_kernel", "_gn_silu_bwd_kernel",

@@ -387,6 +387,63 @@ def test_concatenated_input_twin_is_the_concatenation():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+# the next norm's statistics from the epilogue (``next_norm=``): the target's output with a
+# mean 64 times its spread (where sums of squares minus squared sums lose everything)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_plain_residual"])
+def test_next_norm_statistics_from_the_epilogue(monkeypatch, case, dtype):
+    """Tiles of 16 (ragged pixels, two channel tiles with a group across them): the
+    statistics of the stored outputs within 64 fp32 ulps of float64's where they are
+    well conditioned (the means, the rstds), and rstd_r - rstd_a no further from float64 than
+    the statistics kernels' own, the pass these replace; gradient and outputs unchanged."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 16, 4, 2))
+    t = make(case, dtype)
+    t["weight"] = torch.cat([t["weight"]] * 3)[:20].contiguous()  # 20 output channels
+    cout = t["weight"].shape[0]
+    gen = torch.Generator().manual_seed(5)
+    t["bias"] = (64 + torch.randn(cout, generator=gen, dtype=F64)).to(dtype).to(DEVICE)
+    t["residual"] = None
+    x_bias = torch.randn(cout, generator=gen, dtype=F64).to(dtype).to(DEVICE)
+    nn_ = pc.NextNorm(4, EPS, x_bias)  # groups of 5: channels 15..19 across both tiles
+    d = t["d"].detach().requires_grad_(True)
+    out_a, out_d, stats = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"],
+                                      padding=t["padding"], prologue=prologue_of(t),
+                                      next_norm=nn_)
+    plain = call(pair_conv2d, t)
+    for x, y in zip((out_a, out_d), plain):
+        assert torch.equal(x, y)
+    want = pair_norm_statistics(out_a.double(), out_d.detach().double(), float(t["s"]), 4, EPS,
+                                x_bias.double())
+    kernels = pc.pair_statistics_triton(out_a, out_d.detach(), t["s"], 4, EPS, x_bias)
+    # a mean's error relative to its magnitude plus its group's spread
+    spread = {"mean_a": (out_a.double() + x_bias.double().reshape(1, -1, 1, 1)),
+              "mean_d": out_d.detach().double() / float(t["s"])}
+    spread = {k: v.reshape(2, 4, -1).std(-1) for k, v in spread.items()}
+    for name, got, ref, other in zip(PairNormStatistics._fields, stats, want, kernels):
+        assert got.shape == (2, 4) and got.dtype == torch.float32
+        scale = ref.abs() + spread[name] if name in spread else ref.abs()
+        err = ((got.double() - ref).abs() / scale).max().item()
+        if name == "drstd":
+            theirs = ((other.view(2, 4).double() - ref).abs() / ref.abs()).max().item()
+            assert err <= max(2 * theirs, 64 * U32), f"{name}: {err:.3g} vs {theirs:.3g}"
+        else:
+            assert err <= 64 * U32, f"{name}: relative error {err:.3g}"
+    twin = pair_conv2d_torch(t["a"].double(), t["d"].double(), float(t["s"]),
+                             t["weight"].double(), t["bias"].double(), padding=t["padding"],
+                             next_norm=pc.NextNorm(4, EPS, x_bias.double()))[2]
+    assert isinstance(twin, PairNormStatistics)
+    grad_out = torch.randn_like(out_d)
+    (got,) = torch.autograd.grad(out_d, d, grad_out)
+    d2 = t["d"].detach().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(call(pair_conv2d, t, d=d2)[1], d2, grad_out)
+    assert torch.equal(got, want_grad)
+    with torch.no_grad():
+        again = pair_conv2d(t["a"], t["d"], t["s"], t["weight"], t["bias"],
+                            padding=t["padding"], prologue=prologue_of(t), next_norm=nn_)
+    for x, y in zip(stats, again[2]):
+        assert torch.equal(x, y)
+
+
 def _refused(t, match, **kwargs):
     args = dict(padding=t["padding"], prologue=prologue_of(t), residual=t["residual"])
     args.update(kwargs)
@@ -416,6 +473,9 @@ def test_validation():
     _refused(t, "requires grad", weight=t["weight"].detach().requires_grad_(True))
     _refused(t, "groups", prologue=prologue_of(t)._replace(num_groups=5))
     a2, d2 = t["a"][:, :4], t["d"][:, :4]
+    _refused(t, "must be a NextNorm", next_norm=(2, EPS))
+    _refused(t, "do not split into 3 groups", next_norm=pc.NextNorm(3, EPS))
+    _refused(t, "one value per output", next_norm=pc.NextNorm(2, EPS, t["bias"][:3]))
     _refused(t, "concat must be a pair", concat=(a2,))
     _refused(t, "share a's batch and size", concat=(a2[:1], d2[:1]))
     _refused(t, "share a's batch and size", concat=(a2, d2[:, :3]))

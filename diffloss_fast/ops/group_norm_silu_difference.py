@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._triton_common import TRITON_DTYPES, require_triton, triton, tl
+from ._triton_common import TRITON_DTYPES, next_power_of_2, require_triton, triton, tl
 from .autocast import without_autocast
 from .difference import to_accumulation as _acc
 from .group_norm_silu import (_CL, _MAX_CHANNELS, _backward, _launch, _layout,
@@ -141,6 +141,8 @@ def group_norm_silu_difference(a, d, d_scale, num_groups, weight, bias, eps, sca
 # --- the Triton kernels --------------------------------------------------------------------
 
 _SUMS = 5  # partial sums per channel: a, d, a * a, d * d, a * d (each shifted)
+# a convolution epilogue's partials per (pixel tile, channel): see _gnd_tile_fold_kernel
+TILE_PARTIALS = 7
 _STATS = 6  # per (sample, group): mean_a, s_a, mean_d, s_r, s_r - s_a, mean_r
 
 if triton is not None:
@@ -261,26 +263,89 @@ if triton is not None:
         count = HW * Cg * 1.0
         ma = tl.sum(tl.sum(sa, axis=1), axis=0) / count
         md = tl.sum(tl.sum(sd, axis=1), axis=0) / count
-        var_a = tl.maximum(tl.sum(tl.sum(saa, axis=1), axis=0) / count - ma * ma, 0.0)
+        var_a = tl.sum(tl.sum(saa, axis=1), axis=0) / count - ma * ma
         var_d = tl.sum(tl.sum(sdd, axis=1), axis=0) / count - md * md
         cov = tl.sum(tl.sum(sad, axis=1), axis=0) / count - ma * md
-        extra = 2.0 * cov + var_d  # var_r - var_a
-        sigma_a = tl.sqrt(var_a + eps)
-        sigma_r = tl.sqrt(tl.maximum(var_a + extra, 0.0) + eps)
-        s_a = 1.0 / sigma_a
-        s_r = 1.0 / sigma_r
         _, inv = _d_scale(ds_ptr)
         pix0 = n.to(tl.int64) * HW
         mean_a = _cat_load(a_ptr, a2_ptr, pix0, g * Cg, C1, C - C1, True, TWO) + ma
         if HAS_XB:
             mean_a += tl.load(xb_ptr + g * Cg).to(tl.float32)
         mean_d = _cat_load(d_ptr, d2_ptr, pix0, g * Cg, C1, C - C1, True, TWO) * inv + md
+        _store_statistics(st_ptr, NG, ng, mean_a, mean_d, var_a, var_d, cov, eps)
+
+    @triton.jit
+    def _store_statistics(st_ptr, NG, ng, mean_a, mean_d, var_a, var_d, cov, eps):
+        """st[0..5, ng] = mean_a, s_a, mean_d, s_r, s_r - s_a (without subtracting the two)
+        and mean_r of a group from its means, variances and covariance."""
+        var_a = tl.maximum(var_a, 0.0)
+        extra = 2.0 * cov + var_d  # var_r - var_a
+        sigma_a = tl.sqrt(var_a + eps)
+        sigma_r = tl.sqrt(tl.maximum(var_a + extra, 0.0) + eps)
+        s_a = 1.0 / sigma_a
+        s_r = 1.0 / sigma_r
         tl.store(st_ptr + ng, mean_a)
         tl.store(st_ptr + NG + ng, s_a)
         tl.store(st_ptr + 2 * NG + ng, mean_d)
         tl.store(st_ptr + 3 * NG + ng, s_r)
         tl.store(st_ptr + 4 * NG + ng, -extra * s_a * s_r / (sigma_a + sigma_r))
         tl.store(st_ptr + 5 * NG + ng, mean_a + mean_d)
+
+    @triton.jit
+    def _gnd_tile_fold_kernel(part_ptr, st_ptr, NG, HW, G, C, Cg: tl.constexpr, TILES, TILE_M,
+                              eps, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
+        """One (sample, group): its statistics from the per-(pixel tile, channel) partials a
+        convolution's epilogue writes (tiles of TILE_M pixels, the last ragged),
+        part[n, tile, 0..6, c] = the tile's sums of a - ka and d - kd (x_bias and 1 / d_scale
+        applied), the second moments of a and d about the tile's own means, and its shifts ka,
+        kd. Chan's parallel formulas, about the group's first element R: each tile's mean
+        offset from R is (k - R) + sum / n_t, the group's mean offset mu their weighted mean,
+        and the group's second moments the tiles' plus n_t times the products of their mean
+        offsets from mu. Every term is of the size of the spread, however far the mean lies
+        from it: nothing cancels."""
+        ng = tl.program_id(0)
+        n = ng // G
+        g = ng % G
+        j = tl.arange(0, BLOCK_G)
+        first = (n * TILES).to(tl.int64) * 7 * C + g * Cg
+        ra = tl.load(part_ptr + first + 5 * C)
+        rd = tl.load(part_ptr + first + 6 * C)
+        sa = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        sd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        for p0 in range(0, TILES, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < TILES)[:, None] & (j < Cg)[None, :]
+            off = (n * TILES + p[:, None]).to(tl.int64) * 7 * C + g * Cg + j[None, :]
+            n_t = tl.maximum(tl.minimum(HW - p * TILE_M, TILE_M), 1).to(tl.float32)[:, None]
+            sa += tl.where(m, n_t * (tl.load(part_ptr + off + 5 * C, mask=m, other=0.0) - ra)
+                           + tl.load(part_ptr + off, mask=m, other=0.0), 0.0)
+            sd += tl.where(m, n_t * (tl.load(part_ptr + off + 6 * C, mask=m, other=0.0) - rd)
+                           + tl.load(part_ptr + off + C, mask=m, other=0.0), 0.0)
+        count = HW * Cg * 1.0
+        mu_a = tl.sum(tl.sum(sa, axis=1), axis=0) / count
+        mu_d = tl.sum(tl.sum(sd, axis=1), axis=0) / count
+        maa = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        mdd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        mad = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
+        for p0 in range(0, TILES, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < TILES)[:, None] & (j < Cg)[None, :]
+            off = (n * TILES + p[:, None]).to(tl.int64) * 7 * C + g * Cg + j[None, :]
+            n_t = tl.maximum(tl.minimum(HW - p * TILE_M, TILE_M), 1).to(tl.float32)[:, None]
+            oa = (tl.load(part_ptr + off + 5 * C, mask=m, other=0.0) - ra) \
+                + tl.load(part_ptr + off, mask=m, other=0.0) / n_t - mu_a
+            od = (tl.load(part_ptr + off + 6 * C, mask=m, other=0.0) - rd) \
+                + tl.load(part_ptr + off + C, mask=m, other=0.0) / n_t - mu_d
+            maa += tl.load(part_ptr + off + 2 * C, mask=m, other=0.0) \
+                + tl.where(m, n_t * oa * oa, 0.0)
+            mdd += tl.load(part_ptr + off + 3 * C, mask=m, other=0.0) \
+                + tl.where(m, n_t * od * od, 0.0)
+            mad += tl.load(part_ptr + off + 4 * C, mask=m, other=0.0) \
+                + tl.where(m, n_t * oa * od, 0.0)
+        _store_statistics(st_ptr, NG, ng, ra + mu_a, rd + mu_d,
+                          tl.sum(tl.sum(maa, axis=1), axis=0) / count,
+                          tl.sum(tl.sum(mdd, axis=1), axis=0) / count,
+                          tl.sum(tl.sum(mad, axis=1), axis=0) / count, eps)
 
     @triton.jit
     def _gnd_fwd_kernel(a_ptr, d_ptr, ds_ptr, ya_ptr, yd_ptr, r_ptr, st_ptr, NG, w_ptr, b_ptr,
@@ -348,6 +413,21 @@ def _statistics(a, d, d_scale, G, eps, xb, has_xb, concat=None):
                                 k.split, float(eps), BLOCK_P=k.block_p, BLOCK_G=k.block_g,
                                 HAS_XB=has_xb, TWO=two, num_warps=4)
     return stats, k
+
+
+def fold_tile_statistics(part: torch.Tensor, HW: int, tile_m: int, num_groups: int,
+                         eps: float) -> torch.Tensor:
+    """The (_STATS, N * num_groups) statistics from a convolution epilogue's partials
+    ``part`` (N, tiles, TILE_PARTIALS, C), fp32, tiles of ``tile_m`` pixels of HW (see
+    :func:`_gnd_tile_fold_kernel`)."""
+    N, tiles, _, C = part.shape
+    Cg = C // num_groups
+    stats = torch.empty(_STATS, N * num_groups, dtype=torch.float32, device=part.device)
+    _gnd_tile_fold_kernel[(N * num_groups,)](
+        part, stats, N * num_groups, HW, num_groups, C, Cg, tiles, tile_m, float(eps),
+        BLOCK_P=max(2, min(64, next_power_of_2(tiles))), BLOCK_G=max(2, next_power_of_2(Cg)),
+        num_warps=4)
+    return stats
 
 
 def pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias=None,

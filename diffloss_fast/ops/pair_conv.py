@@ -63,7 +63,9 @@ from .difference import to_accumulation as _acc
 from .fp8 import E4M3, _E4M3Conv2d, _e4m3_forward, check_device, quantize_weight
 from .frozen_conv import _channels_last_weight
 from .group_norm_silu import _MAX_CHANNELS
-from .group_norm_silu_difference import group_norm_silu_difference_torch, pair_statistics_triton
+from .group_norm_silu_difference import (TILE_PARTIALS, fold_tile_statistics,
+                                         group_norm_silu_difference_torch,
+                                         pair_statistics_triton)
 from .pair_conv_backward import SavedNorm, pair_conv_input_gradient
 
 _CL = torch.channels_last
@@ -96,6 +98,16 @@ class PairPrologue(NamedTuple):
     shift: torch.Tensor | None = None
     x_bias: torch.Tensor | None = None
     silu: bool = True
+
+
+class NextNorm(NamedTuple):
+    """The pair norm that reads a convolution's output, whose statistics the convolution's
+    epilogue adds up as it writes the output (no pass of their own): its number of groups,
+    its eps, and ``x_bias`` (C_out,), added to out_a before the norm (a bias the convolution
+    leaves to it), or None."""
+    num_groups: int
+    eps: float
+    x_bias: torch.Tensor | None = None
 
 
 class E4M3Operands(NamedTuple):
@@ -145,15 +157,20 @@ def _interpreted() -> bool:
 
 
 def pair_prologue(a, d, d_scale, num_groups, weight, bias, eps, scale=None, shift=None,
-                  x_bias=None, silu=True, concat=None) -> PairPrologue:
+                  x_bias=None, silu=True, concat=None,
+                  statistics: PairNormStatistics | None = None) -> PairPrologue:
     """The :class:`PairPrologue` of the pair norm with these parameters, its statistics
     computed by the pair norm's Triton kernels where they run
     (:func:`~.group_norm_silu_difference.pair_statistics_triton`), else by
     :func:`pair_norm_statistics`. They carry no gradient: the convolution's
     backward differentiates the whole norm, statistics included, at the restored point.
     ``concat`` ``(a2, d2)``: the norm of the channel concatenations ``[a, a2]``, ``[d, d2]``
-    (read in place by the kernels)."""
-    if triton is not None and (a.is_cuda or _interpreted()) and a.dtype in TRITON_DTYPES:
+    (read in place by the kernels). ``statistics``: these statistics, already computed (by
+    the epilogue of the convolution that wrote ``a`` and ``d``, :class:`NextNorm`), used as
+    given."""
+    if statistics is not None:
+        stats = statistics
+    elif triton is not None and (a.is_cuda or _interpreted()) and a.dtype in TRITON_DTYPES:
         rows = pair_statistics_triton(a, d, d_scale, num_groups, eps, x_bias, concat)
         stats = PairNormStatistics(*(r.view(a.shape[0], num_groups) for r in rows[:5]))
     else:
@@ -190,8 +207,8 @@ def _raise_amax(amax_out, ya, yd):
 
 
 def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=None,
-                      residual=None, concat=None, stride=1, dilation=1, groups=1,
-                      padding_mode="zeros",
+                      residual=None, concat=None, next_norm: NextNorm | None = None, stride=1,
+                      dilation=1, groups=1, padding_mode="zeros",
                       quantized: E4M3Operands | None = None,
                       amax_out: torch.Tensor | None = None):
     """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
@@ -204,7 +221,20 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
     the fused kernel's epilogue. (The unfused FP8 network rounds the convolution's output
     before its separate residual sum; without a residual the two are the same.)
     ``amax_out`` (with ``quantized``): see :func:`pair_conv2d`. ``concat`` ``(a2, d2)``: the
-    input is ``torch.cat([a, a2], 1)``, ``torch.cat([d, d2], 1)``."""
+    input is ``torch.cat([a, a2], 1)``, ``torch.cat([d, d2], 1)``. ``next_norm``: a third
+    output, :func:`pair_norm_statistics` of the two outputs for that norm."""
+    out = _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual, concat,
+                             stride, dilation, groups, padding_mode, quantized, amax_out)
+    if next_norm is None:
+        return out
+    with torch.no_grad():
+        stats = pair_norm_statistics(out[0], out[1], d_scale, next_norm.num_groups,
+                                     next_norm.eps, next_norm.x_bias)
+    return (*out, stats)
+
+
+def _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual, concat, stride,
+                       dilation, groups, padding_mode, quantized, amax_out):
     if padding_mode != "zeros":
         raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
     a = a.detach()
@@ -235,7 +265,7 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
 
 
 if triton is not None:
-    from .group_norm_silu_difference import _silu_difference_f32
+    from .group_norm_silu_difference import _d_scale, _silu_difference_f32
 
 
     @triton.jit
@@ -323,14 +353,15 @@ if triton is not None:
     def _pair_conv_fwd_kernel(
             a_ptr, d_ptr, a2_ptr, d2_ptr, w_ptr, bias_ptr, ra_ptr, rd_ptr, oa_ptr, od_ptr, r_ptr, ds_ptr,
             ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr, gb_ptr, sc_ptr, sh_ptr, xb_ptr,
-            ws_ptr, qa_ptr, qd_ptr, am_ptr,
+            ws_ptr, qa_ptr, qd_ptr, am_ptr, part_ptr, xbn_ptr,
             H, W, Cin, C1, Cout, G, scN, sw_o, sw_c, sw_y, sw_x,
             Cg: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TWO: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PROLOGUE: tl.constexpr, HAS_FILM: tl.constexpr, HAS_XB: tl.constexpr,
             SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             SAVE_R: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-            AMAX: tl.constexpr, INTERPRETED: tl.constexpr):
+            AMAX: tl.constexpr, STATS: tl.constexpr, HAS_XBN: tl.constexpr,
+            INTERPRETED: tl.constexpr):
         """One tile of output pixels x output channels of one sample, for both branches.
         Inputs and outputs channels_last; 'same' padding (KH // 2, KW // 2), so that the
         centre tap reads the tile's own pixels: there, the first channel-block programs write
@@ -341,7 +372,10 @@ if triton is not None:
         scale, each input element counted once, at the centre tap of the first channel-block
         programs (the pixels and channels SAVE_R writes), NaN counted as inf. TWO: the input
         is the channel concatenation [a, a2], [d, d2] (C1 channels from a and d, Cin in all),
-        read in place as two segments of the reduction, each step within one segment."""
+        read in place as two segments of the reduction, each step within one segment. STATS:
+        the next pair norm's partials of the outputs as stored, part[n, pixel tile, 0..6, c]
+        (:func:`~.group_norm_silu_difference.fold_tile_statistics`), of out_a + x_bias
+        (xbn_ptr, HAS_XBN) and out_d / d_scale."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         n = tl.program_id(2)
@@ -448,8 +482,43 @@ if triton is not None:
         if HAS_RES:
             acc_a += tl.load(ra_ptr + out, mask=omask, other=0.0).to(tl.float32)
             acc_d += tl.load(rd_ptr + out, mask=omask, other=0.0).to(tl.float32)
-        tl.store(oa_ptr + out, _to(acc_a, oa_ptr.dtype.element_ty, INTERPRETED), mask=omask)
-        tl.store(od_ptr + out, _to(acc_d, od_ptr.dtype.element_ty, INTERPRETED), mask=omask)
+        ya = _to(acc_a, oa_ptr.dtype.element_ty, INTERPRETED)
+        yd = _to(acc_d, od_ptr.dtype.element_ty, INTERPRETED)
+        tl.store(oa_ptr + out, ya, mask=omask)
+        tl.store(od_ptr + out, yd, mask=omask)
+        if STATS:
+            va = ya.to(tl.float32)
+            if HAS_XBN:
+                va += tl.load(xbn_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+            _, inv = _d_scale(ds_ptr)
+            _tile_moments(part_ptr, (n * tl.num_programs(1) + pid_m).to(tl.int64), Cout, co,
+                          co_ok, omask, m_ok, va, yd.to(tl.float32) * inv)
+
+    @triton.jit
+    def _tile_moments(part_ptr, row, C, co, co_ok, mask, m_ok, va, vd):
+        """part[row, 0..6, co]: per channel over the tile's unmasked pixels, the sums of va
+        - ka and vd - kd, the second moments of va and vd about the tile's own means, and the
+        shifts ka, kd (the tile's first pixel): Chan's partials, each formed from values near
+        the spread rather than the mean, which a fold adds without cancellation
+        (:func:`~.group_norm_silu_difference.fold_tile_statistics`)."""
+        first = (tl.arange(0, va.shape[0]) == 0)[:, None]
+        ka = tl.sum(tl.where(first, va, 0.0), axis=0)
+        kd = tl.sum(tl.where(first, vd, 0.0), axis=0)
+        count = tl.maximum(tl.sum(m_ok.to(tl.float32), axis=0), 1.0)
+        va = tl.where(mask, va - ka[None, :], 0.0)
+        vd = tl.where(mask, vd - kd[None, :], 0.0)
+        sa = tl.sum(va, axis=0)
+        sd = tl.sum(vd, axis=0)
+        ca = tl.where(mask, va - (sa / count)[None, :], 0.0)
+        cd = tl.where(mask, vd - (sd / count)[None, :], 0.0)
+        p = part_ptr + row * 7 * C + co
+        tl.store(p, sa, mask=co_ok)
+        tl.store(p + C, sd, mask=co_ok)
+        tl.store(p + 2 * C, tl.sum(ca * ca, axis=0), mask=co_ok)
+        tl.store(p + 3 * C, tl.sum(cd * cd, axis=0), mask=co_ok)
+        tl.store(p + 4 * C, tl.sum(ca * cd, axis=0), mask=co_ok)
+        tl.store(p + 5 * C, ka, mask=co_ok)
+        tl.store(p + 6 * C, kd, mask=co_ok)
 
 
 class _Norm(NamedTuple):
@@ -489,13 +558,14 @@ def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
 
 def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r,
              quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None,
-             concat=None):
-    """(out_a, out_d, r or None), all channels_last; a, d, residuals channels_last, weight
-    with unit stride over input channels. With ``quantized`` (its weight laid out as
-    ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3 weight instead, and
-    raises ``amax_out`` (2 fp32 values) to its operands' amaxes where given. ``concat``:
-    (a2, d2), channels_last, whose channels follow a's and d's in the input (r holds the
-    whole concatenation)."""
+             concat=None, next_norm: NextNorm | None = None):
+    """(out_a, out_d, r or None, statistics or None), all channels_last; a, d, residuals
+    channels_last, weight with unit stride over input channels. With ``quantized`` (its
+    weight laid out as ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3
+    weight instead, and raises ``amax_out`` (2 fp32 values) to its operands' amaxes where
+    given. ``concat``: (a2, d2), channels_last, whose channels follow a's and d's in the input
+    (r holds the whole concatenation). ``next_norm``: the (6, N * G) statistics of that norm
+    of the outputs, from the epilogue's partials."""
     N, C1, H, W = a.shape
     a2, d2 = concat if concat is not None else (a, d)
     Cin = C1 + (a2.shape[1] if concat is not None else 0)
@@ -524,16 +594,27 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
         Cg, scN = Cin // G, norm.scale.stride(0)
     has_res = res_a is not None
     grid = (cdiv(Cout, k.block_n), cdiv(HW, k.block_m), N)
+    part = xbn = a  # never read without next_norm, or without its x_bias
+    if next_norm is not None:
+        part = torch.empty((N, grid[1], TILE_PARTIALS, Cout), dtype=torch.float32,
+                           device=a.device)
+        if next_norm.x_bias is not None:
+            xbn = next_norm.x_bias.reshape(-1).contiguous()
     _pair_conv_fwd_kernel[grid](
         a, d, a2, d2, weight, a if bias is None else bias, res_a if has_res else a,
         res_d if has_res else a, out_a, out_d, a if r is None else r, d_scale, *stats, *params,
-        *scales, a if amax_out is None else amax_out, H, W, Cin, C1, Cout, G, scN,
-        *weight.stride(), Cg=Cg, KH=KH, KW=KW, TWO=concat is not None, BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_K=k.block_k,
-        PROLOGUE=norm is not None, HAS_FILM=film, HAS_XB=has_xb, SILU=silu,
-        HAS_BIAS=bias is not None, HAS_RES=has_res, SAVE_R=save_r, PRECISION=precision,
-        QUANT=quantized is not None, AMAX=amax_out is not None,
-        INTERPRETED=a.device.type == "cpu", num_warps=k.num_warps, num_stages=k.num_stages)
-    return out_a, out_d, r
+        *scales, a if amax_out is None else amax_out, part, xbn, H, W, Cin, C1, Cout, G, scN,
+        *weight.stride(), Cg=Cg, KH=KH, KW=KW, TWO=concat is not None, BLOCK_M=k.block_m,
+        BLOCK_N=k.block_n, BLOCK_K=k.block_k, PROLOGUE=norm is not None, HAS_FILM=film,
+        HAS_XB=has_xb, SILU=silu, HAS_BIAS=bias is not None, HAS_RES=has_res, SAVE_R=save_r,
+        PRECISION=precision, QUANT=quantized is not None, AMAX=amax_out is not None,
+        STATS=next_norm is not None, HAS_XBN=next_norm is not None
+        and next_norm.x_bias is not None, INTERPRETED=a.device.type == "cpu",
+        num_warps=k.num_warps, num_stages=k.num_stages)
+    if next_norm is None:
+        return out_a, out_d, r, None
+    return out_a, out_d, r, fold_tile_statistics(part, HW, k.block_m, next_norm.num_groups,
+                                                 next_norm.eps)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -548,12 +629,12 @@ class _PairConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, d, d2, res_d, a, a2, d_scale, weight, bias, norm, res_a, layout, quantized,
-                amax_out):
+                amax_out, next_norm):
         ctx.input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         save_r = norm is not None and ctx.input_grad
         concat = None if a2 is None else (a2, d2)
-        out_a, out_d, r = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d, save_r,
-                                   quantized, amax_out, concat)
+        out_a, out_d, r, stats = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d,
+                                          save_r, quantized, amax_out, concat, next_norm)
         if save_r:
             ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
                                   norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
@@ -566,14 +647,15 @@ class _PairConv2d(torch.autograd.Function):
         ctx.cin = a.shape[1] + (0 if a2 is None else a2.shape[1])
         ctx.set_materialize_grads(False)
         out_a = out_a.contiguous(memory_format=layout)
-        ctx.mark_non_differentiable(out_a)
-        return out_a, out_d.contiguous(memory_format=layout)
+        stats = out_a.new_empty(0, dtype=torch.float32) if stats is None else stats
+        ctx.mark_non_differentiable(out_a, stats)
+        return out_a, out_d.contiguous(memory_format=layout), stats
 
     @staticmethod
     @without_autocast
     @once_differentiable
-    def backward(ctx, _grad_a, grad_d):
-        nones = (None,) * 10
+    def backward(ctx, _grad_a, grad_d, _grad_stats):
+        nones = (None,) * 11
         if grad_d is None:
             return (None, None, None) + nones
         grad_res = grad_d if ctx.needs_input_grad[2] else None
@@ -622,7 +704,7 @@ def _check_quantized(q, a, weight):
 
 
 def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode, concat=None):
+           padding_mode, concat=None, next_norm=None):
     for name, t in (("a", a), ("d", d), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pair_conv2d: {name} must be a 4-D tensor, got "
@@ -681,6 +763,17 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
     if max(C, Cout) * H * W > INT32_MAX:
         raise ValueError("pair_conv2d: one sample must have fewer than 2**31 elements")
     frozen = {"weight": weight, "bias": bias}
+    if next_norm is not None:
+        if not isinstance(next_norm, NextNorm):
+            raise ValueError(f"pair_conv2d: next_norm must be a NextNorm, got "
+                             f"{type(next_norm)}")
+        if next_norm.num_groups < 1 or Cout % next_norm.num_groups:
+            raise ValueError(f"pair_conv2d: next_norm: {Cout} output channels do not split "
+                             f"into {next_norm.num_groups} groups")
+        if next_norm.x_bias is not None and next_norm.x_bias.numel() != Cout:
+            raise ValueError(f"pair_conv2d: next_norm.x_bias must have one value per output "
+                             f"channel ({Cout}), got shape {tuple(next_norm.x_bias.shape)}")
+        frozen["next_norm.x_bias"] = next_norm.x_bias
     if prologue is not None:
         G = prologue.num_groups
         if G < 1 or C % G:
@@ -719,8 +812,9 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
 
 
 def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
-                concat=None, stride=1, dilation=1, groups=1, padding_mode="zeros",
-                quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None):
+                concat=None, next_norm: NextNorm | None = None, stride=1, dilation=1,
+                groups=1, padding_mode="zeros", quantized: E4M3Operands | None = None,
+                amax_out: torch.Tensor | None = None):
     """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
     convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
     ``(a, d)`` (``d`` the difference times ``d_scale``, a 0-dim fp32 power-of-two tensor),
@@ -735,6 +829,11 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     segments of the reduction instead of copied; ``prologue`` and ``weight`` are the
     concatenation's. Differentiable to ``d2`` too.
 
+    ``next_norm`` (:class:`NextNorm`): a third output, the :class:`PairNormStatistics` of
+    that norm of the two outputs (as stored), added up in the epilogue from per-tile partials
+    and folded without cancellation: the next block's :func:`pair_prologue` takes them as
+    ``statistics=``, and its input needs no statistics pass.
+
     ``quantized`` (:class:`E4M3Operands`, bf16 activations, CUDA sm_89+ or the interpreter):
     the forward convolves e4m3 operands, as :func:`pair_conv2d_torch` with it defines;
     ``weight`` stays the bf16 weight, which the backward (unchanged) uses.
@@ -747,7 +846,7 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     (:meth:`~.fp8.DelayedScaling.record`); zero it first for this call's amaxes alone."""
     require_triton("pair_conv2d")
     _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode, concat)
+           padding_mode, concat, next_norm)
     if quantized is not None:
         _check_quantized(quantized, a, weight)
     if amax_out is not None:
@@ -780,7 +879,7 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     if a.numel() == 0 or weight.shape[0] == 0:
         return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
                                  prologue=prologue, residual=residual, concat=concat,
-                                 quantized=quantized, amax_out=amax_out)
+                                 next_norm=next_norm, quantized=quantized, amax_out=amax_out)
     if quantized is not None:
         qw = _channels_last_weight(quantized.weight)
         if qw.stride() != w.stride():  # one set of strides for both weights
@@ -791,8 +890,15 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
                                            for t in (d, d2, res_d))
     d = d.contiguous(memory_format=_CL)
     if grad:
-        return _PairConv2d.apply(d, d2, res_d, a, a2, d_scale, w, bias, norm, res_a, layout,
-                                 quantized, amax_out)
-    out_a, out_d, _ = _forward(a, d, d_scale, w, bias, norm, res_a, res_d, False, quantized,
-                               amax_out, None if a2 is None else (a2, d2))
-    return out_a.contiguous(memory_format=layout), out_d.contiguous(memory_format=layout)
+        out_a, out_d, stats = _PairConv2d.apply(d, d2, res_d, a, a2, d_scale, w, bias, norm,
+                                                res_a, layout, quantized, amax_out, next_norm)
+    else:
+        out_a, out_d, _, stats = _forward(a, d, d_scale, w, bias, norm, res_a, res_d, False,
+                                          quantized, amax_out,
+                                          None if a2 is None else (a2, d2), next_norm)
+        out_a, out_d = (out_a.contiguous(memory_format=layout),
+                        out_d.contiguous(memory_format=layout))
+    if next_norm is None:
+        return out_a, out_d
+    return out_a, out_d, PairNormStatistics(*(r.view(N, next_norm.num_groups)
+                                              for r in stats[:5]))
