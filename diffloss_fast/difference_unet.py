@@ -13,6 +13,7 @@ ordinary backward at the restored point.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,17 @@ class Concat(NamedTuple):
     def joined(self) -> Pair:
         return (torch.cat([self.h[0], self.skip[0]], 1), torch.cat([self.h[1], self.skip[1]], 1),
                 self.h[2])
+
+
+class StatPair(tuple):
+    """A pair (a, d, s) with ``stats``, its next norm's statistics, added up by the epilogue
+    of the fused convolution that wrote it: the next block's fused prologue takes them instead
+    of a statistics pass. Any op that makes a new pair drops them."""
+
+    def __new__(cls, pair: Pair, stats: PairNormStatistics):
+        self = super().__new__(cls, pair)
+        self.stats = stats
+        return self
 
 
 def input_shape(x: Pair | Concat) -> tuple[int, int, int, int]:
@@ -98,6 +110,26 @@ class DifferenceUNet(FastUNet):
         norm = blk.out_layers[0]
         return NextNorm(norm.num_groups, norm.eps, blk.in_layers[2].bias)
 
+    @functools.cached_property
+    def _followers(self) -> dict[ResBlock, ResBlock]:
+        """Each ResBlock whose output the next layer reads as its input, a ResBlock without
+        resampling: the encoder's and the middle block's consecutive ResBlocks (a decoder
+        block's input is a concatenation)."""
+        layers = [layer for block in (*self.input_blocks, self.middle_block) for layer in block]
+        return {first: then for first, then in zip(layers, layers[1:])
+                if isinstance(first, ResBlock) and isinstance(then, ResBlock)
+                and not then.updown}
+
+    def _follower_norm(self, blk: ResBlock, h: Pair) -> NextNorm | None:
+        """The first norm of the ResBlock that reads this one's output, for the epilogue of
+        its fused last convolution (whose output has h's shape) to add up its statistics,
+        where that norm is applied by a fused block; else None. Not in compiled blocks, which
+        hand on plain pairs."""
+        then = self._followers.get(blk) if self._run_compiled is None else None
+        if then is None or not self._fused("in", tuple(h[0].shape), then.in_layers[2]):
+            return None
+        return NextNorm(then.in_layers[0].num_groups, then.in_layers[0].eps)
+
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
                    next_norm: NextNorm | None = None) -> tuple[Pair, PairNormStatistics | None]:
         """A fused block's convolution: ``conv`` (its weight, ``bias`` on the target only) of
@@ -146,9 +178,9 @@ class DifferenceUNet(FastUNet):
         if not blk.updown and self._fused("in", input_shape(x), conv):
             n, _, height, width = x[0].shape
             next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
-            h, stats = self._pair_conv(conv, x, conv_bias,
-                                       pair_prologue(*x, norm.num_groups, norm.weight,
-                                                     norm.bias, norm.eps), next_norm=next_norm)
+            prologue = pair_prologue(*x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                     statistics=getattr(x, "stats", None))
+            h, stats = self._pair_conv(conv, x, conv_bias, prologue, next_norm=next_norm)
         else:
             h = self._norm_silu_pair(norm, x)
             if blk.updown:
@@ -169,8 +201,9 @@ class DifferenceUNet(FastUNet):
             prologue = pair_prologue(*h, out_norm.num_groups, out_norm.weight, out_norm.bias,
                                      out_norm.eps, *emb_out.chunk(2, dim=1), x_bias=conv.bias,
                                      statistics=stats)
-            return self._pair_conv(out_conv, h, blk.residual_bias, prologue,
-                                   residual=x[:2])[0]
+            out, stats = self._pair_conv(out_conv, h, blk.residual_bias, prologue,
+                                         residual=x[:2], next_norm=self._follower_norm(blk, h))
+            return out if stats is None else StatPair(out, stats)
         if scale_shift:
             h = self._norm_silu_pair(out_norm, h, *emb_out.chunk(2, dim=1), x_bias=conv.bias)
         else:

@@ -116,8 +116,14 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     assert calls.count("out") == len(blocks)
     assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
     assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
-    # each fused first block added up its fused second block's norm statistics
-    assert calls.count("stats") == calls.count("in") + calls.count("cat-in")
+    # each fused first block added up its fused second block's norm statistics, and each
+    # fused last block those of the next ResBlock's first norm where that reads its output
+    layers = [layer for block in (*micro_unet.input_blocks, micro_unet.middle_block)
+              for layer in block]
+    handed_on = sum(isinstance(x, ResBlock) and isinstance(y, ResBlock) and not y.updown
+                    for x, y in zip(layers, layers[1:]))
+    assert handed_on > 0
+    assert calls.count("stats") == calls.count("in") + calls.count("cat-in") + handed_on
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
 
