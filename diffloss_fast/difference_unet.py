@@ -131,13 +131,14 @@ class DifferenceUNet(FastUNet):
         return NextNorm(then.in_layers[0].num_groups, then.in_layers[0].eps)
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
-                   next_norm: NextNorm | None = None) -> tuple[Pair, PairNormStatistics | None]:
+                   next_norm: NextNorm | None = None,
+                   concat=None) -> tuple[Pair, PairNormStatistics | None]:
         """A fused block's convolution: ``conv`` (its weight, ``bias`` on the target only) of
-        ``prologue``'s pair norm of ``pair``, plus ``residual``'s pair; and ``next_norm``'s
-        statistics of the output, or None."""
+        ``prologue``'s pair norm of ``pair`` (followed by ``concat``'s (a2, d2) where given),
+        plus ``residual``'s pair; and ``next_norm``'s statistics of the output, or None."""
         a, d, s = pair
         out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                          residual=residual, next_norm=next_norm)
+                          residual=residual, concat=concat, next_norm=next_norm)
         return (out[0], out[1], s), (out[2] if next_norm is not None else None)
 
     def _fused_concat(self, blk: ResBlock, x: Concat) -> bool:
@@ -158,11 +159,10 @@ class DifferenceUNet(FastUNet):
         bias = conv.bias if not blk.use_scale_shift_norm else None
         n, _, height, width = a.shape
         next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
-        h = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                        concat=(a2, d2), next_norm=next_norm)
-        skip = blk.skip_connection
-        x = pair_conv2d(a, d, s, skip.weight, None, padding=skip.padding, concat=(a2, d2))
-        return (h[0], h[1], s), (*x, s), (h[2] if next_norm is not None else None)
+        h, stats = self._pair_conv(conv, (a, d, s), bias, prologue, next_norm=next_norm,
+                                   concat=(a2, d2))
+        x, _ = self._pair_conv(blk.skip_connection, (a, d, s), None, None, concat=(a2, d2))
+        return h, x, stats
 
     def _resblock(self, blk: ResBlock, x: Pair | Concat, film: torch.Tensor) -> Pair:
         norm, conv = blk.in_layers[0], blk.in_layers[2]

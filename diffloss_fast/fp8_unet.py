@@ -12,9 +12,9 @@ A ResBlock's norm + convolution blocks may run fused (:mod:`diffloss_fast.ops.pa
 e4m3 operands): the norm's output is formed as the kernel loads it and never written, so the
 kernel quantizes it at the history's scale alone (:meth:`~.ops.fp8.DelayedScaling.scale_for`)
 and returns its amax for the history (:meth:`~.ops.fp8.DelayedScaling.record`). They fuse
-where the dispatch table measured the FP8 block itself faster (keys of kind ``fp8-in`` and
-``fp8-out``, apart from the bf16 blocks'), and only from the second call on: the first has
-no history to take a scale from.
+where the dispatch table measured the FP8 block itself faster (keys of kind ``fp8-in``,
+``fp8-out`` and ``fp8-cat-in``, apart from the bf16 blocks'), and only from the second call
+on: the first has no history to take a scale from.
 """
 from __future__ import annotations
 
@@ -54,13 +54,8 @@ class FP8DifferenceUNet(DifferenceUNet):
         an earlier call's amaxes."""
         return super()._fused(f"fp8-{kind}", shape, conv) and self.scaling.calls > 1
 
-    def _fused_concat(self, blk, x) -> bool:
-        """Never: the in-place read of a concatenated input has no e4m3 form yet (its
-        convolutions would run in bf16); the decoder's input is joined first."""
-        return False
-
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
-                   next_norm: NextNorm | None = None):
+                   next_norm: NextNorm | None = None, concat=None):
         """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,
         found by the kernel, recorded as the unfused convolutions record theirs."""
         a, d, s = pair
@@ -69,7 +64,8 @@ class FP8DifferenceUNet(DifferenceUNet):
                          self.scaling.scale_for(slot + 1))
         amax = torch.zeros(2, device=a.device)
         out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                          residual=residual, next_norm=next_norm, quantized=q, amax_out=amax)
+                          residual=residual, concat=concat, next_norm=next_norm, quantized=q,
+                          amax_out=amax)
         self.scaling.record(slot, amax[0])
         self.scaling.record(slot + 1, amax[1])
         return (out[0], out[1], s), (out[2] if next_norm is not None else None)

@@ -154,9 +154,14 @@ def drive() -> None:
         prologue = pair_prologue(a, d.detach(), _t(), 32, _t(1536, dtype=dtype),
                                  _t(1536, dtype=dtype), 1e-5, concat=(a2, d2.detach()))
         for kernel, norm in ((3, prologue), (1, None)):
-            pair_conv2d(a, d, _t(), _t(512, 1536, kernel, kernel, dtype=dtype),
-                        _t(512, dtype=dtype), padding=kernel // 2, prologue=norm,
-                        concat=(a2, d2))[1].sum().backward()
+            w = _t(512, 1536, kernel, kernel, dtype=dtype)
+            pair_conv2d(a, d, _t(), w, _t(512, dtype=dtype), padding=kernel // 2,
+                        prologue=norm, concat=(a2, d2))[1].sum().backward()
+            if dtype == torch.bfloat16:  # on e4m3 operands, the amax found for the scaling
+                q = E4M3Operands(_t(512, 1536, kernel, kernel, dtype=torch.float8_e4m3fn),
+                                 _t(512), _t(), _t())
+                pair_conv2d(a, d, _t(), w, None, padding=kernel // 2, prologue=norm,
+                            concat=(a2, d2), quantized=q, amax_out=_t(2))[1].sum().backward()
         # the pair pass's GroupNorm (+ FiLM) (+ SiLU), differentiated to d: 8 channels a group
         # as at ADM-256's 256-channel levels, 2 as in the tiny prior; every option, and once
         # without a backward to follow (no r saved)

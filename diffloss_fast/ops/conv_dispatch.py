@@ -23,9 +23,9 @@ TABLE = Path(__file__).with_name("conv_dispatch.json")
 # ("in"), and its second norm + FiLM + SiLU, 3x3 convolution and residual sum ("out"); a
 # decoder ResBlock's concatenated input, read in place by its norm's statistics, its first and
 # its 1x1 skip convolution instead of copied ("cat-in"); the precision="fp8" network's, on
-# e4m3 operands, under keys of their own ("fp8-in", "fp8-out"): a bf16 measurement never
-# decides an FP8 block.
-KINDS = ("in", "out", "cat-in", "fp8-in", "fp8-out")
+# e4m3 operands, under keys of their own ("fp8-in", "fp8-out", "fp8-cat-in"): a bf16
+# measurement never decides an FP8 block.
+KINDS = ("in", "out", "cat-in", "fp8-in", "fp8-out", "fp8-cat-in")
 
 
 class Block(NamedTuple):

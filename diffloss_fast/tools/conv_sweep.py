@@ -158,8 +158,12 @@ def run(args: argparse.Namespace) -> dict:
     family = conv_dispatch.card_family(device)
     _, config = prior_source(args.prior, args.prior_config)
     prior = build_prior(config).to(device)  # timing does not depend on the weights
-    entries = sweep(prior, device, args.batches, args.resolution, warmup=args.warmup,
-                    repeats=args.repeats)
+    path = Path(args.table)
+    entries = {}
+    for batch in args.batches:  # the table after each batch: a run cut short keeps its batches
+        entries.update(sweep(prior, device, [batch], args.resolution, warmup=args.warmup,
+                             repeats=args.repeats))
+        write_table(entries, family, path)
     faster = sum(e["fused_ms"] < e["library_ms"] for e in entries.values())
     print(f"{hardware.device_name(device)} ({family}): {faster} of {len(entries)} blocks "
           "faster fused")
@@ -167,8 +171,6 @@ def run(args: argparse.Namespace) -> dict:
         mark = "fused" if e["fused_ms"] < e["library_ms"] else "library"
         print(f"  {key:<28}{e['library_ms']:>9.3f} ms library{e['fused_ms']:>9.3f} ms fused"
               f"  -> {mark}")
-    path = Path(args.table)
-    write_table(entries, family, path)
     print(f"wrote {path}")
     return entries
 
