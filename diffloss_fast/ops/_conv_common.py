@@ -13,6 +13,18 @@ from ._triton_common import next_power_of_2, triton, tl
 if triton is not None:
 
     @triton.jit
+    def _gemm_tile(H, W, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's tile of an implicit-GEMM convolution over a (column tiles, pixel
+        tiles, samples) grid: its sample, its column and pixel tile indices, its pixels (flat
+        index, mask, row, column) and its columns (channel, mask)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return (tl.program_id(2), pid_n, pid_m, m, m < H * W, m // W, m % W, cols,
+                cols < COLS)
+
+    @triton.jit
     def _mm(x, y, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
         """acc + x @ y, fp32 sums of exact products. Triton's CPU interpreter multiplies bf16
         bit patterns as integers: there the operands go up to fp32 first, which computes the

@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from ._triton_common import INT32_MAX, TRITON_DTYPES, cdiv, require_triton
 from ._triton_common import triton, tl
-from ._conv_common import _conv_launch, _mm, _precision, _to
+from ._conv_common import _conv_launch, _precision
 from .autocast import without_autocast
 from .difference import to_accumulation as _acc
 from .fp8 import E4M3, _E4M3Conv2d, _e4m3_forward, check_device, quantize_weight
@@ -265,6 +265,7 @@ def _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual,
 
 
 if triton is not None:
+    from ._conv_common import _gemm_tile, _mm, _to
     from .group_norm_silu_difference import _d_scale, _silu_difference_f32
 
 
@@ -376,16 +377,8 @@ if triton is not None:
         the next pair norm's partials of the outputs as stored, part[n, pixel tile, 0..6, c]
         (:func:`~.group_norm_silu_difference.fold_tile_statistics`), of out_a + x_bias
         (xbn_ptr, HAS_XBN) and out_d / d_scale."""
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        n = tl.program_id(2)
+        n, pid_n, pid_m, m, m_ok, oh, ow, co, co_ok = _gemm_tile(H, W, Cout, BLOCK_M, BLOCK_N)
         HW = H * W
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < HW
-        oh = m // W
-        ow = m % W
-        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        co_ok = co < Cout
         kc = tl.arange(0, BLOCK_K)
         C2 = Cin - C1  # 0 without TWO
         a_base = a_ptr + n.to(tl.int64) * HW * C1  # 64-bit per sample, 32-bit within it

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._conv_common import _conv_launch, _mm, _precision, _to
+from ._conv_common import _conv_launch, _precision
 from ._triton_common import cdiv, next_power_of_2, require_triton, triton, tl
 from .group_norm_silu import _launch as _gn_launch
 
@@ -50,6 +50,7 @@ class SavedNorm(NamedTuple):
 
 
 if triton is not None:
+    from ._conv_common import _gemm_tile, _mm, _to
     from .group_norm_silu import (_affine, _dxhat_of, _gn_group_kernel, _gn_silu_bwd_kernel,
                                   _store_partials)
 
@@ -67,16 +68,8 @@ if triton is not None:
         to. Channels_last in and out. NORM: then, from the stored (rounded) dy and r at the
         same elements, part[n, pixel tile, 0 | 1, c] = the tile's sums of dxhat and
         dxhat * xhat for its channels."""
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        n = tl.program_id(2)
+        n, _, pid_m, m, m_ok, ih, iw, ci, ci_ok = _gemm_tile(H, W, Cin, BLOCK_M, BLOCK_N)
         HW = H * W
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < HW
-        ih = m // W
-        iw = m % W
-        ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ci_ok = ci < Cin
         kc = tl.arange(0, BLOCK_K)
         g_base = g_ptr + n.to(tl.int64) * HW * Cout
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
