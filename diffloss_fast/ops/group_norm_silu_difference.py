@@ -292,6 +292,21 @@ if triton is not None:
         tl.store(st_ptr + 5 * NG + ng, mean_a + mean_d)
 
     @triton.jit
+    def _tile_partials(part_ptr, n, g, j, p0, ra, rd, HW, C, Cg: tl.constexpr, TILES, TILE_M,
+                       BLOCK_P: tl.constexpr):
+        """Tiles p0 .. p0 + BLOCK_P of a group's epilogue partials (channels j of group g):
+        their mask and offsets, pixel counts n_t, and shifts relative to R (ka - ra, kd - rd)
+        with the shifted sums of a and d."""
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < TILES)[:, None] & (j < Cg)[None, :]
+        off = (n * TILES + p[:, None]).to(tl.int64) * 7 * C + g * Cg + j[None, :]
+        n_t = tl.maximum(tl.minimum(HW - p * TILE_M, TILE_M), 1).to(tl.float32)[:, None]
+        return (m, off, n_t, tl.load(part_ptr + off + 5 * C, mask=m, other=0.0) - ra,
+                tl.load(part_ptr + off, mask=m, other=0.0),
+                tl.load(part_ptr + off + 6 * C, mask=m, other=0.0) - rd,
+                tl.load(part_ptr + off + C, mask=m, other=0.0))
+
+    @triton.jit
     def _gnd_tile_fold_kernel(part_ptr, st_ptr, NG, HW, G, C, Cg: tl.constexpr, TILES, TILE_M,
                               eps, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr):
         """One (sample, group): its statistics from the per-(pixel tile, channel) partials a
@@ -313,14 +328,10 @@ if triton is not None:
         sa = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
         sd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
         for p0 in range(0, TILES, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            m = (p < TILES)[:, None] & (j < Cg)[None, :]
-            off = (n * TILES + p[:, None]).to(tl.int64) * 7 * C + g * Cg + j[None, :]
-            n_t = tl.maximum(tl.minimum(HW - p * TILE_M, TILE_M), 1).to(tl.float32)[:, None]
-            sa += tl.where(m, n_t * (tl.load(part_ptr + off + 5 * C, mask=m, other=0.0) - ra)
-                           + tl.load(part_ptr + off, mask=m, other=0.0), 0.0)
-            sd += tl.where(m, n_t * (tl.load(part_ptr + off + 6 * C, mask=m, other=0.0) - rd)
-                           + tl.load(part_ptr + off + C, mask=m, other=0.0), 0.0)
+            m, off, n_t, ka, s1a, kd, s1d = _tile_partials(part_ptr, n, g, j, p0, ra, rd, HW, C,
+                                                           Cg, TILES, TILE_M, BLOCK_P)
+            sa += tl.where(m, n_t * ka + s1a, 0.0)
+            sd += tl.where(m, n_t * kd + s1d, 0.0)
         count = HW * Cg * 1.0
         mu_a = tl.sum(tl.sum(sa, axis=1), axis=0) / count
         mu_d = tl.sum(tl.sum(sd, axis=1), axis=0) / count
@@ -328,14 +339,10 @@ if triton is not None:
         mdd = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
         mad = tl.zeros([BLOCK_P, BLOCK_G], tl.float32)
         for p0 in range(0, TILES, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            m = (p < TILES)[:, None] & (j < Cg)[None, :]
-            off = (n * TILES + p[:, None]).to(tl.int64) * 7 * C + g * Cg + j[None, :]
-            n_t = tl.maximum(tl.minimum(HW - p * TILE_M, TILE_M), 1).to(tl.float32)[:, None]
-            oa = (tl.load(part_ptr + off + 5 * C, mask=m, other=0.0) - ra) \
-                + tl.load(part_ptr + off, mask=m, other=0.0) / n_t - mu_a
-            od = (tl.load(part_ptr + off + 6 * C, mask=m, other=0.0) - rd) \
-                + tl.load(part_ptr + off + C, mask=m, other=0.0) / n_t - mu_d
+            m, off, n_t, ka, s1a, kd, s1d = _tile_partials(part_ptr, n, g, j, p0, ra, rd, HW, C,
+                                                           Cg, TILES, TILE_M, BLOCK_P)
+            oa = ka + s1a / n_t - mu_a
+            od = kd + s1d / n_t - mu_d
             maa += tl.load(part_ptr + off + 2 * C, mask=m, other=0.0) \
                 + tl.where(m, n_t * oa * oa, 0.0)
             mdd += tl.load(part_ptr + off + 3 * C, mask=m, other=0.0) \
