@@ -67,8 +67,23 @@ from .group_norm_silu_difference import (TILE_PARTIALS, fold_tile_statistics,
                                          group_norm_silu_difference_torch,
                                          pair_statistics_triton)
 from .pair_conv_backward import SavedNorm, pair_conv_input_gradient
+from .resample_2x import avg_pool_2x2, upsample_2x_torch
 
 _CL = torch.channels_last
+# The 2x resamplings a prologue may end in (the kernel's RESAMPLE): a ResBlock that changes
+# resolution resamples its first norm's output before its first convolution.
+RESAMPLE_CODES = {None: 0, "up": 1, "down": 2}
+# Their twins (guided-diffusion's Upsample and Downsample without convolution), applied to the
+# norm's two outputs.
+RESAMPLE_TORCH = {"up": upsample_2x_torch, "down": avg_pool_2x2}
+
+
+def _resampled_size(height: int, width: int, resample: str | None) -> tuple[int, int]:
+    if resample == "up":
+        return 2 * height, 2 * width
+    if resample == "down":
+        return height // 2, width // 2
+    return height, width
 
 
 class PairNormStatistics(NamedTuple):
@@ -210,10 +225,12 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
                       residual=None, concat=None, next_norm: NextNorm | None = None, stride=1,
                       dilation=1, groups=1, padding_mode="zeros",
                       quantized: E4M3Operands | None = None,
-                      amax_out: torch.Tensor | None = None):
+                      amax_out: torch.Tensor | None = None, resample: str | None = None):
     """Plain-PyTorch twin: ``(conv(ya) + bias [+ res_a], conv(yd) [+ res_d])`` with
-    ``(ya, yd)`` the prologue's pair norm of ``(a, d)`` (or ``(a, d)`` itself). The prologue's
-    statistics are not read: the norm computes its own.
+    ``(ya, yd)`` the prologue's pair norm of ``(a, d)`` (or ``(a, d)`` itself), each
+    resampled where ``resample`` says (``"up"``: :func:`~.resample_2x.upsample_2x_torch`,
+    ``"down"``: :func:`~.resample_2x.avg_pool_2x2`). The prologue's statistics are not read:
+    the norm computes its own.
 
     With ``quantized``, each convolution is :mod:`.fp8`'s e4m3 one (:func:`~.fp8.quantize` of
     ya at ``a_scale``, of yd at ``d_scale_q``, exact products, fp32 sums, the scales and the
@@ -223,8 +240,12 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
     ``amax_out`` (with ``quantized``): see :func:`pair_conv2d`. ``concat`` ``(a2, d2)``: the
     input is ``torch.cat([a, a2], 1)``, ``torch.cat([d, d2], 1)``. ``next_norm``: a third
     output, :func:`pair_norm_statistics` of the two outputs for that norm."""
+    if resample is not None and (resample not in RESAMPLE_TORCH or prologue is None):
+        raise ValueError(f"pair_conv2d: resample is 'up' or 'down', after a prologue; got "
+                         f"{resample!r}" + ("" if prologue is not None else " without one"))
     out = _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual, concat,
-                             stride, dilation, groups, padding_mode, quantized, amax_out)
+                             stride, dilation, groups, padding_mode, quantized, amax_out,
+                             resample)
     if next_norm is None:
         return out
     with torch.no_grad():
@@ -234,7 +255,7 @@ def pair_conv2d_torch(a, d, d_scale, weight, bias=None, *, padding, prologue=Non
 
 
 def _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual, concat, stride,
-                       dilation, groups, padding_mode, quantized, amax_out):
+                       dilation, groups, padding_mode, quantized, amax_out, resample):
     if padding_mode != "zeros":
         raise ValueError(f"pair_conv2d: zero padding only, got padding_mode={padding_mode!r}")
     a = a.detach()
@@ -244,6 +265,8 @@ def _pair_conv2d_torch(a, d, d_scale, weight, bias, padding, prologue, residual,
         p = prologue
         ya, yd = group_norm_silu_difference_torch(a, d, d_scale, p.num_groups, p.weight, p.bias,
                                                   p.eps, p.scale, p.shift, p.x_bias, p.silu)
+        if resample is not None:
+            ya, yd = RESAMPLE_TORCH[resample](ya), RESAMPLE_TORCH[resample](yd)
     else:
         ya, yd = a, d
     if quantized is not None:
@@ -339,6 +362,25 @@ if triton is not None:
         return ka, mean_d, rstd_a * w, add, rstd_r * w, drstd * w
 
     @triton.jit
+    def _prologue_tile(xa, xd, r_ptrs, r_mask, save, inv_s, ka, mean_d, mul_a, add, mul_r,
+                       mul_dr, SAVE_R: tl.constexpr, SILU: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+        """(ua, ud), fp32: the pair norm's target output and difference (of d / s) at a loaded
+        input tile; where ``save`` (SAVE_R), r = a + d / s stored at r_ptrs (r_mask)."""
+        fa = xa.to(tl.float32)
+        fd = xd.to(tl.float32) * inv_s
+        if SAVE_R:
+            if save:
+                tl.store(r_ptrs, _to(fa + fd, r_ptrs.dtype.element_ty, INTERPRETED),
+                         mask=r_mask)
+        ca = fa + ka[None, :]
+        ua = ca * mul_a[None, :] + add[None, :]
+        ud = (fd - mean_d[None, :]) * mul_r[None, :] + ca * mul_dr[None, :]
+        if SILU:
+            ua, ud = _silu_pair(ua, ud)
+        return ua, ud
+
+    @triton.jit
     def _segment_load(p1, p2, pix, c, C1, C2, mask, second):
         """The tile at pixels pix and channels c of a segment of the input: of x1 (C1
         channels), or where ``second`` (per channel, the same for the whole step) of x2 (C2
@@ -362,7 +404,7 @@ if triton is not None:
             SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             SAVE_R: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
             AMAX: tl.constexpr, STATS: tl.constexpr, HAS_XBN: tl.constexpr,
-            INTERPRETED: tl.constexpr):
+            RESAMPLE: tl.constexpr, INTERPRETED: tl.constexpr):
         """One tile of output pixels x output channels of one sample, for both branches.
         Inputs and outputs channels_last; 'same' padding (KH // 2, KW // 2), so that the
         centre tap reads the tile's own pixels: there, the first channel-block programs write
@@ -376,13 +418,28 @@ if triton is not None:
         read in place as two segments of the reduction, each step within one segment. STATS:
         the next pair norm's partials of the outputs as stored, part[n, pixel tile, 0..6, c]
         (:func:`~.group_norm_silu_difference.fold_tile_statistics`), of out_a + x_bias
-        (xbn_ptr, HAS_XBN) and out_d / d_scale."""
+        (xbn_ptr, HAS_XBN) and out_d / d_scale. RESAMPLE (with PROLOGUE, without TWO): the
+        convolution's input is the prologue's output resampled 2x, H x W (the output's size),
+        read from a and d of the source size: 1, nearest upsampling (a, d of H/2 x W/2); 2,
+        2x2 average pooling (a, d of 2H x 2W), the four normalized values averaged in fp32
+        and rounded once; r is of the source size, each element written once."""
         n, pid_n, pid_m, m, m_ok, oh, ow, co, co_ok = _gemm_tile(H, W, Cout, BLOCK_M, BLOCK_N)
         HW = H * W
+        # the source's row length and pixels a sample
+        if RESAMPLE == 1:
+            Ws = W // 2
+            HWs = HW // 4
+        elif RESAMPLE == 2:
+            Ws = 2 * W
+            HWs = 4 * HW
+        else:
+            Ws = W
+            HWs = HW
         kc = tl.arange(0, BLOCK_K)
         C2 = Cin - C1  # 0 without TWO
-        a_base = a_ptr + n.to(tl.int64) * HW * C1  # 64-bit per sample, 32-bit within it
-        d_base = d_ptr + n.to(tl.int64) * HW * C1
+        a_base = a_ptr + n.to(tl.int64) * HWs * C1  # 64-bit per sample, 32-bit within it
+        d_base = d_ptr + n.to(tl.int64) * HWs * C1
+        r_base = r_ptr + n.to(tl.int64) * HWs * Cin
         if TWO:
             a2_base = a2_ptr + n.to(tl.int64) * HW * C2
             d2_base = d2_ptr + n.to(tl.int64) * HW * C2
@@ -421,24 +478,38 @@ if triton is not None:
                 c = j * BLOCK_K + kc
                 c_ok = c < Cin
                 mask = pix_ok[:, None] & c_ok[None, :]
-                xa = tl.load(a_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
-                xd = tl.load(d_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
+                if RESAMPLE == 1:
+                    pix = (ih // 2) * Ws + iw // 2  # the source pixel it repeats
+                if RESAMPLE != 2:
+                    xa = tl.load(a_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
+                    xd = tl.load(d_base + pix[:, None] * Cin + c[None, :], mask=mask, other=0.0)
             if PROLOGUE:
                 ka, mean_d, mul_a, add, mul_r, mul_dr = _prologue_params(
                     n, c, c_ok, G, Cg, scN, ma_ptr, sa_ptr, md_ptr, sr_ptr, dsr_ptr, gw_ptr,
                     gb_ptr, sc_ptr, sh_ptr, xb_ptr, HAS_FILM, HAS_XB)
-                fa = xa.to(tl.float32)
-                fd = xd.to(tl.float32) * inv_s
-                if SAVE_R:
-                    if (pid_n == 0) & (tap == (KH // 2) * KW + KW // 2):
-                        r_off = n.to(tl.int64) * HW * Cin + pix[:, None] * Cin + c[None, :]
-                        tl.store(r_ptr + r_off, _to(fa + fd, r_ptr.dtype.element_ty,
-                                                    INTERPRETED), mask=mask)
-                ca = fa + ka[None, :]
-                ua = ca * mul_a[None, :] + add[None, :]
-                ud = (fd - mean_d[None, :]) * mul_r[None, :] + ca * mul_dr[None, :]
-                if SILU:
-                    ua, ud = _silu_pair(ua, ud)
+                # r is written at the centre tap of the first channel-block programs
+                centre = (pid_n == 0) & (tap == (KH // 2) * KW + KW // 2)
+                if RESAMPLE == 2:
+                    ua = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+                    ud = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+                    for q in tl.static_range(4):
+                        off = ((2 * ih + q // 2) * Ws + 2 * iw + q % 2)[:, None] * Cin + c[None, :]
+                        u, e = _prologue_tile(
+                            tl.load(a_base + off, mask=mask, other=0.0),
+                            tl.load(d_base + off, mask=mask, other=0.0), r_base + off, mask,
+                            centre, inv_s, ka, mean_d, mul_a, add, mul_r, mul_dr, SAVE_R, SILU,
+                            INTERPRETED)
+                        ua += u
+                        ud += e
+                    ua *= 0.25
+                    ud *= 0.25
+                else:
+                    r_mask = mask
+                    if RESAMPLE == 1:  # each source pixel once: at its top-left copy
+                        r_mask = mask & ((ih % 2 == 0) & (iw % 2 == 0))[:, None]
+                    ua, ud = _prologue_tile(xa, xd, r_base + pix[:, None] * Cin + c[None, :],
+                                            r_mask, centre, inv_s, ka, mean_d, mul_a, add,
+                                            mul_r, mul_dr, SAVE_R, SILU, INTERPRETED)
                 # zero padding of the activated input, as the unfused convolution pads it
                 ya = _to(tl.where(mask, ua, 0.0), dtype, INTERPRETED)
                 yd = _to(tl.where(mask, ud * s, 0.0), dtype, INTERPRETED)
@@ -551,22 +622,24 @@ def _norm_tensors(p: PairPrologue, N: int, C: int) -> _Norm:
 
 def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save_r,
              quantized: E4M3Operands | None = None, amax_out: torch.Tensor | None = None,
-             concat=None, next_norm: NextNorm | None = None):
+             concat=None, next_norm: NextNorm | None = None, resample: str | None = None):
     """(out_a, out_d, r or None, statistics or None), all channels_last; a, d, residuals
     channels_last, weight with unit stride over input channels. With ``quantized`` (its
     weight laid out as ``weight``, its scales fp32 and contiguous) the GEMM reads its e4m3
     weight instead, and raises ``amax_out`` (2 fp32 values) to its operands' amaxes where
     given. ``concat``: (a2, d2), channels_last, whose channels follow a's and d's in the input
     (r holds the whole concatenation). ``next_norm``: the (6, N * G) statistics of that norm
-    of the outputs, from the epilogue's partials."""
-    N, C1, H, W = a.shape
+    of the outputs, from the epilogue's partials. ``resample``: see :func:`pair_conv2d` (r of
+    a's size, the outputs of the resampled size)."""
+    N, C1, Hs, Ws = a.shape
+    H, W = _resampled_size(Hs, Ws, resample)
     a2, d2 = concat if concat is not None else (a, d)
     Cin = C1 + (a2.shape[1] if concat is not None else 0)
     Cout, _, KH, KW = weight.shape
     HW = H * W
     out_a = torch.empty((N, Cout, H, W), dtype=a.dtype, device=a.device, memory_format=_CL)
     out_d = torch.empty_like(out_a)
-    r = (torch.empty((N, Cin, H, W), dtype=d.dtype, device=d.device, memory_format=_CL)
+    r = (torch.empty((N, Cin, Hs, Ws), dtype=d.dtype, device=d.device, memory_format=_CL)
          if save_r else None)
     precision = _precision(a.dtype)
     k = _conv_launch(HW, Cin, Cout, a.element_size(), norm is not None,
@@ -602,7 +675,8 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
         HAS_XB=has_xb, SILU=silu, HAS_BIAS=bias is not None, HAS_RES=has_res, SAVE_R=save_r,
         PRECISION=precision, QUANT=quantized is not None, AMAX=amax_out is not None,
         STATS=next_norm is not None, HAS_XBN=next_norm is not None
-        and next_norm.x_bias is not None, INTERPRETED=a.device.type == "cpu",
+        and next_norm.x_bias is not None, RESAMPLE=RESAMPLE_CODES[resample],
+        INTERPRETED=a.device.type == "cpu",
         num_warps=k.num_warps, num_stages=k.num_stages)
     if next_norm is None:
         return out_a, out_d, r, None
@@ -622,12 +696,14 @@ class _PairConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, d, d2, res_d, a, a2, d_scale, weight, bias, norm, res_a, layout, quantized,
-                amax_out, next_norm):
+                amax_out, next_norm, resample):
         ctx.input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         save_r = norm is not None and ctx.input_grad
         concat = None if a2 is None else (a2, d2)
         out_a, out_d, r, stats = _forward(a, d, d_scale, weight, bias, norm, res_a, res_d,
-                                          save_r, quantized, amax_out, concat, next_norm)
+                                          save_r, quantized, amax_out, concat, next_norm,
+                                          resample)
+        ctx.resample = resample
         if save_r:
             ctx.save_for_backward(weight, r, (norm.mean_a + norm.mean_d).contiguous(),
                                   norm.rstd_r, norm.weight, norm.bias, norm.scale, norm.shift,
@@ -648,7 +724,7 @@ class _PairConv2d(torch.autograd.Function):
     @without_autocast
     @once_differentiable
     def backward(ctx, _grad_a, grad_d, _grad_stats):
-        nones = (None,) * 11
+        nones = (None,) * 12
         if grad_d is None:
             return (None, None, None) + nones
         grad_res = grad_d if ctx.needs_input_grad[2] else None
@@ -657,7 +733,7 @@ class _PairConv2d(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         # d(out_d)/d(d) at d / s is the plain norm's derivative at r: the scale cancels
         norm = None if ctx.norm is None else SavedNorm(*saved, *ctx.norm)
-        dy = pair_conv_input_gradient(grad_d, weight, ctx.cin, norm)
+        dy = pair_conv_input_gradient(grad_d, weight, ctx.cin, norm, ctx.resample)
         if ctx.cin == ctx.c1:
             return (dy, None, grad_res) + nones  # channels_last, like the d the kernel read
         # a concatenated input's two parts: views of the one gradient
@@ -697,7 +773,7 @@ def _check_quantized(q, a, weight):
 
 
 def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode, concat=None, next_norm=None):
+           padding_mode, concat=None, next_norm=None, resample=None):
     for name, t in (("a", a), ("d", d), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"pair_conv2d: {name} must be a 4-D tensor, got "
@@ -727,6 +803,16 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
         raise ValueError(f"pair_conv2d: numeric zero padding only, got padding={padding!r}, "
                          f"padding_mode={padding_mode!r}")
     N, _, H, W = a.shape
+    if resample is not None:
+        if resample not in RESAMPLE_TORCH or prologue is None or concat is not None:
+            raise ValueError(f"pair_conv2d: resample is 'up' or 'down', after a prologue and "
+                             f"without concat; got resample={resample!r}"
+                             + (" without a prologue" if prologue is None else "")
+                             + (" with concat" if concat is not None else ""))
+        if resample == "down" and (H % 2 or W % 2):
+            raise ValueError(f"pair_conv2d: resample='down' pools even sizes, got {H}x{W}")
+    Hs, Ws = H, W  # the input's size, before resampling
+    H, W = _resampled_size(H, W, resample)
     Cout, Cin, KH, KW = weight.shape
     if Cin != C:
         raise ValueError(f"pair_conv2d: the weight {tuple(weight.shape)} takes {Cin} input "
@@ -753,7 +839,7 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
     for name, t in tensors.items():
         if t.dtype != a.dtype:
             raise ValueError(f"pair_conv2d: {name} must have a's dtype {a.dtype}, got {t.dtype}")
-    if max(C, Cout) * H * W > INT32_MAX:
+    if max(C * max(H * W, Hs * Ws), Cout * H * W) > INT32_MAX:
         raise ValueError("pair_conv2d: one sample must have fewer than 2**31 elements")
     frozen = {"weight": weight, "bias": bias}
     if next_norm is not None:
@@ -807,7 +893,7 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
 def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, residual=None,
                 concat=None, next_norm: NextNorm | None = None, stride=1, dilation=1,
                 groups=1, padding_mode="zeros", quantized: E4M3Operands | None = None,
-                amax_out: torch.Tensor | None = None):
+                amax_out: torch.Tensor | None = None, resample: str | None = None):
     """Fused Triton version of :func:`pair_conv2d_torch`: ``(out_a, out_d)`` for a stride-1
     convolution with 'same' zero padding (3x3 padding 1, 1x1 padding 0) of the pair
     ``(a, d)`` (``d`` the difference times ``d_scale``, a 0-dim fp32 power-of-two tensor),
@@ -821,6 +907,13 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     ``[d, d2]`` (the decoder's skip connection after its own input), read in place as two
     segments of the reduction instead of copied; ``prologue`` and ``weight`` are the
     concatenation's. Differentiable to ``d2`` too.
+
+    ``resample`` (with a ``prologue``, without ``concat``): ``"up"`` or ``"down"``, the
+    convolution's input is the prologue's output upsampled 2x to the nearest pixel or
+    2x2-average pooled (even sizes), formed as the kernel loads it: a ResBlock that changes
+    resolution, whose norm's output is resampled before its first convolution, writes neither
+    the normalized nor the resampled pair. The outputs, and ``residual``, have the resampled
+    size; the prologue's statistics are of ``(a, d)``.
 
     ``next_norm`` (:class:`NextNorm`): a third output, the :class:`PairNormStatistics` of
     that norm of the two outputs (as stored), added up in the epilogue from per-tile partials
@@ -839,7 +932,7 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     (:meth:`~.fp8.DelayedScaling.record`); zero it first for this call's amaxes alone."""
     require_triton("pair_conv2d")
     _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dilation, groups,
-           padding_mode, concat, next_norm)
+           padding_mode, concat, next_norm, resample)
     if quantized is not None:
         _check_quantized(quantized, a, weight)
     if amax_out is not None:
@@ -872,7 +965,8 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     if a.numel() == 0 or weight.shape[0] == 0:
         return pair_conv2d_torch(a, d, d_scale, weight, bias, padding=padding,
                                  prologue=prologue, residual=residual, concat=concat,
-                                 next_norm=next_norm, quantized=quantized, amax_out=amax_out)
+                                 next_norm=next_norm, quantized=quantized, amax_out=amax_out,
+                                 resample=resample)
     if quantized is not None:
         qw = _channels_last_weight(quantized.weight)
         if qw.stride() != w.stride():  # one set of strides for both weights
@@ -884,11 +978,13 @@ def pair_conv2d(a, d, d_scale, weight, bias=None, *, padding, prologue=None, res
     d = d.contiguous(memory_format=_CL)
     if grad:
         out_a, out_d, stats = _PairConv2d.apply(d, d2, res_d, a, a2, d_scale, w, bias, norm,
-                                                res_a, layout, quantized, amax_out, next_norm)
+                                                res_a, layout, quantized, amax_out, next_norm,
+                                                resample)
     else:
         out_a, out_d, _, stats = _forward(a, d, d_scale, w, bias, norm, res_a, res_d, False,
                                           quantized, amax_out,
-                                          None if a2 is None else (a2, d2), next_norm)
+                                          None if a2 is None else (a2, d2), next_norm,
+                                          resample)
         out_a, out_d = (out_a.contiguous(memory_format=layout),
                         out_d.contiguous(memory_format=layout))
     if next_norm is None:

@@ -15,6 +15,12 @@ dy the apply pass reads: the result is the unfused backward's of the same dy, up
 of fp32 sums. Each (sample, pixel tile) program row writes its own slot of partials for the
 channels of its channel tile; a GroupNorm's per-channel sums need nothing from the other
 channel tiles, so a group may straddle them.
+
+A prologue that ends in a 2x resampling (a ResBlock that changes resolution) puts the
+resampling's adjoint between the two: the dgrad's output is at the convolution's input, the
+norm's input is of the other size. There the dgrad writes dy alone, one resampling kernel
+takes it back to r's size, and the norm's own backward (its statistics pass included) runs on
+that.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ import torch
 
 from ._conv_common import _conv_launch, _precision
 from ._triton_common import cdiv, next_power_of_2, require_triton, triton, tl
+from .group_norm_silu import _backward as _gn_backward
 from .group_norm_silu import _launch as _gn_launch
+from .resample_2x import _pool, _upsample
 
 _CL = torch.channels_last
 
@@ -160,12 +168,27 @@ def _norm_backward(norm: SavedNorm, dy, part):
     return dx
 
 
+def _resampled_norm_backward(norm: SavedNorm, dy, resample: str):
+    """dx at r's size from dy at the resampled size: the resampling's adjoint (an upsampling's
+    is the sum of each pixel's four copies, a 2x2 average's a quarter of the gradient to each
+    of the four), then the norm's backward."""
+    dy = _pool(dy, 1.0, True) if resample == "up" else _upsample(dy, 0.25, True)
+    r = norm.r
+    N, C, H, W = r.shape
+    G = norm.num_groups
+    return _gn_backward(r, dy, None, norm.mean_r, norm.rstd_r, norm.weight, norm.bias,
+                        norm.scale, norm.shift, norm.x_bias, G, norm.film, norm.has_xb,
+                        norm.silu, _gn_launch(N, G, H * W, C))
+
+
 def pair_conv_input_gradient(grad: torch.Tensor, weight: torch.Tensor, cin: int,
-                             norm: SavedNorm | None = None) -> torch.Tensor:
+                             norm: SavedNorm | None = None,
+                             resample: str | None = None) -> torch.Tensor:
     """The gradient with respect to the input of a 'same'-padded stride-1 convolution
     (``weight`` (Cout, cin, kh, kw), odd kernels, any strides) from its output's gradient
     ``grad`` (N, Cout, H, W), channels_last in grad's dtype: after the prologue ``norm``,
-    with respect to the norm's input, at r. fp32 products follow
+    with respect to the norm's input, at r; with ``resample`` (``"up"`` or ``"down"``, with
+    ``norm``) through the prologue's 2x resampling too, to r's size. fp32 products follow
     ``torch.backends.cudnn.allow_tf32``."""
     require_triton("pair_conv_input_gradient")
     grad = grad.contiguous(memory_format=_CL)
@@ -175,6 +198,9 @@ def pair_conv_input_gradient(grad: torch.Tensor, weight: torch.Tensor, cin: int,
                              scale=norm.scale if norm.film else p,
                              shift=norm.shift if norm.film else p,
                              x_bias=norm.x_bias if norm.has_xb else p)
+    if resample is not None:
+        dy, _ = _dgrad(grad, weight, cin)
+        return _resampled_norm_backward(norm, dy, resample)
     dy, part = _dgrad(grad, weight, cin, norm)
     if norm is None or dy.numel() == 0:
         return dy
