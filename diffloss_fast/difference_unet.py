@@ -23,7 +23,8 @@ from torch import nn
 from .fast_unet import FastUNet
 from .ops.conv_dispatch import Block
 from .ops.frozen_conv import frozen_conv2d
-from .ops.pair_conv import NextNorm, PairNormStatistics, pair_conv2d, pair_prologue
+from .ops.pair_conv import (NextNorm, PairNormStatistics, _resampled_size, pair_conv2d,
+                            pair_prologue)
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 # (target activation, difference times d_scale, d_scale): what flows from layer to layer
@@ -53,6 +54,21 @@ class StatPair(tuple):
         return self
 
 
+def resampling(blk: ResBlock) -> str | None:
+    """How a ResBlock resamples its first norm's output (and its skip path): ``"up"``,
+    ``"down"`` (guided-diffusion's resampling without convolution) or None."""
+    if not blk.updown:
+        return None
+    return "up" if isinstance(blk.h_upd, Upsample) else "down"
+
+
+def in_kind(blk: ResBlock) -> str:
+    """The dispatch kind of a ResBlock's first norm + convolution: ``in``, or ``up-in`` /
+    ``down-in`` where the norm's output is resampled before the convolution."""
+    resample = resampling(blk)
+    return "in" if resample is None else f"{resample}-in"
+
+
 def input_shape(x: Pair | Concat) -> tuple[int, int, int, int]:
     """(batch, channels, height, width) of a block's input, concatenated or not."""
     if isinstance(x, Concat):
@@ -72,8 +88,10 @@ class DifferenceUNet(FastUNet):
     (:mod:`diffloss_fast.ops.pair_conv`), the norm applied as the convolution loads its input
     and the residual sum added as it writes, and of the decoder blocks whose concatenated
     input the fused kernels read in place (``cat-in``: its norm's statistics, its first and
-    its skip convolution, no concatenation written); empty (the library path) unless the
-    convolution dispatch table measured them faster on this card."""
+    its skip convolution, no concatenation written), and of the resampling ResBlocks'
+    first blocks (``up-in``, ``down-in``: the norm's output resampled as the kernel loads
+    it); empty (the library path) unless the convolution dispatch table measured them faster
+    on this card."""
 
     fused_blocks: frozenset[str] = frozenset()
 
@@ -112,13 +130,16 @@ class DifferenceUNet(FastUNet):
 
     @functools.cached_property
     def _followers(self) -> dict[ResBlock, ResBlock]:
-        """Each ResBlock whose output the next layer reads as its input, a ResBlock without
-        resampling: the encoder's and the middle block's consecutive ResBlocks (a decoder
-        block's input is a concatenation)."""
-        layers = [layer for block in (*self.input_blocks, self.middle_block) for layer in block]
-        return {first: then for first, then in zip(layers, layers[1:])
-                if isinstance(first, ResBlock) and isinstance(then, ResBlock)
-                and not then.updown}
+        """Each ResBlock whose output the next layer reads as its input, a ResBlock: the
+        encoder's and the middle block's consecutive ResBlocks, a downsampling one included,
+        and within a decoder block a ResBlock and the upsampling one after it (a decoder
+        block's first input is a concatenation)."""
+        found = {}
+        encoder = [layer for block in (*self.input_blocks, self.middle_block) for layer in block]
+        for layers in (encoder, *(list(block) for block in self.output_blocks)):
+            found.update((first, then) for first, then in zip(layers, layers[1:])
+                         if isinstance(first, ResBlock) and isinstance(then, ResBlock))
+        return found
 
     def _follower_norm(self, blk: ResBlock, h: Pair) -> NextNorm | None:
         """The first norm of the ResBlock that reads this one's output, for the epilogue of
@@ -126,19 +147,22 @@ class DifferenceUNet(FastUNet):
         where that norm is applied by a fused block; else None. Not in compiled blocks, which
         hand on plain pairs."""
         then = self._followers.get(blk) if self._run_compiled is None else None
-        if then is None or not self._fused("in", tuple(h[0].shape), then.in_layers[2]):
+        if then is None or not self._fused(in_kind(then), tuple(h[0].shape),
+                                           then.in_layers[2]):
             return None
         return NextNorm(then.in_layers[0].num_groups, then.in_layers[0].eps)
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
-                   next_norm: NextNorm | None = None,
-                   concat=None) -> tuple[Pair, PairNormStatistics | None]:
+                   next_norm: NextNorm | None = None, concat=None,
+                   resample: str | None = None) -> tuple[Pair, PairNormStatistics | None]:
         """A fused block's convolution: ``conv`` (its weight, ``bias`` on the target only) of
-        ``prologue``'s pair norm of ``pair`` (followed by ``concat``'s (a2, d2) where given),
-        plus ``residual``'s pair; and ``next_norm``'s statistics of the output, or None."""
+        ``prologue``'s pair norm of ``pair`` (followed by ``concat``'s (a2, d2) where given,
+        resampled where ``resample`` says), plus ``residual``'s pair; and ``next_norm``'s
+        statistics of the output, or None."""
         a, d, s = pair
         out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
-                          residual=residual, concat=concat, next_norm=next_norm)
+                          residual=residual, concat=concat, next_norm=next_norm,
+                          resample=resample)
         return (out[0], out[1], s), (out[2] if next_norm is not None else None)
 
     def _fused_concat(self, blk: ResBlock, x: Concat) -> bool:
@@ -175,12 +199,17 @@ class DifferenceUNet(FastUNet):
                 return self._resblock_out(blk, *self._concat_in(blk, x), emb_out)
             x = x.joined()
         stats = None
-        if not blk.updown and self._fused("in", input_shape(x), conv):
+        if self._fused(in_kind(blk), input_shape(x), conv):
+            resample = resampling(blk)
             n, _, height, width = x[0].shape
+            height, width = _resampled_size(height, width, resample)
             next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
             prologue = pair_prologue(*x, norm.num_groups, norm.weight, norm.bias, norm.eps,
                                      statistics=getattr(x, "stats", None))
-            h, stats = self._pair_conv(conv, x, conv_bias, prologue, next_norm=next_norm)
+            h, stats = self._pair_conv(conv, x, conv_bias, prologue, next_norm=next_norm,
+                                       resample=resample)
+            if resample is not None:
+                x = self._resample(blk.x_upd, x)
         else:
             h = self._norm_silu_pair(norm, x)
             if blk.updown:

@@ -13,8 +13,8 @@ e4m3 operands): the norm's output is formed as the kernel loads it and never wri
 kernel quantizes it at the history's scale alone (:meth:`~.ops.fp8.DelayedScaling.scale_for`)
 and returns its amax for the history (:meth:`~.ops.fp8.DelayedScaling.record`). They fuse
 where the dispatch table measured the FP8 block itself faster (keys of kind ``fp8-in``,
-``fp8-out`` and ``fp8-cat-in``, apart from the bf16 blocks'), and only from the second call
-on: the first has no history to take a scale from.
+``fp8-out``, ``fp8-cat-in``, ``fp8-up-in`` and ``fp8-down-in``, apart from the bf16 blocks'),
+and only from the second call on: the first has no history to take a scale from.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class FP8DifferenceUNet(DifferenceUNet):
         return super()._fused(f"fp8-{kind}", shape, conv) and self.scaling.calls > 1
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
-                   next_norm: NextNorm | None = None, concat=None):
+                   next_norm: NextNorm | None = None, concat=None, resample=None):
         """The fused block on e4m3 operands at the history's scales, its inputs' amaxes,
         found by the kernel, recorded as the unfused convolutions record theirs."""
         a, d, s = pair
@@ -65,7 +65,7 @@ class FP8DifferenceUNet(DifferenceUNet):
         amax = torch.zeros(2, device=a.device)
         out = pair_conv2d(a, d, s, conv.weight, bias, padding=conv.padding, prologue=prologue,
                           residual=residual, concat=concat, next_norm=next_norm, quantized=q,
-                          amax_out=amax)
+                          amax_out=amax, resample=resample)
         self.scaling.record(slot, amax[0])
         self.scaling.record(slot + 1, amax[1])
         return (out[0], out[1], s), (out[2] if next_norm is not None else None)

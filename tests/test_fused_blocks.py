@@ -84,6 +84,8 @@ def _fuse_every_block(monkeypatch, module, calls):
     def counted(*args, **kwargs):
         if kwargs.get("concat") is not None:
             calls.append("cat-in" if kwargs.get("prologue") is not None else "cat-skip")
+        elif kwargs.get("resample") is not None:
+            calls.append(f"{kwargs['resample']}-in")
         else:
             calls.append("out" if kwargs.get("residual") is not None else "in")
         if kwargs.get("next_norm") is not None:
@@ -91,6 +93,20 @@ def _fuse_every_block(monkeypatch, module, calls):
         return real(*args, **kwargs)
     monkeypatch.setattr(module, "pair_conv2d", counted)
     monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
+
+
+def _assert_every_block_fused(prior, calls):
+    """Every ResBlock's second block ran fused; the decoder's concatenated inputs were read in
+    place by their first and skip convolutions; the resampling ResBlocks' first blocks ran
+    fused with their resampling, the other first blocks plain."""
+    blocks = [m for m in prior.modules() if isinstance(m, ResBlock)]
+    decoder = [block[0] for block in prior.output_blocks]
+    assert calls.count("out") == len(blocks)
+    assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
+    assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
+    for kind, resampling in (("up-in", "Upsample"), ("down-in", "Downsample")):
+        assert calls.count(kind) == sum(type(blk.h_upd).__name__ == resampling
+                                        for blk in blocks) > 0
 
 
 def _fused_loss(prior, monkeypatch, calls, **kw):
@@ -108,22 +124,18 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     want = _step(dl.DiffLoss(micro_unet, fused_kernels=True, execution="eager", **kw), *inputs)
     calls = []
     got = _step(_fused_loss(micro_unet, monkeypatch, calls, **kw), *inputs)
-    # every ResBlock's second block ran fused; the decoder's concatenated inputs were read in
-    # place by their first and skip convolutions; the other first blocks that do not resample
-    # ran fused too
-    blocks = [m for m in micro_unet.modules() if isinstance(m, ResBlock)]
-    decoder = [block[0] for block in micro_unet.output_blocks]
-    assert calls.count("out") == len(blocks)
-    assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
-    assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
+    _assert_every_block_fused(micro_unet, calls)
     # each fused first block added up its fused second block's norm statistics, and each
-    # fused last block those of the next ResBlock's first norm where that reads its output
-    layers = [layer for block in (*micro_unet.input_blocks, micro_unet.middle_block)
-              for layer in block]
-    handed_on = sum(isinstance(x, ResBlock) and isinstance(y, ResBlock) and not y.updown
+    # fused last block those of the next ResBlock's first norm where that reads its output:
+    # in the encoder and middle block, and within a decoder block
+    encoder = [layer for block in (*micro_unet.input_blocks, micro_unet.middle_block)
+               for layer in block]
+    handed_on = sum(isinstance(x, ResBlock) and isinstance(y, ResBlock)
+                    for layers in (encoder, *map(list, micro_unet.output_blocks))
                     for x, y in zip(layers, layers[1:]))
     assert handed_on > 0
-    assert calls.count("stats") == calls.count("in") + calls.count("cat-in") + handed_on
+    first_blocks = sum(calls.count(kind) for kind in ("in", "cat-in", "up-in", "down-in"))
+    assert calls.count("stats") == first_blocks + handed_on
     assert got[0] == pytest.approx(want[0], rel=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4 * want[1].abs().max())
 
@@ -165,7 +177,8 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
         return 1.0 if fused else 2.0  # every block "faster" fused
     entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], SIZE, timer=timer)
     assert set(entries) == asked
-    assert {key.split(":")[0] for key in entries} == {"in", "out", "cat-in"}
+    assert {key.split(":")[0] for key in entries} == {"in", "out", "cat-in", "up-in",
+                                                      "down-in"}
     assert all(e == {"library_ms": 2.0, "fused_ms": 1.0} for e in entries.values())
     assert sorted(map(len, timed)) == [0] * len(entries) + [1] * len(entries)
     path = tmp_path / "table.json"
@@ -232,11 +245,7 @@ def test_fp8_fused_blocks_run_the_e4m3_kernel_and_record_its_amaxes(fp8_fused_an
     together exactly where their inputs are the same, to a bf16 ulp at the first fused block,
     and elsewhere to the accuracy FP8 itself is held to."""
     runs, nets, calls = fp8_fused_and_unfused
-    blocks = [m for m in micro_unet.modules() if isinstance(m, ResBlock)]
-    decoder = [block[0] for block in micro_unet.output_blocks]
-    assert calls.count("out") == len(blocks)
-    assert calls.count("cat-in") == calls.count("cat-skip") == len(decoder) > 0
-    assert calls.count("in") == sum(not blk.updown for blk in blocks) - len(decoder) > 0
+    _assert_every_block_fused(micro_unet, calls)
     (fused, fused_first), (unfused, unfused_first) = nets["fused"], nets["unfused"]
     assert fused.fused_blocks and not unfused.fused_blocks
     assert torch.equal(fused_first, unfused_first)  # the same history before this call
