@@ -199,7 +199,8 @@ class DifferenceUNet(FastUNet):
                 return self._resblock_out(blk, *self._concat_in(blk, x), emb_out)
             x = x.joined()
         stats = None
-        if self._fused(in_kind(blk), input_shape(x), conv):
+        skip = blk.skip_connection
+        if fused := self._fused(in_kind(blk), input_shape(x), conv):
             resample = resampling(blk)
             n, _, height, width = x[0].shape
             height, width = _resampled_size(height, width, resample)
@@ -215,8 +216,10 @@ class DifferenceUNet(FastUNet):
             if blk.updown:
                 h, x = self._resample(blk.h_upd, h), self._resample(blk.x_upd, x)
             h = self._conv(conv, h, bias=not scale_shift)
-        skip = blk.skip_connection
-        x = self._conv(skip, x, bias=False) if isinstance(skip, nn.Conv2d) else x
+        if isinstance(skip, nn.Conv2d):
+            # a 1x1 skip where the channels change runs on the pair kernel with its block
+            # (the sweep times the whole ResBlock): one weight read for both halves
+            x = self._pair_conv(skip, x, None, None)[0] if fused else self._conv(skip, x, False)
         return self._resblock_out(blk, h, x, stats, emb_out)
 
     def _resblock_out(self, blk: ResBlock, h: Pair, x: Pair, stats: PairNormStatistics | None,

@@ -15,7 +15,7 @@ import diffloss_fast.loss as loss_module
 from diffloss_fast.ops import conv_dispatch
 from diffloss_fast.ops.conv_dispatch import Block, fused_blocks, load_table
 from guided_diffusion.unet import ResBlock
-from random_unets import MICRO, randomized_unet
+from random_unets import MICRO, TINY, randomized_unet
 
 
 # 16x16 images: the smallest the one-level MICRO prior takes with every block type (its
@@ -329,3 +329,40 @@ def test_the_sweep_times_the_fp8_blocks_under_their_own_keys(micro_unet):
     assert any(k.startswith("cat-in:") for k in bf16)
     assert set(entries) == bf16 | {f"fp8-{k}" for k in bf16}
     assert timed.count(True) == timed.count(False) == 2 * len(bf16)
+
+
+def test_a_fused_block_that_changes_channels_runs_its_skip_on_the_pair_kernel(one_thread):
+    """An encoder ResBlock whose 1x1 skip changes the channels (TINY's, at a level's first
+    block): fused, its skip runs on the pair kernel with its first block, and the block's
+    outputs and input gradient are the library path's, in fp32."""
+    from diffloss_fast.tools import conv_sweep
+    prior = randomized_unet(TINY)
+    loss_fn = dl.DiffLoss(prior, precision="fp32", propagation="difference",
+                          fused_kernels=True, execution="eager")
+    net = loss_fn._net(torch.device("cpu"), torch.float32, decoder=True)
+    key, blk, shape, film = next(
+        b for b in conv_sweep.recorded_blocks(net, 1, SIZE, torch.device("cpu"))
+        if b[0].startswith("in:") and isinstance(b[1].skip_connection, torch.nn.Conv2d))
+    assert blk.skip_connection.in_channels != blk.skip_connection.out_channels
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    d = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    s = torch.tensor(4.0)
+    runs, calls = {}, []
+    real = difference_unet.pair_conv2d
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("prologue") is None)
+        return real(*args, **kwargs)
+    for name, fused in (("library", frozenset()), ("fused", frozenset({key}))):
+        net.fused_blocks = fused
+        dd = d.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(difference_unet, "pair_conv2d", counted)
+            out_a, out_d, _ = net._resblock(blk, (a, dd, s), film)
+        out_d.backward(torch.ones_like(out_d))
+        runs[name] = out_a, out_d.detach(), dd.grad
+    net.fused_blocks = frozenset()
+    assert calls == [False, True]  # the first block, then the skip without a prologue
+    for got, want in zip(runs["fused"], runs["library"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
