@@ -90,8 +90,8 @@ class DifferenceUNet(FastUNet):
     input the fused kernels read in place (``cat-in``: its norm's statistics, its first and
     its skip convolution, no concatenation written), and of the resampling ResBlocks'
     first blocks (``up-in``, ``down-in``: the norm's output resampled as the kernel loads
-    it); empty (the library path) unless the convolution dispatch table measured them faster
-    on this card."""
+    it), and of the noise head (``head``: its norm + SiLU + convolution); empty (the library
+    path) unless the convolution dispatch table measured them faster on this card."""
 
     fused_blocks: frozenset[str] = frozenset()
 
@@ -129,28 +129,32 @@ class DifferenceUNet(FastUNet):
         return NextNorm(norm.num_groups, norm.eps, blk.in_layers[2].bias)
 
     @functools.cached_property
-    def _followers(self) -> dict[ResBlock, ResBlock]:
-        """Each ResBlock whose output the next layer reads as its input, a ResBlock: the
-        encoder's and the middle block's consecutive ResBlocks, a downsampling one included,
-        and within a decoder block a ResBlock and the upsampling one after it (a decoder
-        block's first input is a concatenation)."""
+    def _followers(self) -> dict[ResBlock, tuple[str, nn.GroupNorm, nn.Conv2d]]:
+        """Each ResBlock whose output the next layer reads as its input through a norm that
+        a fused block applies, and that block (its kind, norm and convolution): a ResBlock's
+        first block in the encoder and the middle block (a downsampling one's included) and
+        within a decoder block (an upsampling one's after a ResBlock; a decoder block's first
+        input is a concatenation), and the noise head after the decoder's last ResBlock."""
         found = {}
         encoder = [layer for block in (*self.input_blocks, self.middle_block) for layer in block]
         for layers in (encoder, *(list(block) for block in self.output_blocks)):
-            found.update((first, then) for first, then in zip(layers, layers[1:])
+            found.update((first, (in_kind(then), then.in_layers[0], then.in_layers[2]))
+                         for first, then in zip(layers, layers[1:])
                          if isinstance(first, ResBlock) and isinstance(then, ResBlock))
+        last = self.output_blocks[-1][-1] if self.decoder and self.output_blocks else None
+        if isinstance(last, ResBlock):
+            found[last] = ("head", self.out_norm, self.out_conv)
         return found
 
     def _follower_norm(self, blk: ResBlock, h: Pair) -> NextNorm | None:
-        """The first norm of the ResBlock that reads this one's output, for the epilogue of
+        """The first norm of the layer that reads this ResBlock's output, for the epilogue of
         its fused last convolution (whose output has h's shape) to add up its statistics,
         where that norm is applied by a fused block; else None. Not in compiled blocks, which
         hand on plain pairs."""
         then = self._followers.get(blk) if self._run_compiled is None else None
-        if then is None or not self._fused(in_kind(then), tuple(h[0].shape),
-                                           then.in_layers[2]):
+        if then is None or not self._fused(then[0], tuple(h[0].shape), then[2]):
             return None
-        return NextNorm(then.in_layers[0].num_groups, then.in_layers[0].eps)
+        return NextNorm(then[1].num_groups, then[1].eps)
 
     def _pair_conv(self, conv: nn.Conv2d, pair: Pair, bias, prologue, residual=None,
                    next_norm: NextNorm | None = None, concat=None,
@@ -281,7 +285,21 @@ class DifferenceUNet(FastUNet):
     def _feature(self, h: Pair) -> torch.Tensor:
         return h[1]
 
+    def _head(self, h: Pair) -> torch.Tensor | None:
+        """The noise head's difference as one fused block (its norm + SiLU the pair
+        convolution's prologue, the statistics handed on where the last ResBlock added them
+        up) where the sweep measured it faster (``head``); else None."""
+        if not self._fused("head", tuple(h[0].shape), self.out_conv):
+            return None
+        norm = self.out_norm
+        prologue = pair_prologue(*h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                 statistics=getattr(h, "stats", None))
+        return self._pair_conv(self.out_conv, h, None, prologue)[0][1]
+
     def _eps(self, h: Pair) -> torch.Tensor:
+        fused = self._head(h)
+        if fused is not None:
+            return fused
         normed = self._norm_silu_pair(self.out_norm, h)
         return frozen_conv2d(self.out_conv, normed[1], bias=False)
 

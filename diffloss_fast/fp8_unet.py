@@ -8,13 +8,14 @@ is the pair that makes FP8 possible at all: ``d`` at its own scale keeps the res
 small difference from the target in e4m3's 3 mantissa bits, where two passes quantized apart
 and subtracted at the end would lose it entirely.
 
-A ResBlock's norm + convolution blocks may run fused (:mod:`diffloss_fast.ops.pair_conv` on
-e4m3 operands): the norm's output is formed as the kernel loads it and never written, so the
-kernel quantizes it at the history's scale alone (:meth:`~.ops.fp8.DelayedScaling.scale_for`)
-and returns its amax for the history (:meth:`~.ops.fp8.DelayedScaling.record`). They fuse
-where the dispatch table measured the FP8 block itself faster (keys of kind ``fp8-in``,
-``fp8-out``, ``fp8-cat-in``, ``fp8-up-in`` and ``fp8-down-in``, apart from the bf16 blocks'),
-and only from the second call on: the first has no history to take a scale from.
+A ResBlock's norm + convolution blocks, and the noise head's, may run fused
+(:mod:`diffloss_fast.ops.pair_conv` on e4m3 operands): the norm's output is formed as the
+kernel loads it and never written, so the kernel quantizes it at the history's scale alone
+(:meth:`~.ops.fp8.DelayedScaling.scale_for`) and returns its amax for the history
+(:meth:`~.ops.fp8.DelayedScaling.record`). They fuse where the dispatch table measured the
+FP8 block itself faster (keys of kind ``fp8-in``, ``fp8-out``, ``fp8-cat-in``,
+``fp8-up-in``, ``fp8-down-in`` and ``fp8-head``, apart from the bf16 blocks'), and only from
+the second call on: the first has no history to take a scale from.
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ class FP8DifferenceUNet(DifferenceUNet):
         return self._quantized(conv, a, 0, bias), self._quantized(conv, d, 1, False), s
 
     def _eps(self, h: Pair) -> torch.Tensor:
+        fused = self._head(h)
+        if fused is not None:
+            return fused
         normed = self._norm_silu_pair(self.out_norm, h)
         return self._quantized(self.out_conv, normed[1], 1, False)
 

@@ -82,7 +82,9 @@ def _fuse_every_block(monkeypatch, module, calls):
     real = module.pair_conv2d
 
     def counted(*args, **kwargs):
-        if kwargs.get("concat") is not None:
+        if args[3].shape[0] == 3:  # the noise head's convolution, sliced to 3 channels
+            calls.append("head")
+        elif kwargs.get("concat") is not None:
             calls.append("cat-in" if kwargs.get("prologue") is not None else "cat-skip")
         elif kwargs.get("resample") is not None:
             calls.append(f"{kwargs['resample']}-in")
@@ -98,7 +100,8 @@ def _fuse_every_block(monkeypatch, module, calls):
 def _assert_every_block_fused(prior, calls):
     """Every ResBlock's second block ran fused; the decoder's concatenated inputs were read in
     place by their first and skip convolutions; the resampling ResBlocks' first blocks ran
-    fused with their resampling, the other first blocks plain."""
+    fused with their resampling, the other first blocks plain; the noise head once."""
+    assert calls.count("head") == 1
     blocks = [m for m in prior.modules() if isinstance(m, ResBlock)]
     decoder = [block[0] for block in prior.output_blocks]
     assert calls.count("out") == len(blocks)
@@ -127,13 +130,15 @@ def test_fused_blocks_compute_the_library_paths_loss_in_fp32(micro_unet, monkeyp
     _assert_every_block_fused(micro_unet, calls)
     # each fused first block added up its fused second block's norm statistics, and each
     # fused last block those of the next ResBlock's first norm where that reads its output:
-    # in the encoder and middle block, and within a decoder block
+    # in the encoder and middle block, and within a decoder block; and the decoder's last
+    # ResBlock those of the noise head's norm
     encoder = [layer for block in (*micro_unet.input_blocks, micro_unet.middle_block)
                for layer in block]
     handed_on = sum(isinstance(x, ResBlock) and isinstance(y, ResBlock)
                     for layers in (encoder, *map(list, micro_unet.output_blocks))
                     for x, y in zip(layers, layers[1:]))
-    assert handed_on > 0
+    assert handed_on > 0 and isinstance(micro_unet.output_blocks[-1][-1], ResBlock)
+    handed_on += 1
     first_blocks = sum(calls.count(kind) for kind in ("in", "cat-in", "up-in", "down-in"))
     assert calls.count("stats") == first_blocks + handed_on
     assert got[0] == pytest.approx(want[0], rel=1e-5)
@@ -178,7 +183,7 @@ def test_the_sweep_times_exactly_the_blocks_the_network_asks_about(micro_unet, t
     entries = conv_sweep.sweep(micro_unet, torch.device("cpu"), [2], SIZE, timer=timer)
     assert set(entries) == asked
     assert {key.split(":")[0] for key in entries} == {"in", "out", "cat-in", "up-in",
-                                                      "down-in"}
+                                                      "down-in", "head"}
     assert all(e == {"library_ms": 2.0, "fused_ms": 1.0} for e in entries.values())
     assert sorted(map(len, timed)) == [0] * len(entries) + [1] * len(entries)
     path = tmp_path / "table.json"
@@ -197,7 +202,9 @@ def test_a_block_is_timed_for_real_both_ways(micro_unet, one_thread):
     first = blocks[0]
     concatenated = next(b for b in blocks if b[0].startswith("cat-in:"))
     assert len(concatenated[2]) == 2  # the decoder block's two input shapes
-    for key, blk, shape, film in (first, concatenated):
+    head = next(b for b in blocks if b[0].startswith("head:"))
+    assert head[1] is None and head[3] is None  # no ResBlock, no FiLM
+    for key, blk, shape, film in (first, concatenated, head):
         for fused in (frozenset(), frozenset({key})):
             ms = conv_sweep.time_block(net, blk, shape, film, fused, torch.device("cpu"),
                                        warmup=0, repeats=1)

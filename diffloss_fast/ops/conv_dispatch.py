@@ -24,9 +24,10 @@ TABLE = Path(__file__).with_name("conv_dispatch.json")
 # decoder ResBlock's concatenated input, read in place by its norm's statistics, its first and
 # its 1x1 skip convolution instead of copied ("cat-in"); a resampling ResBlock's first norm +
 # SiLU, 2x upsampling or 2x2 average pooling and 3x3 convolution ("up-in", "down-in"); the
-# precision="fp8" network's, on e4m3 operands, under keys of their own ("fp8-" and the
-# kind): a bf16 measurement never decides an FP8 block.
-_BF16_KINDS = ("in", "out", "cat-in", "up-in", "down-in")
+# noise head's norm + SiLU + 3x3 convolution ("head"); the precision="fp8" network's, on e4m3
+# operands, under keys of their own ("fp8-" and the kind): a bf16 measurement never decides
+# an FP8 block.
+_BF16_KINDS = ("in", "out", "cat-in", "up-in", "down-in", "head")
 KINDS = (*_BF16_KINDS, *(f"fp8-{kind}" for kind in _BF16_KINDS))
 
 

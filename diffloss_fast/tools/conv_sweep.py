@@ -3,19 +3,21 @@ card, decided by timing each both ways.
 
 A fused block (:mod:`diffloss_fast.ops.pair_conv`) removes passes over memory but replaces
 cuDNN's convolution by a Triton implicit GEMM, which may be slower for some shapes. For every
-distinct block of the prior's pair pass (a ResBlock's first norm + convolution, ``in``, and its
-second norm + FiLM + convolution + residual sum, ``out``) at each batch, the sweep times the
-whole ResBlock's forward and backward with that block fused and with none, on random
-activations of the block's shapes (a decoder block's two inputs, ``cat-in``, read in place
-when fused and concatenated otherwise), and writes both medians to the dispatch table
+distinct block of the prior's pair pass (a ResBlock's first norm + convolution, ``in``, or
+with its resampling, ``up-in`` and ``down-in``; its second norm + FiLM + convolution + residual
+sum, ``out``; the noise head's norm + convolution, ``head``) at each batch, the sweep times the
+whole ResBlock's (or the head's) forward and backward with that block fused and with none, on
+random activations of the block's shapes (a decoder block's two inputs, ``cat-in``, read in
+place when fused and concatenated otherwise), and writes both medians to the dispatch table
 (:mod:`diffloss_fast.ops.conv_dispatch`) under the card's family. DiffLoss then fuses exactly
 the blocks measured faster. On a card with FP8 tensor cores the ``precision="fp8"`` network's
 blocks (the same kernel on e4m3 operands, against its e4m3 convolutions) are timed too, under
-keys of their own (``fp8-in``, ``fp8-out``): the two compete with different library paths.
+keys of their own (``fp8-`` and the kind): the two compete with different library paths.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -56,24 +58,26 @@ def _shapes(x) -> tuple:
 
 
 def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: torch.device):
-    """``[(block key, ResBlock, input shape, FiLM rows)]``: every block the pair pass runs at
-    this batch and resolution, once per distinct key, from one forward of ``net`` (no
-    gradient), each key as the network itself looks it up in its fused blocks. A decoder
-    block's input shape is the pair of its two parts' shapes."""
+    """``[(block key, ResBlock or None, input shape, FiLM rows or None)]``: every block the
+    pair pass runs at this batch and resolution, once per distinct key, from one forward of
+    ``net`` (no gradient), each key as the network itself looks it up in its fused blocks.
+    A decoder block's input shape is the pair of its two parts' shapes; the noise head's
+    entry has None for its ResBlock and FiLM rows."""
     seen, found = set(), []
-    run, saved = net._resblock, net.fused_blocks
+    run, eps, saved = net._resblock, net._eps, net.fused_blocks
     asked = net.fused_blocks = _Asked()
 
-    def record(blk, x, film):
+    def recorded(fn, blk, x, *args):
         start = len(asked.keys)
-        out = run(blk, x, film)
+        out = fn(x, *args)
         for key in asked.keys[start:]:
             if key not in seen:
                 seen.add(key)
-                found.append((key, blk, _shapes(x), film))
+                found.append((key, blk, _shapes(x), args[0] if args else None))
         return out
 
-    net._resblock = record
+    net._resblock = lambda blk, x, film: recorded(functools.partial(run, blk), blk, x, film)
+    net._eps = lambda h: recorded(eps, None, h)
     try:
         shape = (batch, 3, resolution, resolution)
         a = torch.randn(shape, device=device, dtype=net.dtype)
@@ -81,15 +85,16 @@ def recorded_blocks(net: DifferenceUNet, batch: int, resolution: int, device: to
             net(a, torch.randn_like(a), torch.full((batch,), 500, device=device),
                 torch.ones((), device=device))
     finally:
-        del net._resblock
+        del net._resblock, net._eps
         net.fused_blocks = saved
     return found
 
 
 def time_block(net: DifferenceUNet, blk, shape, film, fused: frozenset[str],
                device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median ms of one ResBlock's pair forward and backward to its input difference, with the
-    blocks ``fused`` fused. ``shape``: as :func:`recorded_blocks` gives it."""
+    """Median ms of one ResBlock's pair forward and backward to its input difference (the
+    noise head's where ``blk`` is None), with the blocks ``fused`` fused. ``shape``: as
+    :func:`recorded_blocks` gives it."""
     gen = torch.Generator(device=device).manual_seed(0)
     s = torch.ones((), device=device)
 
@@ -104,7 +109,7 @@ def time_block(net: DifferenceUNet, blk, shape, film, fused: frozenset[str],
     saved, net.fused_blocks = net.fused_blocks, fused
 
     def step():
-        out = net._resblock(blk, x, film)[1]
+        out = net._eps(x) if blk is None else net._resblock(blk, x, film)[1]
         out.backward(torch.ones_like(out))
     try:
         return statistics.median(hardware.time_ms(step, device, warmup=warmup,
