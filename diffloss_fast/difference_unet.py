@@ -23,8 +23,8 @@ from torch import nn
 from .fast_unet import FastUNet
 from .ops.conv_dispatch import Block
 from .ops.frozen_conv import frozen_conv2d
-from .ops.pair_conv import (NextNorm, PairNormStatistics, _resampled_size, pair_conv2d,
-                            pair_prologue)
+from .ops.pair_conv import (NextNorm, PairNormStatistics, pair_conv2d, pair_prologue,
+                            resampled_size)
 from guided_diffusion.unet import AttentionBlock, Downsample, ResBlock, Upsample
 
 # (target activation, difference times d_scale, d_scale): what flows from layer to layer
@@ -207,7 +207,7 @@ class DifferenceUNet(FastUNet):
         if fused := self._fused(in_kind(blk), input_shape(x), conv):
             resample = resampling(blk)
             n, _, height, width = x[0].shape
-            height, width = _resampled_size(height, width, resample)
+            height, width = resampled_size(height, width, resample)
             next_norm = self._next_norm(blk, (n, conv.out_channels, height, width))
             prologue = pair_prologue(*x, norm.num_groups, norm.weight, norm.bias, norm.eps,
                                      statistics=getattr(x, "stats", None))

@@ -145,6 +145,41 @@ def drive() -> None:
                                 prologue=prologue, residual=residual and (residual[0],
                                                                           residual[1].detach()),
                                 quantized=q, amax_out=amax)
+        if dtype == torch.bfloat16:
+            # a ResBlock that changes resolution: its first norm's output resampled 2x as its
+            # first 3x3 loads it (up: 16x16 to 32x32, down: 64x64 to 32x32), r saved at the
+            # input's size, the backward through the resampling's adjoint. 256 channels with
+            # FiLM, x_bias and the residual pair; 512 (16 channels a group) with the norm and
+            # SiLU alone, as the block's first convolution runs (the bias left to the next
+            # norm where it adds up that norm's statistics); each with and without the next
+            # norm's statistics, with a backward to follow and without (no r saved), and on
+            # e4m3 operands with their amax found
+            for resample, size in (("up", 16), ("down", 64)):
+                out = 2 * size if resample == "up" else size // 2
+                for c, film in ((256, True), (512, False)):
+                    a = _t(2, c, size, size, dtype=dtype, channels_last=True)
+                    d = _t(2, c, size, size, dtype=dtype, grad=True, channels_last=True)
+                    w, b = _t(c, c, 3, 3, dtype=dtype), _t(c, dtype=dtype)
+                    params = [_t(2, c, dtype=dtype), _t(2, c, dtype=dtype),
+                              _t(c, dtype=dtype)] if film else [None] * 3
+                    prologue = pair_prologue(a, d.detach(), _t(), 32, _t(c, dtype=dtype),
+                                             _t(c, dtype=dtype), 1e-5, *params)
+                    residual = None
+                    if film:
+                        residual = (_t(2, c, out, out, dtype=dtype, channels_last=True),
+                                    _t(2, c, out, out, dtype=dtype, grad=True,
+                                       channels_last=True))
+                    q = E4M3Operands(_t(c, c, 3, 3, dtype=torch.float8_e4m3fn), _t(c), _t(),
+                                     _t())
+                    for quantized, amax in ((None, None), (q, _t(2))):
+                        for next_norm in (None, NextNorm(32, 1e-5, b)):
+                            kw = dict(padding=1, prologue=prologue, quantized=quantized,
+                                      amax_out=amax, next_norm=next_norm, resample=resample)
+                            pair_conv2d(a, d, _t(), w, None if next_norm else b,
+                                        residual=residual, **kw)[1].sum().backward()
+                            pair_conv2d(a, d.detach(), _t(), w, None if next_norm else b,
+                                        residual=residual and (residual[0],
+                                                               residual[1].detach()), **kw)
         # a decoder ResBlock's concatenated input read in place (1024 + 512 channels: groups
         # of 48 straddle the boundary): its norm's statistics, its first 3x3, its 1x1 skip
         parts = [(_t(2, c, 16, 16, dtype=dtype, channels_last=True),

@@ -47,6 +47,38 @@ CASES = {
     "1x1_norm_xbias_no_silu": (1, 8, 6, 2, 3, 5, False, True, False, False, True, 2.0 ** 10),
     "1x1_plain_residual": (1, 7, 9, None, 3, 5, False, False, False, True, True, 2.0 ** 10),
 }
+# the prologue's output resampled 2x before the convolution (``resample=``): name ->
+# (resample, then CASES' fields, H and W the input's size, before resampling); "up" takes odd
+# sizes, "down" even ones (odd outputs here); odd channel counts
+RS_CASES = {
+    "up_3x3_film_xbias_residual": ("up", 3, 9, 7, 3, 3, 5, True, True, True, True, True,
+                                   2.0 ** 10),
+    "down_3x3_film_xbias_residual": ("down", 3, 9, 7, 3, 8, 10, True, True, True, True, True,
+                                     2.0 ** 10),
+    "up_1x1_norm_xbias_no_silu": ("up", 1, 8, 5, 2, 3, 5, False, True, False, False, True,
+                                  2.0 ** 10),
+    "down_1x1_norm_xbias_no_silu": ("down", 1, 8, 5, 2, 4, 6, False, True, False, False, True,
+                                    2.0 ** 10),
+    "down_3x3_silu_1_per_group": ("down", 3, 5, 6, 5, 6, 6, False, False, True, True, False,
+                                  1.0),
+}
+
+
+def spec(case):
+    """(resample or None, the fields of CASES) of a case."""
+    if case in RS_CASES:
+        return RS_CASES[case][0], RS_CASES[case][1:]
+    return None, CASES[case]
+
+
+def resampled(x, resample):
+    """x resampled 2x by torch's own ops, in x's dtype: the nearest-neighbour upsampling and
+    the 2x2 average pooling of ADM's ResBlocks."""
+    if resample == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if resample == "down":
+        return F.avg_pool2d(x, 2)
+    return x
 
 
 def rand(*shape, scale=1.0, shift=0.0, gen):
@@ -56,7 +88,8 @@ def rand(*shape, scale=1.0, shift=0.0, gen):
 def make(case, dtype, seed=0):
     """Tensors of a case, stored in ``dtype`` on DEVICE: the target activation around 0.5,
     the difference about 1e-3 of it, times d_scale."""
-    k, cin, cout, groups, h, w, film, xb, silu, res, has_bias, s = CASES[case]
+    resample, (k, cin, cout, groups, h, w, film, xb, silu, res, has_bias, s) = spec(case)
+    oh, ow = {"up": (2 * h, 2 * w), "down": (h // 2, w // 2)}.get(resample, (h, w))
     gen = torch.Generator().manual_seed(seed)
     n = 2
     put = lambda t: t.to(dtype).to(DEVICE)  # noqa: E731
@@ -65,8 +98,9 @@ def make(case, dtype, seed=0):
              s=torch.tensor(s, device=DEVICE),
              weight=put(rand(cout, cin, k, k, scale=(cin * k * k) ** -0.5, gen=gen)),
              bias=put(rand(cout, scale=0.3, gen=gen)) if has_bias else None,
-             residual=(put(rand(n, cout, h, w, gen=gen)), put(rand(n, cout, h, w, gen=gen)))
-             if res else None, norm=None, padding=k // 2)
+             residual=(put(rand(n, cout, oh, ow, gen=gen)),
+                       put(rand(n, cout, oh, ow, gen=gen))) if res else None,
+             norm=None, padding=k // 2, resample=resample)
     if groups is not None:
         t["norm"] = dict(
             num_groups=groups, weight=put(rand(cin, scale=0.3, shift=1.0, gen=gen)),
@@ -88,7 +122,8 @@ def prologue_of(t):
 def call(fn, t, d=None, residual=None):
     return fn(t["a"], t["d"] if d is None else d, t["s"], t["weight"], t["bias"],
               padding=t["padding"], prologue=prologue_of(t),
-              residual=t["residual"] if residual is None else residual)
+              residual=t["residual"] if residual is None else residual,
+              resample=t["resample"])
 
 
 def norm64(t, x):
@@ -99,10 +134,15 @@ def norm64(t, x):
 
 def reference(t, dtype):
     """float64: (out_a, out_d) by the definition, and elementwise bounds of the kernel's
-    error on each (see the module docstring)."""
+    error on each (see the module docstring). With ``resample`` the norm's outputs are
+    resampled (in float64) before the convolutions, and so are the bounds of their errors
+    (an average's error is at most the average of the errors); "down" averages the four
+    fp32 values in fp32 (three roundings of fp32 of the four's magnitudes) before its one
+    rounding to the storage dtype, which the pooled ``u * |y|`` bounds."""
     a, d, s = t["a"].double(), t["d"].double(), float(t["s"])
     w = t["weight"].double()
     conv = lambda x, weight=w: F.conv2d(x, weight, padding=t["padding"])  # noqa: E731
+    R = lambda x: resampled(x, t["resample"])  # noqa: E731
     u, tiny = unit_roundoff(dtype), underflow(dtype)
     K = w[0].numel()
     if t["norm"] is None:
@@ -112,10 +152,14 @@ def reference(t, dtype):
     else:
         ya, yr = norm64(t, a), norm64(t, a + d / s)
         yd = (yr - ya) * s
-        out_a, out_d = conv(ya), (conv(yr) - conv(ya)) * s
         m_a, m_d = prologue_magnitudes(t, a, d, s)
-        in_a = u * ya.abs() + tiny + C_PROLOGUE * U32 * m_a
-        in_d = u * yd.abs() + tiny + C_PROLOGUE * U32 * m_d
+        in_a = R(u * ya.abs() + tiny + C_PROLOGUE * U32 * m_a)
+        in_d = R(u * yd.abs() + tiny + C_PROLOGUE * U32 * m_d)
+        if t["resample"] == "down":
+            in_a, in_d = in_a + 4 * U32 * R(ya.abs()), in_d + 4 * U32 * R(yd.abs())
+        ya, yr = R(ya), R(yr)
+        yd = (yr - ya) * s
+        out_a, out_d = conv(ya), (conv(yr) - conv(ya)) * s
     sums_a, sums_d = conv(ya.abs(), w.abs()), conv(yd.abs(), w.abs())
     if t["bias"] is not None:
         out_a = out_a + t["bias"].double().reshape(1, -1, 1, 1)
@@ -164,10 +208,12 @@ def assert_within(got, want, tol, what):
 
 def grad_reference(t, grad_out):
     """float64 gradient of out_d with respect to the stored difference: through the two
-    plain convolutions of the definition."""
+    plain convolutions of the definition (of the resampled norm's outputs, where
+    resampled)."""
     a, s = t["a"].double(), float(t["s"])
     d = t["d"].double().requires_grad_(True)
-    conv = lambda x: F.conv2d(x, t["weight"].double(), padding=t["padding"])  # noqa: E731
+    conv = lambda x: F.conv2d(resampled(x, t["resample"]), t["weight"].double(),  # noqa: E731
+                              padding=t["padding"])
     if t["norm"] is None:
         out = conv(d)
     else:
@@ -180,13 +226,44 @@ def grad_bound(t, dtype):
     """Normwise relative bound of the input gradient: the output's gradient and r rounded to
     the storage dtype (the gradient of the norm at r moves by a few times r's rounding), the
     gradient at the norm's output rounded, the result rounded: 8 half-ulps; and the fp32 sum
-    of Cout * kh * kw products."""
+    of Cout * kh * kw products. After an upsampling, the gradient at the norm's output is the
+    sum of its four copies', added in fp32 (or wider) and rounded once more; a pooling's
+    (a quarter of the gradient to each of the four) is exact."""
     k = t["weight"].shape[0] * t["weight"][0, 0].numel()
-    return 8 * unit_roundoff(dtype) + (k + 2) * U32
+    up = unit_roundoff(dtype) + 4 * U32 if t["resample"] == "up" else 0
+    return 8 * unit_roundoff(dtype) + (k + 2) * U32 + up
+
+
+def twin_resample_slack(t, dtype):
+    """What the twin's pooling adds to its error beyond :func:`reference`'s bounds (which
+    the kernel's single rounding of the fp32 average meets), for out_a and out_d: it pools
+    the norm's outputs already rounded to the storage dtype (torch's pooling adds the four
+    in fp32 or wider, on the CPU and CUDA) and rounds the average again: u + 3 fp32
+    half-ulps of the four's magnitudes, through the convolution's |weight|. 0 elsewhere."""
+    if t["resample"] != "down":
+        return 0, 0
+    a, d, s = t["a"].double(), t["d"].double(), float(t["s"])
+    ya = norm64(t, a)
+    yd = (norm64(t, a + d / s) - ya) * s
+    w = t["weight"].double().abs()
+    slack = lambda y: F.conv2d(  # noqa: E731
+        (unit_roundoff(dtype) + 4 * U32) * resampled(y.abs(), "down"), w, padding=t["padding"])
+    return slack(ya), slack(yd)
 
 
 def cosine(x, y):
     return F.cosine_similarity(x.double().flatten(), y.double().flatten(), dim=0).item()
+
+
+def check_saved_r(t, out_d):
+    """The r the forward saved for the backward (the one saved tensor of the input's shape:
+    of the source size, not the resampled one): a + d / s in fp32 rounded once to the storage
+    dtype (d / s is exact: s is a power of two), elementwise, so every element was written
+    (torch.empty's leftovers would not match)."""
+    saved = [x for x in out_d.grad_fn.saved_tensors if x.shape == t["a"].shape]
+    assert len(saved) == 1
+    want = (t["a"].float() + t["d"].float() / float(t["s"])).to(t["a"].dtype)
+    torch.testing.assert_close(saved[0], want, rtol=0, atol=0)
 
 
 @pytest.fixture(autouse=True)
@@ -203,14 +280,23 @@ def check_case(case, dtype, d_layout="cl"):
         t["a"] = t["a"].contiguous(memory_format=torch.channels_last)
         t["d"] = t["d"].contiguous(memory_format=torch.channels_last)
     d = t["d"].detach().requires_grad_(True)
-    out_a, out_d = call(pair_conv2d, t, d=d)
+    residual = None
+    if t["resample"] is not None and t["residual"] is not None:
+        residual = (t["residual"][0], t["residual"][1].detach().requires_grad_(True))
+    out_a, out_d = call(pair_conv2d, t, d=d, residual=residual)
     assert not out_a.requires_grad and out_d.requires_grad
     assert out_a.dtype == out_d.dtype == dtype
     fmt = torch.channels_last if d_layout == "cl" else torch.contiguous_format
     assert out_a.is_contiguous(memory_format=fmt) and out_d.is_contiguous(memory_format=fmt)
+    if t["resample"] is not None:
+        check_saved_r(t, out_d)
     grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
                            dtype=F64).to(dtype).to(DEVICE)
-    (grad,) = torch.autograd.grad(out_d, d, grad_out)
+    if residual is None:
+        (grad,) = torch.autograd.grad(out_d, d, grad_out)
+    else:  # res_d's gradient is out_d's, unchanged
+        grad, grad_res = torch.autograd.grad(out_d, (d, residual[1]), grad_out)
+        torch.testing.assert_close(grad_res, grad_out, rtol=0, atol=0)
 
     dt = t["d"].detach().requires_grad_(True)
     twin_a, twin_d = call(pair_conv2d_torch, t, d=dt)
@@ -225,6 +311,8 @@ def check_case(case, dtype, d_layout="cl"):
     assert_within(out_d, ref_d, tol_d, "out_d vs float64")
     extra_a = 0 if t["residual"] is None else \
         unit_roundoff(dtype) * (ref_a - t["residual"][0].double()).abs()
+    slack_a, slack_d = twin_resample_slack(t, dtype)
+    extra_a, extra = extra_a + slack_a, extra + slack_d
     assert_within(twin_a, ref_a, tol_a + extra_a, "twin out_a vs float64")
     assert_within(twin_d, ref_d, tol_d + extra, "twin out_d vs float64")
     assert_within(out_a, twin_a.double(), 2 * tol_a + extra_a, "out_a vs twin")
@@ -444,6 +532,145 @@ def test_next_norm_statistics_from_the_epilogue(monkeypatch, case, dtype):
         assert torch.equal(x, y)
 
 
+# ---------------------------------------------------------------------------------------------
+# the prologue's output resampled 2x before the convolution (``resample=``): the input of the
+# convolutions is the pair norm's output upsampled to the nearest pixel or 2x2-average pooled;
+# the definition is float64's norm, resampled, convolved (:func:`reference`), the twin's its
+# pieces by hand; r saved at the input's size and the backward through the resampling's
+# adjoint.
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", RS_CASES)
+def test_resampled_matches_twin_and_float64(case, dtype):
+    """Forward, the gradient to d and to res_d (out_d's, unchanged) and the saved r: "up"
+    from odd maps (3x5 to 6x10), "down" to odd ones (8x10 to 4x5, 6x6 to 3x3); 3x3 with
+    FiLM, x_bias, SiLU, bias and the residual pair, 3x3 with one channel a group and no bias,
+    1x1 without SiLU; odd channel counts. The outputs of the resampled size."""
+    t, out_a, out_d, _ = check_case(case, dtype)
+    n, _, h, w = t["a"].shape
+    size = (2 * h, 2 * w) if t["resample"] == "up" else (h // 2, w // 2)
+    assert out_a.shape == out_d.shape == (n, t["weight"].shape[0], *size)
+
+
+@pytest.mark.parametrize("resample", ["up", "down"])
+def test_resampled_several_blocks_in_every_dim(monkeypatch, resample):
+    """Blocks of 16 over 60 output pixels (up from 3x5: tiles across rows of 10, each source
+    pixel's four copies in one or two tiles) or 20 (down from 8x10), 20 input and 20 output
+    channels: ragged tiles in M, N and K. The saved r (of the source size, written by the
+    first channel block's programs at the top-left copy or from the four pooled pixels) is
+    checked elementwise, every element written and with its value; fp32, whose gradient
+    against float64 is as tight as r is right."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 16, 4, 2))
+    size = (3, 5) if resample == "up" else (8, 10)
+    monkeypatch.setitem(RS_CASES, "blocks", (resample, 3, 20, 20, 5, *size, True, True, True,
+                                             True, True, 2.0 ** 10))
+    check_case("blocks", torch.float32)
+
+
+@pytest.mark.parametrize("resample", ["up", "down"])
+def test_resampled_no_grad_path_is_the_same_kernel(resample):
+    """Without a gradient to take, no r is saved and the outputs are the same."""
+    t = make(f"{resample}_3x3_film_xbias_residual", torch.bfloat16)
+    with torch.no_grad():
+        out_a, out_d = call(pair_conv2d, t)
+    grad_a, grad_d = call(pair_conv2d, t, d=t["d"].detach().requires_grad_(True))
+    assert out_d.grad_fn is None and grad_d.grad_fn is not None
+    torch.testing.assert_close(out_a, grad_a, rtol=0, atol=0)
+    torch.testing.assert_close(out_d, grad_d.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16], ids=["fp64", "bf16"])
+@pytest.mark.parametrize("case", ["up_3x3_film_xbias_residual", "down_3x3_film_xbias_residual",
+                                  "down_1x1_norm_xbias_no_silu"])
+def test_resampled_twin_is_the_composition(case, dtype):
+    """The twin with ``resample`` is, value for value and in its gradient to d, the pair
+    norm's twin (group_norm_silu_difference_torch), then F.interpolate(nearest, 2) or
+    F.avg_pool2d(2) of both of its outputs, then F.conv2d of each, the bias and the residual
+    pair added."""
+    t = make(case, dtype)
+    p = t["norm"]
+    d = t["d"].detach().requires_grad_(True)
+    got_a, got_d = call(pair_conv2d_torch, t, d=d)
+    by_hand = {"up": lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
+               "down": lambda x: F.avg_pool2d(x, 2)}[t["resample"]]
+    dh = t["d"].detach().requires_grad_(True)
+    ya, yd = group_norm_silu_difference_torch(t["a"], dh, t["s"], p["num_groups"], p["weight"],
+                                              p["bias"], EPS, p["scale"], p["shift"],
+                                              p["x_bias"], p["silu"])
+    want_a = F.conv2d(by_hand(ya), t["weight"], t["bias"], padding=t["padding"])
+    want_d = F.conv2d(by_hand(yd), t["weight"], padding=t["padding"])
+    if t["residual"] is not None:
+        want_a, want_d = want_a + t["residual"][0], want_d + t["residual"][1]
+    n, _, h, w = t["a"].shape
+    size = (2 * h, 2 * w) if t["resample"] == "up" else (h // 2, w // 2)
+    assert got_a.shape == got_d.shape == (n, t["weight"].shape[0], *size)
+    torch.testing.assert_close(got_a, want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got_d, want_d, rtol=0, atol=0)
+    grad_out = torch.randn(want_d.shape, generator=torch.Generator().manual_seed(9),
+                           dtype=F64).to(dtype).to(DEVICE)
+    (got,) = torch.autograd.grad(got_d, d, grad_out)
+    (want,) = torch.autograd.grad(want_d, dh, grad_out)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("resample,dtype", [("up", torch.float32), ("down", torch.bfloat16)],
+                         ids=["up-fp32", "down-bf16"])
+def test_resampled_next_norm_statistics_from_the_epilogue(monkeypatch, resample, dtype):
+    """The next norm's statistics of the resampled size's outputs (up: 60 pixels in 4 tiles
+    of 16, down: 20 in 2; 20 output channels, groups of 5 across the two channel tiles; the
+    residual pair added, the bias's mean 64 times its spread) as
+    :func:`test_next_norm_statistics_from_the_epilogue` holds them: within 64 fp32 ulps of
+    float64's statistics of the stored outputs, rstd_r - rstd_a no further than the
+    statistics kernels' own; outputs and gradient unchanged by asking for them."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 16, 4, 2))
+    t = make(f"{resample}_3x3_film_xbias_residual", dtype)
+    t["weight"] = torch.cat([t["weight"]] * 3)[:20].contiguous()  # 20 output channels
+    cout = t["weight"].shape[0]
+    gen = torch.Generator().manual_seed(5)
+    t["bias"] = (64 + torch.randn(cout, generator=gen, dtype=F64)).to(dtype).to(DEVICE)
+    shape = (2, cout, *t["residual"][0].shape[2:])
+    t["residual"] = tuple(torch.randn(shape, generator=gen, dtype=F64).to(dtype).to(DEVICE)
+                          for _ in range(2))
+    x_bias = torch.randn(cout, generator=gen, dtype=F64).to(dtype).to(DEVICE)
+    nn_ = pc.NextNorm(4, EPS, x_bias)  # groups of 5: channels 15..19 across both tiles
+    d = t["d"].detach().requires_grad_(True)
+    out_a, out_d, stats = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"],
+                                      padding=t["padding"], prologue=prologue_of(t),
+                                      residual=t["residual"], next_norm=nn_,
+                                      resample=resample)
+    grad_out = torch.randn(out_d.shape, generator=gen, dtype=F64).to(dtype).to(DEVICE)
+    (got,) = torch.autograd.grad(out_d, d, grad_out)
+    out_d = out_d.detach()
+    d2 = t["d"].detach().requires_grad_(True)
+    plain = call(pair_conv2d, t, d=d2)
+    for x, y in zip((out_a, out_d), plain):
+        assert torch.equal(x, y.detach())
+    (want_grad,) = torch.autograd.grad(plain[1], d2, grad_out)
+    assert torch.equal(got, want_grad)
+    want = pair_norm_statistics(out_a.double(), out_d.double(), float(t["s"]), 4, EPS,
+                                x_bias.double())
+    kernels = pc.pair_statistics_triton(out_a, out_d, t["s"], 4, EPS, x_bias)
+    # a mean's error relative to its magnitude plus its group's spread
+    spread = {"mean_a": (out_a.double() + x_bias.double().reshape(1, -1, 1, 1)),
+              "mean_d": out_d.double() / float(t["s"])}
+    spread = {k: v.reshape(2, 4, -1).std(-1) for k, v in spread.items()}
+    for name, got_, ref, other in zip(PairNormStatistics._fields, stats, want, kernels):
+        assert got_.shape == (2, 4) and got_.dtype == torch.float32
+        scale = ref.abs() + spread[name] if name in spread else ref.abs()
+        err = ((got_.double() - ref).abs() / scale).max().item()
+        if name == "drstd":
+            theirs = ((other.view(2, 4).double() - ref).abs() / ref.abs()).max().item()
+            assert err <= max(2 * theirs, 64 * U32), f"{name}: {err:.3g} vs {theirs:.3g}"
+        else:
+            assert err <= 64 * U32, f"{name}: relative error {err:.3g}"
+    twin = pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"],
+                             padding=t["padding"], prologue=prologue_of(t),
+                             residual=t["residual"], next_norm=nn_, resample=resample)
+    twin_want = pair_norm_statistics(twin[0], twin[1], t["s"], 4, EPS, x_bias)
+    for x, y in zip(twin[2], twin_want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def _refused(t, match, **kwargs):
     args = dict(padding=t["padding"], prologue=prologue_of(t), residual=t["residual"])
     args.update(kwargs)
@@ -487,6 +714,29 @@ def test_validation():
                     padding=1)
 
 
+def test_resample_refusals():
+    """resample is "up" or "down", after a prologue, without concat; "down" pools even sizes;
+    the residual has the resampled size. The twin refuses the first two too."""
+    t = make("down_3x3_film_xbias_residual", torch.float32)
+    for bad in ("left", "UP", 2):
+        _refused(t, "resample is 'up' or 'down'", resample=bad)
+    _refused(t, "resample is 'up' or 'down'.* without a prologue", resample="up",
+             prologue=None)
+    a2, d2 = t["a"][:, :4], t["d"][:, :4]
+    _refused(t, "resample is 'up' or 'down'.* with concat", resample="down", concat=(a2, d2))
+    for rows, cols in ((7, 10), (8, 9), (7, 9)):
+        odd = dict(t, a=t["a"][:, :, :rows, :cols], residual=None)
+        _refused(odd, "resample='down' pools even sizes", resample="down",
+                 d=t["d"][:, :, :rows, :cols])
+    _refused(t, "res_a must have the output's shape", resample="up")  # a 4x5 residual
+    _refused(t, "res_a must have the output's shape", resample=None)
+    for resample, prologue, match in (("left", prologue_of(t), "resample is 'up' or 'down'"),
+                                      ("up", None, "without one")):
+        with pytest.raises(ValueError, match=match):
+            pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=1,
+                              prologue=prologue, resample=resample)
+
+
 # ---------------------------------------------------------------------------------------------
 # e4m3 (FP8) operands: ``quantized=``. The definition is the twin (the prologue's norm, then
 # ops/fp8.py's quantizer and e4m3 convolution, the residual added in fp32 and one rounding).
@@ -507,13 +757,15 @@ Q_CASES = ["3x3_film_xbias_residual", "3x3_plain", "1x1_norm_xbias_no_silu",
 
 
 def twin_norm(t):
-    """The twin's (ya, yd): the prologue's norm in plain PyTorch, or the stored inputs."""
+    """The twin's (ya, yd): the prologue's norm in plain PyTorch (resampled by torch's ops,
+    where the case resamples), or the stored inputs."""
     if t["norm"] is None:
         return t["a"], t["d"]
     p = t["norm"]
-    return group_norm_silu_difference_torch(t["a"], t["d"], t["s"], p["num_groups"],
-                                            p["weight"], p["bias"], EPS, p["scale"],
-                                            p["shift"], p["x_bias"], p["silu"])
+    ya, yd = group_norm_silu_difference_torch(t["a"], t["d"], t["s"], p["num_groups"],
+                                              p["weight"], p["bias"], EPS, p["scale"],
+                                              p["shift"], p["x_bias"], p["silu"])
+    return resampled(ya, t["resample"]), resampled(yd, t["resample"])
 
 
 def quantized_of(t, headroom_a=0.5, headroom_d=4.0):
@@ -532,18 +784,20 @@ def _fp32_toward(x, direction):
     return torch.where(off, torch.nextafter(f, torch.full_like(f, direction * float("inf"))), f)
 
 
-def quantized_operands_range(t, branch, scale, dtype):
-    """(lowest, highest) e4m3 value (float64, unscaled) each operand of ``branch`` may take
-    in the kernel or the twin. Without a prologue the stored input itself: one value. With
-    one, each computes the norm in fp32 within the prologue's error model (the fp32 part of
-    ``in_a``/``in_d`` of :func:`reference`) of the float64 norm, rounds it to ``dtype`` and
-    quantizes that: x -> quantize(round(x), scale) is monotone (roundings to nearest, an IEEE
-    division, a clamp), so its values lie between those of the interval's ends, rounded
-    outwards to fp32."""
+def operands_range(t, branch, dtype):
+    """(lowest, highest) value in ``dtype`` each operand of ``branch`` may take in the kernel
+    or the twin, before quantization. Without a prologue the stored input itself: one value.
+    With one, each computes the norm in fp32 within the prologue's error model (the fp32 part
+    of ``in_a``/``in_d`` of :func:`reference`) of the float64 norm and rounds it to ``dtype``:
+    rounding is monotone, so its values lie between those of the interval's ends, rounded
+    outwards to fp32. Resampled: "up" repeats each interval; "down" averages four values,
+    which the kernel does in fp32 and rounds once and the twin does after rounding each to
+    ``dtype`` (adding them in fp32 or, at worst, in ``dtype``): within the average of the
+    four errors and 4 half-ulps of ``dtype`` of the four's magnitudes of the float64 average,
+    before the last rounding."""
     if t["norm"] is None:
         x = t["a"] if branch == "a" else t["d"]
-        q = quantize(x, scale).double()
-        return q, q
+        return x, x
     a, d, s = t["a"].double(), t["d"].double(), float(t["s"])
     ya, yr = norm64(t, a), norm64(t, a + d / s)
     m_a, m_d = prologue_magnitudes(t, a, d, s)
@@ -552,9 +806,24 @@ def quantized_operands_range(t, branch, scale, dtype):
         y, err = ya, tiny + C_PROLOGUE * U32 * m_a
     else:
         y, err = (yr - ya) * s, tiny + C_PROLOGUE * U32 * m_d
+    resample = t["resample"]
+    if resample == "down":
+        err = resampled(err, "down") + 4 * unit_roundoff(dtype) * resampled(y.abs() + err,
+                                                                               "down")
+    else:
+        err = resampled(err, resample)
+    y = resampled(y, resample)
     lo, hi = (_fp32_toward(y - err, -1).to(dtype), _fp32_toward(y + err, 1).to(dtype))
     twin = twin_norm(t)[0 if branch == "a" else 1]
     assert ((lo <= twin) & (twin <= hi)).all(), "the twin's norm output is outside the model"
+    return lo, hi
+
+
+def quantized_operands_range(t, branch, scale, dtype):
+    """(lowest, highest) e4m3 value (float64, unscaled) each operand of ``branch`` may take
+    in the kernel or the twin: those of :func:`operands_range`'s ends, x -> quantize(x,
+    scale) being monotone (an IEEE division, a clamp, a rounding to nearest)."""
+    lo, hi = operands_range(t, branch, dtype)
     return quantize(lo, scale).double(), quantize(hi, scale).double()
 
 
@@ -595,10 +864,11 @@ def check_quantized_case(case, seed=0):
     q = quantized_of(t)
     out_a, out_d = pair_conv2d(t["a"], t["d"], t["s"], t["weight"], t["bias"],
                                padding=t["padding"], prologue=prologue_of(t),
-                               residual=t["residual"], quantized=q)
+                               residual=t["residual"], quantized=q, resample=t["resample"])
     twin_a, twin_d = pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"],
                                        padding=t["padding"], prologue=prologue_of(t),
-                                       residual=t["residual"], quantized=q)
+                                       residual=t["residual"], quantized=q,
+                                       resample=t["resample"])
     assert out_a.dtype == out_d.dtype == twin_a.dtype == BF16
     assert out_a.is_contiguous(memory_format=torch.channels_last)
     tol_a, tol_d = quantized_bound(t, q, twin_a, twin_d, BF16)
@@ -752,7 +1022,7 @@ def test_e4m3_validation_refusals():
 def _amax_run(t, q, amax_out):
     return pair_conv2d(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
                        prologue=prologue_of(t), residual=t["residual"], quantized=q,
-                       amax_out=amax_out)
+                       amax_out=amax_out, resample=t["resample"])
 
 
 @pytest.mark.parametrize("case", Q_CASES)
@@ -820,3 +1090,91 @@ def test_e4m3_amax_refusals():
                 torch.zeros(4, device=DEVICE)[::2]):
         with pytest.raises(ValueError, match="amax_out must be"):
             _amax_run(t, q, bad)
+
+
+# e4m3 operands of the resampled input (``quantized=`` with ``resample=``)
+RS_Q_CASES = ["up_3x3_film_xbias_residual", "down_3x3_film_xbias_residual",
+              "up_1x1_norm_xbias_no_silu", "down_1x1_norm_xbias_no_silu"]
+
+
+@pytest.mark.parametrize("case", RS_Q_CASES)
+def test_e4m3_resampled_matches_twin(case):
+    """The e4m3 forward of the resampled input within :func:`quantized_bound` of the twin
+    (whose operands :func:`operands_range` bounds after the resampling: the kernel rounds the
+    fp32 average of four once, the twin each value and then their average); without a
+    residual the twin is fp8.py's e4m3 convolution of the norm's output resampled by torch.
+    The gradient to d is the bf16 one without quantization, bitwise."""
+    t, q, (out_a, out_d), (twin_a, twin_d) = check_quantized_case(case)
+    n, _, h, w = t["a"].shape
+    size = (2 * h, 2 * w) if t["resample"] == "up" else (h // 2, w // 2)
+    assert out_a.shape == out_d.shape == (n, t["weight"].shape[0], *size)
+    if t["residual"] is None:
+        ya, yd = twin_norm(t)
+        args = (q.weight, q.weight_scale)
+        conv = dict(stride=1, padding=t["padding"], dilation=1, groups=1, out_dtype=BF16)
+        torch.testing.assert_close(twin_a, _e4m3_forward(ya, q.a_scale, *args, t["bias"],
+                                                         **conv), rtol=0, atol=0)
+        torch.testing.assert_close(twin_d, _e4m3_forward(yd, q.d_scale_q, *args, None,
+                                                         **conv), rtol=0, atol=0)
+    grads = []
+    for quantized in (q, None):
+        d = t["d"].detach().requires_grad_(True)
+        out_d = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"], padding=t["padding"],
+                            prologue=prologue_of(t), residual=t["residual"],
+                            quantized=quantized, resample=t["resample"])[1]
+        grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
+                               dtype=F64).to(BF16).to(DEVICE)
+        grads.append(torch.autograd.grad(out_d, d, grad_out)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def _magnitude_range(lo, hi):
+    """The least and the greatest max |x| over x elementwise in [lo, hi]."""
+    least = torch.where((lo <= 0) & (hi >= 0), torch.zeros_like(lo),
+                        torch.minimum(lo.abs(), hi.abs()))
+    return least.amax().float(), torch.maximum(lo.abs(), hi.abs()).amax().float()
+
+
+@pytest.mark.parametrize("case", RS_Q_CASES)
+def test_e4m3_resampled_amax_is_the_quantized_inputs(case):
+    """amax_out with resample: the largest |value| of each operand as the kernel quantizes it
+    (resampled, rounded to bf16), within what :func:`operands_range` allows the operands
+    (the kernel's and the twin's roundings of the average may differ by an ulp), and the
+    twin's exactly torch's of its resampled norm output; the outputs unchanged by asking
+    for it."""
+    t = make(case, BF16)
+    q = quantized_of(t)
+    plain = _amax_run(t, q, None)
+    got = torch.zeros(2, device=DEVICE)
+    out = _amax_run(t, q, got)
+    for x, y in zip(out, plain):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    ya, yd = twin_norm(t)
+    want = torch.stack([ya.abs().amax().float(), yd.abs().amax().float()])
+    twin = torch.zeros(2, device=DEVICE)
+    pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
+                      prologue=prologue_of(t), residual=t["residual"], quantized=q,
+                      amax_out=twin, resample=t["resample"])
+    assert torch.equal(twin, want)
+    assert got.dtype == torch.float32
+    for i, branch in enumerate("ad"):
+        least, most = _magnitude_range(*operands_range(t, branch, BF16))
+        assert least <= got[i] <= most, (branch, got[i], least, most)
+
+
+def test_e4m3_resampled_amax_over_ragged_tiles(monkeypatch):
+    """Down from 10x14 to 35 pixels in tiles of 16, 40 input channels in steps of 32 and 20
+    output channels in tiles of 16 (a 1x1: the amax is taken at the centre tap), the amax
+    raised from 0 and never lowered from above; the outputs within the bound of the twin's."""
+    monkeypatch.setattr(pc, "_conv_launch", lambda *args: _ConvLaunch(16, 16, 32, 4, 2))
+    monkeypatch.setitem(RS_CASES, "blocks", ("down", 1, 40, 20, 5, 10, 14, True, True, True,
+                                             True, True, 2.0 ** 10))
+    t, q, _, _ = check_quantized_case("blocks")
+    got = torch.zeros(2, device=DEVICE)
+    _amax_run(t, q, got)
+    for i, branch in enumerate("ad"):
+        least, most = _magnitude_range(*operands_range(t, branch, BF16))
+        assert least <= got[i] <= most, (branch, got[i], least, most)
+    high = torch.tensor([float(got[0]) * 2, 0.0], device=DEVICE)
+    _amax_run(t, q, high)
+    assert torch.equal(high, torch.stack([got[0] * 2, got[1]]))

@@ -78,7 +78,8 @@ RESAMPLE_CODES = {None: 0, "up": 1, "down": 2}
 RESAMPLE_TORCH = {"up": upsample_2x_torch, "down": avg_pool_2x2}
 
 
-def _resampled_size(height: int, width: int, resample: str | None) -> tuple[int, int]:
+def resampled_size(height: int, width: int, resample: str | None) -> tuple[int, int]:
+    """The size of a (height, width) input after ``resample`` (see :data:`RESAMPLE_CODES`)."""
     if resample == "up":
         return 2 * height, 2 * width
     if resample == "down":
@@ -492,7 +493,7 @@ if triton is not None:
                 if RESAMPLE == 2:
                     ua = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
                     ud = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-                    for q in tl.static_range(4):
+                    for q in range(4):  # not unrolled: one source pixel's tile live at a time
                         off = ((2 * ih + q // 2) * Ws + 2 * iw + q % 2)[:, None] * Cin + c[None, :]
                         u, e = _prologue_tile(
                             tl.load(a_base + off, mask=mask, other=0.0),
@@ -632,7 +633,7 @@ def _forward(a, d, d_scale, weight, bias, norm: _Norm | None, res_a, res_d, save
     of the outputs, from the epilogue's partials. ``resample``: see :func:`pair_conv2d` (r of
     a's size, the outputs of the resampled size)."""
     N, C1, Hs, Ws = a.shape
-    H, W = _resampled_size(Hs, Ws, resample)
+    H, W = resampled_size(Hs, Ws, resample)
     a2, d2 = concat if concat is not None else (a, d)
     Cin = C1 + (a2.shape[1] if concat is not None else 0)
     Cout, _, KH, KW = weight.shape
@@ -812,7 +813,7 @@ def _check(a, d, d_scale, weight, bias, padding, prologue, residual, stride, dil
         if resample == "down" and (H % 2 or W % 2):
             raise ValueError(f"pair_conv2d: resample='down' pools even sizes, got {H}x{W}")
     Hs, Ws = H, W  # the input's size, before resampling
-    H, W = _resampled_size(H, W, resample)
+    H, W = resampled_size(H, W, resample)
     Cout, Cin, KH, KW = weight.shape
     if Cin != C:
         raise ValueError(f"pair_conv2d: the weight {tuple(weight.shape)} takes {Cin} input "
