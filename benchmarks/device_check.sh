@@ -23,6 +23,10 @@
 #                                       block of ADM-256 against the library path at batches 1, 4,
 #                                       8, 16; the dispatch table goes to $OUT/conv_dispatch.json and
 #                                       diffloss_fast/ops/conv_dispatch.json (commit it)
+#   benchmarks/device_check.sh fused-precision
+#                                       at most 3 minutes: the accuracy grid at ADM-256 with every
+#                                       norm + convolution block fused (check-precision
+#                                       --fuse-every-block, bf16 and fp8 against fp32)
 #
 # verify and verify-compile take --dry (or DRY=1): the same pipeline on the CPU with the tiny
 # prior at 16x16, batch 1, two timed steps, a 2 s compile budget and one thread, for CI; without
@@ -125,6 +129,11 @@ if [[ $part == sweep ]]; then
     cp "$raw/conv_dispatch.json" "$OUT/conv_dispatch.json"
     cp "$raw/conv_dispatch.json" diffloss_fast/ops/conv_dispatch.json
   fi
+fi
+
+if [[ $part == fused-precision ]]; then
+  step check_precision_fused 170 $py -m diffloss_fast check-precision --prior adm-256-uncond \
+    --batch 2 --precisions bf16 fp8 --fuse-every-block --json "$raw/precision_fused.json"
 fi
 
 if (( verify )); then

@@ -67,3 +67,32 @@ def test_fp8_where_the_device_has_none_is_a_usage_error(capsys, monkeypatch):
         main(["check-precision", "--device", "cuda", "--precisions", "fp8"])
     assert excinfo.value.code == 2
     assert "argument --precisions: precision='fp8' needs" in capsys.readouterr().err
+
+
+def test_check_precision_with_every_block_fused(tmp_path, monkeypatch):
+    """``--fuse-every-block``: the pair network's blocks all run on the fused pair kernel
+    (counted), and the grid's cell the pair exists for stays inside bf16's bounds."""
+    import diffloss_fast.difference_unet as difference_unet
+    monkeypatch.setattr(precision, "DELTAS", (0.01,))
+    monkeypatch.setattr(precision, "TIMESTEPS", (950,))
+    calls = []
+    real = difference_unet.pair_conv2d
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("prologue") is not None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(difference_unet, "pair_conv2d", counted)
+    out = tmp_path / "precision.json"
+    main(["check-precision", "--device", "cpu", "--prior", "tiny", "--resolution", "16",
+          "--batch", "1", "--precisions", "bf16", "--fuse-every-block", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["fuse_every_block"] and len(result["rows"]) == 3
+    assert all(r["ok"] for r in result["rows"]), result["rows"]
+    assert sum(calls) > 0  # the fused blocks ran (with their prologues)
+
+
+def test_fuse_every_block_on_the_cpu_needs_the_interpreter(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit):
+        main(["check-precision", "--device", "cpu", "--fuse-every-block"])
+    assert "set TRITON_INTERPRET=1" in capsys.readouterr().err

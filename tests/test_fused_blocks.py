@@ -13,7 +13,7 @@ import diffloss_fast as dl
 import diffloss_fast.difference_unet as difference_unet
 import diffloss_fast.loss as loss_module
 from diffloss_fast.ops import conv_dispatch
-from diffloss_fast.ops.conv_dispatch import Block, fused_blocks, load_table
+from diffloss_fast.ops.conv_dispatch import EVERY_BLOCK, Block, fused_blocks, load_table
 from guided_diffusion.unet import ResBlock
 from random_unets import MICRO, TINY, randomized_unet
 
@@ -21,13 +21,6 @@ from random_unets import MICRO, TINY, randomized_unet
 # 16x16 images: the smallest the one-level MICRO prior takes with every block type (its
 # attention at 8x8), as the interpreted kernels' time grows with the pixels
 SIZE = 16
-
-
-class EveryBlock(frozenset):
-    """A fused-block set that holds every key."""
-
-    def __contains__(self, key):
-        return True
 
 
 def test_blocks_are_fused_only_where_the_sweep_measured_them_faster(monkeypatch, tmp_path):
@@ -94,7 +87,7 @@ def _fuse_every_block(monkeypatch, module, calls):
             calls.append("stats")  # the next norm's statistics from this call's epilogue
         return real(*args, **kwargs)
     monkeypatch.setattr(module, "pair_conv2d", counted)
-    monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EveryBlock({"*"}))
+    monkeypatch.setattr(loss_module, "fused_blocks", lambda device: EVERY_BLOCK)
 
 
 def _assert_every_block_fused(prior, calls):

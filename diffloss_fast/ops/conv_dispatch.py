@@ -45,6 +45,18 @@ class Block(NamedTuple):
                 f"->{self.out_channels}")
 
 
+class _EveryBlock(frozenset):
+    """A fused-block set that holds every key."""
+
+    def __contains__(self, key):
+        return True
+
+
+# Every block fused, whatever the table says: what ``check-precision --fuse-every-block``
+# checks the fused kernels' accuracy with, before a sweep has fused any.
+EVERY_BLOCK = _EveryBlock({"*"})
+
+
 def card_family(device: torch.device | str) -> str | None:
     """``sm_<major><minor>`` of a CUDA device; None for any other device."""
     device = torch.device(device)

@@ -9,18 +9,23 @@ the input gradients, against each precision's bounds (bf16 and fp16: within 2%, 
 convolutions: on CUDA sm_89 or later, and on the CPU as its fake-quantized twin. Reduced
 precision runs as DiffLoss runs it (difference propagation); ``--two-pass`` adds the two-pass
 computation of bf16 and fp16 beside it, to see what that propagation fixes (DiffLoss has no
-two-pass fp8).
+two-pass fp8). ``--fuse-every-block`` runs every norm + convolution block of the pair network
+as the fused Triton kernel (:mod:`diffloss_fast.ops.pair_conv`), whatever the dispatch table
+says: the fused kernels' accuracy, end to end, before a sweep fuses any of them.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 
 import torch
 from tqdm import tqdm
 
 from ..loss import DiffLoss
 from ..ops import fp8
+from ..ops._triton_common import triton
+from ..ops.conv_dispatch import EVERY_BLOCK
 from . import hardware
 from .baselines import numerics
 from .harness import (add_prior_arguments, check_device, check_prior, measurement_prior,
@@ -77,18 +82,31 @@ def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(x @ y / (x.norm() * y.norm()))
 
 
+def _loss(prior, precision: str, propagation: str, term: str, device: torch.device,
+          fuse_every_block: bool) -> DiffLoss:
+    """The loss of one configuration; with ``fuse_every_block`` a reduced precision's pair
+    network is built at once, eager with the fused kernels, and every block of it fused."""
+    natural, semantic = TERMS[term]
+    pair = fuse_every_block and precision != "fp32" and propagation == "auto"
+    loss_fn = DiffLoss(prior, precision=precision, propagation=propagation,
+                       natural_weight=natural, semantic_weight=semantic, check_range=False,
+                       **(dict(fused_kernels=True, execution="eager") if pair else {}))
+    if pair:
+        net = loss_fn._net(device, loss_fn._compute_dtype(precision), decoder=natural > 0)
+        net.fused_blocks = EVERY_BLOCK
+    return loss_fn
+
+
 def run_grid(prior, device: torch.device, precisions, *, batch: int, size: int,
-             two_pass: bool) -> list[dict]:
+             two_pass: bool, fuse_every_block: bool = False) -> list[dict]:
     """One row per (precision, propagation, delta, t, term)."""
     methods = [(p, "auto") for p in precisions]
     if two_pass:  # fp8 has the pair only
         methods += [(p, "two-pass") for p in precisions if p != "fp8"]
     cells = [(i, delta, j, t) for i, delta in enumerate(DELTAS) for j, t in enumerate(TIMESTEPS)]
     # one loss per configuration, so that each builds its copy of the prior once
-    losses = {(p, prop, term): DiffLoss(prior, precision=p, propagation=prop,
-                                        natural_weight=w[0], semantic_weight=w[1],
-                                        check_range=False)
-              for p, prop in [("fp32", "two-pass"), *methods] for term, w in TERMS.items()}
+    losses = {(p, prop, term): _loss(prior, p, prop, term, device, fuse_every_block)
+              for p, prop in [("fp32", "two-pass"), *methods] for term in TERMS}
     rows = []
     for i, delta, j, t in tqdm(cells, desc="check-precision", unit="cell"):
         inputs = cell_inputs(delta, t, batch, size, device, seed=10 * i + j)
@@ -126,7 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     precisions = args.precisions or reduced_precisions(device)
     with numerics("reference-fp32"):  # the fp32 side in strict fp32 (no TF32)
         rows = run_grid(prior, device, precisions, batch=args.batch, size=size,
-                        two_pass=args.two_pass)
+                        two_pass=args.two_pass, fuse_every_block=args.fuse_every_block)
     print(format_table(rows))
     failed = [r for r in rows if not r["ok"] and r["propagation"] == "difference"]
     print(f"{len(rows)} comparisons; bounds: {bounds_text(precisions)}; DiffLoss's own "
@@ -134,7 +152,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "device": str(device), "device_name": hardware.device_name(device),
               "prior": weights or config, "resolution": size, "batch": args.batch,
-              "rows": rows}
+              "fuse_every_block": args.fuse_every_block, "rows": rows}
     if args.json:
         write_json(args.json, result)
     return result
@@ -148,6 +166,14 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             fp8.check_device(device)
         except ValueError as err:
             parser.error(f"argument --precisions: {err}")
+    if args.fuse_every_block:
+        if triton is None:
+            parser.error("argument --fuse-every-block: the fused blocks are Triton kernels; "
+                         "install triton")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("argument --fuse-every-block: on the CPU the Triton kernels run "
+                         "under Triton's interpreter: set TRITON_INTERPRET=1 (slow: use the "
+                         "tiny prior at a small --resolution)")
 
 
 def add_parser(subparsers) -> None:
@@ -167,5 +193,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--two-pass", action="store_true",
                    help="also compare the two-pass computation of bf16/fp16, which "
                         "difference propagation replaces in reduced precision")
+    p.add_argument("--fuse-every-block", action="store_true",
+                   help="run every norm + convolution block of the pair network as the fused "
+                        "Triton kernel, whatever the dispatch table says (CUDA, or the CPU "
+                        "with TRITON_INTERPRET=1)")
     p.add_argument("--json", metavar="PATH", help="save every comparison as JSON")
     p.set_defaults(func=run, check=check)
