@@ -136,12 +136,13 @@ class DifferenceUNet(FastUNet):
         within a decoder block (an upsampling one's after a ResBlock; a decoder block's first
         input is a concatenation), and the noise head after the decoder's last ResBlock."""
         found = {}
+        decoder = list(self.output_blocks) if self.decoder else []  # truncated without it
         encoder = [layer for block in (*self.input_blocks, self.middle_block) for layer in block]
-        for layers in (encoder, *(list(block) for block in self.output_blocks)):
+        for layers in (encoder, *map(list, decoder)):
             found.update((first, (in_kind(then), then.in_layers[0], then.in_layers[2]))
                          for first, then in zip(layers, layers[1:])
                          if isinstance(first, ResBlock) and isinstance(then, ResBlock))
-        last = self.output_blocks[-1][-1] if self.decoder and self.output_blocks else None
+        last = decoder[-1][-1] if decoder else None
         if isinstance(last, ResBlock):
             found[last] = ("head", self.out_norm, self.out_conv)
         return found

@@ -71,10 +71,14 @@ def test_fp8_where_the_device_has_none_is_a_usage_error(capsys, monkeypatch):
 
 def test_check_precision_with_every_block_fused(tmp_path, monkeypatch):
     """``--fuse-every-block``: the pair network's blocks all run on the fused pair kernel
-    (counted), and the grid's cell the pair exists for stays inside bf16's bounds."""
+    (counted), and the grid's cell the pair exists for stays inside bf16's bounds, for the
+    network with its decoder (the natural term) and the one truncated after the middle
+    block (the semantic term)."""
     import diffloss_fast.difference_unet as difference_unet
     monkeypatch.setattr(precision, "DELTAS", (0.01,))
     monkeypatch.setattr(precision, "TIMESTEPS", (950,))
+    monkeypatch.setattr(precision, "TERMS", {k: precision.TERMS[k]
+                                             for k in ("natural", "semantic")})
     calls = []
     real = difference_unet.pair_conv2d
 
@@ -86,7 +90,7 @@ def test_check_precision_with_every_block_fused(tmp_path, monkeypatch):
     main(["check-precision", "--device", "cpu", "--prior", "tiny", "--resolution", "16",
           "--batch", "1", "--precisions", "bf16", "--fuse-every-block", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert result["fuse_every_block"] and len(result["rows"]) == 3
+    assert result["fuse_every_block"] and len(result["rows"]) == 2
     assert all(r["ok"] for r in result["rows"]), result["rows"]
     assert sum(calls) > 0  # the fused blocks ran (with their prologues)
 
