@@ -477,6 +477,27 @@ def test_concatenated_input_twin_is_the_concatenation():
 
 # the next norm's statistics from the epilogue (``next_norm=``): the target's output with a
 # mean 64 times its spread (where sums of squares minus squared sums lose everything)
+def check_epilogue_statistics(stats, out_a, out_d, s, x_bias):
+    """The epilogue's statistics of the outputs (2 samples, 4 groups) against float64's: the
+    means within 64 fp32 ulps of their magnitude plus their group's spread, the rstds within
+    64 ulps, rstd_r - rstd_a within twice the statistics kernels' error (or 64 ulps)."""
+    want = pair_norm_statistics(out_a.double(), out_d.double(), float(s), 4, EPS,
+                                x_bias.double())
+    kernels = pc.pair_statistics_triton(out_a, out_d, s, 4, EPS, x_bias)
+    spread = {"mean_a": (out_a.double() + x_bias.double().reshape(1, -1, 1, 1)),
+              "mean_d": out_d.double() / float(s)}
+    spread = {k: v.reshape(2, 4, -1).std(-1) for k, v in spread.items()}
+    for name, got, ref, other in zip(PairNormStatistics._fields, stats, want, kernels):
+        assert got.shape == (2, 4) and got.dtype == torch.float32
+        scale = ref.abs() + spread[name] if name in spread else ref.abs()
+        err = ((got.double() - ref).abs() / scale).max().item()
+        if name == "drstd":
+            theirs = ((other.view(2, 4).double() - ref).abs() / ref.abs()).max().item()
+            assert err <= max(2 * theirs, 64 * U32), f"{name}: {err:.3g} vs {theirs:.3g}"
+        else:
+            assert err <= 64 * U32, f"{name}: relative error {err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_plain_residual"])
 def test_next_norm_statistics_from_the_epilogue(monkeypatch, case, dtype):
@@ -500,22 +521,7 @@ def test_next_norm_statistics_from_the_epilogue(monkeypatch, case, dtype):
     plain = call(pair_conv2d, t)
     for x, y in zip((out_a, out_d), plain):
         assert torch.equal(x, y)
-    want = pair_norm_statistics(out_a.double(), out_d.detach().double(), float(t["s"]), 4, EPS,
-                                x_bias.double())
-    kernels = pc.pair_statistics_triton(out_a, out_d.detach(), t["s"], 4, EPS, x_bias)
-    # a mean's error relative to its magnitude plus its group's spread
-    spread = {"mean_a": (out_a.double() + x_bias.double().reshape(1, -1, 1, 1)),
-              "mean_d": out_d.detach().double() / float(t["s"])}
-    spread = {k: v.reshape(2, 4, -1).std(-1) for k, v in spread.items()}
-    for name, got, ref, other in zip(PairNormStatistics._fields, stats, want, kernels):
-        assert got.shape == (2, 4) and got.dtype == torch.float32
-        scale = ref.abs() + spread[name] if name in spread else ref.abs()
-        err = ((got.double() - ref).abs() / scale).max().item()
-        if name == "drstd":
-            theirs = ((other.view(2, 4).double() - ref).abs() / ref.abs()).max().item()
-            assert err <= max(2 * theirs, 64 * U32), f"{name}: {err:.3g} vs {theirs:.3g}"
-        else:
-            assert err <= 64 * U32, f"{name}: relative error {err:.3g}"
+    check_epilogue_statistics(stats, out_a, out_d.detach(), t["s"], x_bias)
     twin = pair_conv2d_torch(t["a"].double(), t["d"].double(), float(t["s"]),
                              t["weight"].double(), t["bias"].double(), padding=t["padding"],
                              next_norm=pc.NextNorm(4, EPS, x_bias.double()))[2]
@@ -647,22 +653,7 @@ def test_resampled_next_norm_statistics_from_the_epilogue(monkeypatch, resample,
         assert torch.equal(x, y.detach())
     (want_grad,) = torch.autograd.grad(plain[1], d2, grad_out)
     assert torch.equal(got, want_grad)
-    want = pair_norm_statistics(out_a.double(), out_d.double(), float(t["s"]), 4, EPS,
-                                x_bias.double())
-    kernels = pc.pair_statistics_triton(out_a, out_d, t["s"], 4, EPS, x_bias)
-    # a mean's error relative to its magnitude plus its group's spread
-    spread = {"mean_a": (out_a.double() + x_bias.double().reshape(1, -1, 1, 1)),
-              "mean_d": out_d.double() / float(t["s"])}
-    spread = {k: v.reshape(2, 4, -1).std(-1) for k, v in spread.items()}
-    for name, got_, ref, other in zip(PairNormStatistics._fields, stats, want, kernels):
-        assert got_.shape == (2, 4) and got_.dtype == torch.float32
-        scale = ref.abs() + spread[name] if name in spread else ref.abs()
-        err = ((got_.double() - ref).abs() / scale).max().item()
-        if name == "drstd":
-            theirs = ((other.view(2, 4).double() - ref).abs() / ref.abs()).max().item()
-            assert err <= max(2 * theirs, 64 * U32), f"{name}: {err:.3g} vs {theirs:.3g}"
-        else:
-            assert err <= 64 * U32, f"{name}: relative error {err:.3g}"
+    check_epilogue_statistics(stats, out_a, out_d.detach(), t["s"], x_bias)
     twin = pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"],
                              padding=t["padding"], prologue=prologue_of(t),
                              residual=t["residual"], next_norm=nn_, resample=resample)
@@ -754,6 +745,9 @@ from diffloss_fast.ops.pair_conv import E4M3Operands, e4m3_operands  # noqa: E40
 BF16 = torch.bfloat16
 Q_CASES = ["3x3_film_xbias_residual", "3x3_plain", "1x1_norm_xbias_no_silu",
            "1x1_plain_residual"]
+# the resampled cases on e4m3 operands
+RS_Q_CASES = ["up_3x3_film_xbias_residual", "down_3x3_film_xbias_residual",
+              "up_1x1_norm_xbias_no_silu", "down_1x1_norm_xbias_no_silu"]
 
 
 def twin_norm(t):
@@ -877,14 +871,20 @@ def check_quantized_case(case, seed=0):
     return t, q, (out_a, out_d), (twin_a, twin_d)
 
 
-@pytest.mark.parametrize("case", Q_CASES)
+@pytest.mark.parametrize("case", Q_CASES + RS_Q_CASES)
 def test_e4m3_matches_twin(case):
     """3x3 and 1x1, with the prologue (FiLM, x_bias, residual; no SiLU) and without, odd
-    maps and channel counts below one 32-wide reduction step."""
-    t, q, _, (twin_a, twin_d) = check_quantized_case(case)
+    maps and channel counts below one 32-wide reduction step; and of the resampled input
+    (the twin's operands bounded after the resampling by :func:`operands_range`: the kernel
+    rounds the fp32 average of four once, the twin each value and then their average), the
+    outputs of the resampled size."""
+    t, q, (out_a, out_d), (twin_a, twin_d) = check_quantized_case(case)
+    n, _, h, w = t["a"].shape
+    size = pc.resampled_size(h, w, t["resample"])
+    assert out_a.shape == out_d.shape == (n, t["weight"].shape[0], *size)
     if t["residual"] is None:
-        # without a residual the twin is fp8.py's e4m3 convolution of the norm's output, as
-        # the unfused FP8 network computes it
+        # without a residual the twin is fp8.py's e4m3 convolution of the norm's output (
+        # resampled by torch), as the unfused FP8 network computes it
         ya, yd = twin_norm(t)
         args = (q.weight, q.weight_scale)
         conv = dict(stride=1, padding=t["padding"], dilation=1, groups=1, out_dtype=BF16)
@@ -965,7 +965,8 @@ def test_e4m3_rounding_cases_are_reached():
     assert (away.clamp(-448, 448).to(E4M3).float() != q).sum() >= 10
 
 
-@pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_norm_xbias_no_silu"])
+@pytest.mark.parametrize("case", ["3x3_film_xbias_residual", "1x1_norm_xbias_no_silu",
+                                  "up_3x3_film_xbias_residual", "down_1x1_norm_xbias_no_silu"])
 def test_e4m3_gradient_is_the_bf16_paths(case):
     """Backward unchanged: the bf16 dgrad with the unquantized weight at the restored point,
     bitwise the gradient without quantization; and within the bf16 gradient's bound of the
@@ -977,7 +978,8 @@ def test_e4m3_gradient_is_the_bf16_paths(case):
         d = t["d"].detach().requires_grad_(True)
         out_a, out_d = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"],
                                    padding=t["padding"], prologue=prologue_of(t),
-                                   residual=t["residual"], quantized=quantized)
+                                   residual=t["residual"], quantized=quantized,
+                                   resample=t["resample"])
         assert not out_a.requires_grad
         grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
                                dtype=F64).to(BF16).to(DEVICE)
@@ -986,7 +988,7 @@ def test_e4m3_gradient_is_the_bf16_paths(case):
     dt = t["d"].detach().requires_grad_(True)
     twin_d = pair_conv2d_torch(t["a"], dt, t["s"], t["weight"], t["bias"], padding=t["padding"],
                                prologue=prologue_of(t), residual=t["residual"],
-                               quantized=q)[1]
+                               quantized=q, resample=t["resample"])[1]
     (twin_grad,) = torch.autograd.grad(twin_d, dt, grad_out)
     rel = ((grads[0].double() - twin_grad.double()).norm() / twin_grad.double().norm()).item()
     assert rel <= 2 * grad_bound(t, BF16), rel
@@ -1025,12 +1027,15 @@ def _amax_run(t, q, amax_out):
                        amax_out=amax_out, resample=t["resample"])
 
 
-@pytest.mark.parametrize("case", Q_CASES)
+@pytest.mark.parametrize("case", Q_CASES + RS_Q_CASES)
 def test_e4m3_amax_is_the_quantized_inputs(case):
     """amax_out: the largest |value| of each input as the kernel quantizes it (after the
     prologue, rounded to bf16), as torch finds it in the twin's norm output, and the outputs
     unchanged by asking for it. Where the kernel's fp32 prologue and the twin's round to
-    different bf16 values, the amax stays within the prologue's error model."""
+    different bf16 values, the amax stays within the prologue's error model. Resampled, the
+    twin's amax is exactly torch's of its resampled norm output, and the kernel's within
+    what :func:`operands_range` allows the operands (the kernel rounds the fp32 average of
+    four once, the twin each value and then their average: they may differ by an ulp)."""
     t = make(case, BF16)
     q = quantized_of(t)
     plain = _amax_run(t, q, None)
@@ -1043,9 +1048,15 @@ def test_e4m3_amax_is_the_quantized_inputs(case):
     twin = torch.zeros(2, device=DEVICE)
     pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
                       prologue=prologue_of(t), residual=t["residual"], quantized=q,
-                      amax_out=twin)
+                      amax_out=twin, resample=t["resample"])
     assert torch.equal(twin, want)
-    assert got.dtype == torch.float32 and torch.equal(got, want), (got, want)
+    assert got.dtype == torch.float32
+    if t["resample"] is None:
+        assert torch.equal(got, want), (got, want)
+        return
+    for i, branch in enumerate("ad"):
+        least, most = _magnitude_range(*operands_range(t, branch, BF16))
+        assert least <= got[i] <= most, (branch, got[i], least, most)
 
 
 def test_e4m3_amax_over_ragged_tiles_counts_each_input_once(monkeypatch):
@@ -1092,74 +1103,11 @@ def test_e4m3_amax_refusals():
             _amax_run(t, q, bad)
 
 
-# e4m3 operands of the resampled input (``quantized=`` with ``resample=``)
-RS_Q_CASES = ["up_3x3_film_xbias_residual", "down_3x3_film_xbias_residual",
-              "up_1x1_norm_xbias_no_silu", "down_1x1_norm_xbias_no_silu"]
-
-
-@pytest.mark.parametrize("case", RS_Q_CASES)
-def test_e4m3_resampled_matches_twin(case):
-    """The e4m3 forward of the resampled input within :func:`quantized_bound` of the twin
-    (whose operands :func:`operands_range` bounds after the resampling: the kernel rounds the
-    fp32 average of four once, the twin each value and then their average); without a
-    residual the twin is fp8.py's e4m3 convolution of the norm's output resampled by torch.
-    The gradient to d is the bf16 one without quantization, bitwise."""
-    t, q, (out_a, out_d), (twin_a, twin_d) = check_quantized_case(case)
-    n, _, h, w = t["a"].shape
-    size = (2 * h, 2 * w) if t["resample"] == "up" else (h // 2, w // 2)
-    assert out_a.shape == out_d.shape == (n, t["weight"].shape[0], *size)
-    if t["residual"] is None:
-        ya, yd = twin_norm(t)
-        args = (q.weight, q.weight_scale)
-        conv = dict(stride=1, padding=t["padding"], dilation=1, groups=1, out_dtype=BF16)
-        torch.testing.assert_close(twin_a, _e4m3_forward(ya, q.a_scale, *args, t["bias"],
-                                                         **conv), rtol=0, atol=0)
-        torch.testing.assert_close(twin_d, _e4m3_forward(yd, q.d_scale_q, *args, None,
-                                                         **conv), rtol=0, atol=0)
-    grads = []
-    for quantized in (q, None):
-        d = t["d"].detach().requires_grad_(True)
-        out_d = pair_conv2d(t["a"], d, t["s"], t["weight"], t["bias"], padding=t["padding"],
-                            prologue=prologue_of(t), residual=t["residual"],
-                            quantized=quantized, resample=t["resample"])[1]
-        grad_out = torch.randn(out_d.shape, generator=torch.Generator().manual_seed(9),
-                               dtype=F64).to(BF16).to(DEVICE)
-        grads.append(torch.autograd.grad(out_d, d, grad_out)[0])
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
-
-
 def _magnitude_range(lo, hi):
     """The least and the greatest max |x| over x elementwise in [lo, hi]."""
     least = torch.where((lo <= 0) & (hi >= 0), torch.zeros_like(lo),
                         torch.minimum(lo.abs(), hi.abs()))
     return least.amax().float(), torch.maximum(lo.abs(), hi.abs()).amax().float()
-
-
-@pytest.mark.parametrize("case", RS_Q_CASES)
-def test_e4m3_resampled_amax_is_the_quantized_inputs(case):
-    """amax_out with resample: the largest |value| of each operand as the kernel quantizes it
-    (resampled, rounded to bf16), within what :func:`operands_range` allows the operands
-    (the kernel's and the twin's roundings of the average may differ by an ulp), and the
-    twin's exactly torch's of its resampled norm output; the outputs unchanged by asking
-    for it."""
-    t = make(case, BF16)
-    q = quantized_of(t)
-    plain = _amax_run(t, q, None)
-    got = torch.zeros(2, device=DEVICE)
-    out = _amax_run(t, q, got)
-    for x, y in zip(out, plain):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
-    ya, yd = twin_norm(t)
-    want = torch.stack([ya.abs().amax().float(), yd.abs().amax().float()])
-    twin = torch.zeros(2, device=DEVICE)
-    pair_conv2d_torch(t["a"], t["d"], t["s"], t["weight"], t["bias"], padding=t["padding"],
-                      prologue=prologue_of(t), residual=t["residual"], quantized=q,
-                      amax_out=twin, resample=t["resample"])
-    assert torch.equal(twin, want)
-    assert got.dtype == torch.float32
-    for i, branch in enumerate("ad"):
-        least, most = _magnitude_range(*operands_range(t, branch, BF16))
-        assert least <= got[i] <= most, (branch, got[i], least, most)
 
 
 def test_e4m3_resampled_amax_over_ragged_tiles(monkeypatch):
