@@ -299,8 +299,10 @@ class DifferenceUNet(FastUNet):
 
     def _eps(self, h: Pair) -> torch.Tensor:
         fused = self._head(h)
-        if fused is not None:
-            return fused
+        return self._library_head(h) if fused is None else fused
+
+    def _library_head(self, h: Pair) -> torch.Tensor:
+        """The noise head's difference through the pair norm and the library convolution."""
         normed = self._norm_silu_pair(self.out_norm, h)
         return frozen_conv2d(self.out_conv, normed[1], bias=False)
 

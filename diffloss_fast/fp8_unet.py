@@ -78,10 +78,7 @@ class FP8DifferenceUNet(DifferenceUNet):
         a, d, s = pair
         return self._quantized(conv, a, 0, bias), self._quantized(conv, d, 1, False), s
 
-    def _eps(self, h: Pair) -> torch.Tensor:
-        fused = self._head(h)
-        if fused is not None:
-            return fused
+    def _library_head(self, h: Pair) -> torch.Tensor:
         normed = self._norm_silu_pair(self.out_norm, h)
         return self._quantized(self.out_conv, normed[1], 1, False)
 
